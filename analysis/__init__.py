@@ -1,0 +1,1 @@
+"""Reading a study back from MLflow into pandas, and what people ask of it. No Ray."""

@@ -1,0 +1,89 @@
+"""MLflow runs as typed pandas DataFrames.
+
+MLflow hands params back as strings; this is the one place that types them, so analysis code
+compares numbers with numbers and never parses run names.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pandas as pd
+from mlflow.tracking import MlflowClient
+
+from trainables.errors import ConfigError
+
+INT_PARAMS = ("rank", "epochs", "warmup_epochs", "batch_size", "seed", "split_seed",
+              "num_classes", "num_workers", "trials", "max_t")
+FLOAT_PARAMS = ("alpha", "alpha_ratio", "lr", "weight_decay", "layer_decay", "lora_dropout",
+                "label_fraction", "min_lr", "drop_path", "grad_clip", "cpus_per_worker",
+                "gpus_per_worker")
+
+
+def _typed(name: str, value: str) -> Any:
+    if value in ("None", ""):
+        return None
+    if name in INT_PARAMS:
+        return int(float(value))
+    if name in FLOAT_PARAMS:
+        return float(value)
+    if value.startswith(("{", "[")):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+def load_runs(tracking_uri: str, experiment: str) -> pd.DataFrame:
+    """One row per run: ids, status, tags (`tag.*`), typed params, latest metrics."""
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise ConfigError(f"experiment {experiment!r} not found at {tracking_uri}: check "
+                          "--tracking-uri and --experiment (see `mlflow experiments search`)")
+    rows = []
+    for run in client.search_runs([exp.experiment_id], max_results=50000):
+        row: dict[str, Any] = {"run_id": run.info.run_id, "run_name": run.info.run_name,
+                               "status": run.info.status,
+                               "start_time": run.info.start_time, "end_time": run.info.end_time}
+        row.update({f"tag.{k}": v for k, v in run.data.tags.items()})
+        row.update({k: _typed(k, v) for k, v in run.data.params.items()})
+        row.update({f"metric.{k}": v for k, v in run.data.metrics.items()})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def best_configs(runs: pd.DataFrame, task: str | None = None,
+                 arm: str | None = None) -> pd.DataFrame:
+    """Best search trial per task and arm (by best validation AUROC), with its test AUROC
+    (mean over the final seeds) and trainable share."""
+    if runs.empty or "tag.phase" not in runs:
+        return pd.DataFrame()
+    search = runs[(runs["tag.phase"] == "search") & runs["tag.trial_id"].notna()
+                  & runs["metric.best_val_auroc"].notna()]
+    finals = runs[(runs["tag.phase"] == "final") & runs.get("metric.test_auroc").notna()] if (
+        "metric.test_auroc" in runs) else runs.iloc[0:0]
+    if task:
+        search = search[search["tag.task"] == task]
+    if arm:
+        search = search[search["tag.arm"] == arm]
+    rows = []
+    for (task_key, arm_name), group in search.groupby(["tag.task", "tag.arm"], sort=True):
+        best = group.loc[group["metric.best_val_auroc"].idxmax()]
+        tests = finals[(finals["tag.task"] == task_key) & (finals["tag.arm"] == arm_name)]
+        trainable, total = best["metric.trainable_params"], best["metric.total_params"]
+        rows.append({
+            "task": task_key, "arm": arm_name, "val_auroc": best["metric.best_val_auroc"],
+            "test_auroc": tests["metric.test_auroc"].mean() if len(tests) else float("nan"),
+            "test_seeds": len(tests), "trainable_params": int(trainable),
+            "trainable_pct": 100.0 * trainable / total,
+            "trials": len(group),
+            "stopped_early": int((group["tag.stopped_early"] == "true").sum()),
+            "config": {k: best[k] for k in ("rank", "alpha", "targets", "lr", "weight_decay",
+                                            "layer_decay", "lora_dropout", "optimizer")
+                       if k in best and pd.notna(best[k])},
+            "run_id": best["run_id"],
+        })
+    return pd.DataFrame(rows)

@@ -1,0 +1,126 @@
+"""Named define-by-run search spaces for Optuna.
+
+A space is a function `(trial, optimizer) -> constants`: it samples with `trial.suggest_*` (each
+value becomes its own Tune config key, MLflow param and Optuna param) and returns the values it
+derives (alpha from rank and alpha/rank). Learning-rate ranges depend on the arm's optimiser
+family, which is fixed per arm, not searched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import optuna
+
+from search_spaces.presets import Recipe
+from trainables.errors import ConfigError
+
+RANKS = (1, 2, 4, 8, 16, 32, 64)
+ALPHA_RATIOS = (0.5, 1.0, 2.0, 4.0, 8.0)
+TARGET_SETS = ("q+v", "q+k+v", "q+k+v+proj", "q+k+v+proj+fc1+fc2")
+LR_RANGE = {"sgd": (1e-3, 0.5), "adamw": (1e-5, 3e-2)}
+SpaceFn = Callable[[optuna.Trial, str, Recipe | None], dict[str, Any]]
+
+
+def _lr(trial: optuna.Trial, optimizer: str) -> float:
+    low, high = LR_RANGE[optimizer]
+    return trial.suggest_float("lr", low, high, log=True)
+
+
+def lora(trial: optuna.Trial, optimizer: str, recipe: Recipe | None) -> dict[str, Any]:
+    rank = trial.suggest_categorical("rank", RANKS)
+    ratio = trial.suggest_categorical("alpha_ratio", ALPHA_RATIOS)
+    trial.suggest_categorical("targets", TARGET_SETS)
+    _lr(trial, optimizer)
+    trial.suggest_float("weight_decay", 0.0, 0.1)
+    trial.suggest_float("lora_dropout", 0.0, 0.2)
+    return {"alpha": float(ratio * rank)}
+
+
+def fft(trial: optuna.Trial, optimizer: str, recipe: Recipe | None) -> dict[str, Any]:
+    _lr(trial, optimizer)
+    trial.suggest_float("layer_decay", 0.5, 1.0)
+    trial.suggest_float("weight_decay", 0.0, 0.1)
+    return {}
+
+
+def _around(trial: optuna.Trial, recipe: Recipe | None, optimizer: str) -> float:
+    if recipe is None:
+        return _lr(trial, optimizer)
+    return trial.suggest_float("lr", recipe.lr / 3, recipe.lr * 3, log=True)
+
+
+def lora_paper(trial: optuna.Trial, optimizer: str, recipe: Recipe | None) -> dict[str, Any]:
+    """The reference recipe's neighbourhood: q+v, alpha fixed at 32, rank and lr searched."""
+    rank = trial.suggest_categorical("rank", (4, 8, 16, 32))
+    _around(trial, recipe, optimizer)
+    alpha = recipe.alpha if recipe else 32.0
+    return {"alpha": alpha, "alpha_ratio": alpha / rank, "targets": "q+v",
+            "lora_dropout": recipe.lora_dropout if recipe else 0.1}
+
+
+def fft_paper(trial: optuna.Trial, optimizer: str, recipe: Recipe | None) -> dict[str, Any]:
+    _around(trial, recipe, optimizer)
+    if optimizer == "adamw":
+        trial.suggest_categorical("layer_decay", (0.55, 0.65, 0.75))
+    return {}
+
+
+@dataclass(frozen=True)
+class Space:
+    name: str
+    kind: str  # "lora" or "fft": what the arm trains
+    fn: SpaceFn
+
+
+SPACES = {s.name: s for s in (Space("lora", "lora", lora), Space("fft", "fft", fft),
+                              Space("lora_paper", "lora", lora_paper),
+                              Space("fft_paper", "fft", fft_paper))}
+
+
+def get_space(name: str) -> Space:
+    if name not in SPACES:
+        raise ConfigError(f"search space {name!r} is unknown: use one of {sorted(SPACES)}")
+    return SPACES[name]
+
+
+def preset_point(space: Space, recipe: Recipe | None, optimizer: str) -> dict[str, Any] | None:
+    """The recipe as values of this space's sampled params, or None if it lies outside it."""
+    if recipe is None:
+        return None
+    if space.kind == "lora":
+        point: dict[str, Any] = {"rank": recipe.rank, "lr": recipe.lr}
+        if space.name == "lora":
+            point.update(alpha_ratio=recipe.alpha / recipe.rank, targets="q+v",
+                         weight_decay=recipe.weight_decay, lora_dropout=recipe.lora_dropout)
+    else:
+        point = {"lr": recipe.lr}
+        if space.name == "fft":
+            point.update(layer_decay=recipe.layer_decay, weight_decay=recipe.weight_decay)
+        elif optimizer == "adamw":
+            point["layer_decay"] = recipe.layer_decay
+    return point if _inside(space, point, recipe, optimizer) else None
+
+
+def _inside(space: Space, point: dict[str, Any], recipe: Recipe, optimizer: str) -> bool:
+    """True when every value of the point lies inside this space's distributions."""
+    distributions = _distributions(space, optimizer, recipe)
+    for name, value in point.items():
+        dist = distributions.get(name)
+        if isinstance(dist, optuna.distributions.CategoricalDistribution):
+            ok = value in dist.choices
+        elif isinstance(dist, optuna.distributions.FloatDistribution):
+            ok = dist.low <= value <= dist.high
+        else:
+            ok = False
+        if not ok:
+            return False
+    return True
+
+
+def _distributions(space: Space, optimizer: str, recipe: Recipe | None) -> dict[str, Any]:
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    trial = study.ask()
+    space.fn(trial, optimizer, recipe)
+    return dict(trial.distributions)

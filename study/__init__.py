@@ -1,0 +1,1 @@
+"""Study orchestration: CLI, study files, Ray Tune runner, MLflow tracking, the demo."""

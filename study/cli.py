@@ -1,0 +1,96 @@
+"""`cxr-study`: the command line. The only place that catches the project's errors.
+
+Every `StudyError` (bad config, data, checkpoint) is printed as one line on stderr with exit
+status 2 and no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from trainables.errors import StudyError
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from study.demo import run_demo
+    run_demo(Path(args.dir).resolve())
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from study.config import load_study
+    cfg = load_study(Path(args.study))
+    if args.dry_run:
+        print(plan_text(cfg))
+        return 0
+    from study.runner import run_study
+    run_study(cfg, address=args.address)
+    return 0
+
+
+def plan_text(cfg) -> str:
+    """The plan of a study: tasks, arms, trials, epoch budget, resources."""
+    lines = [f"study {cfg.name}: {len(cfg.tasks)} task(s) x {len(cfg.arms)} arm(s); "
+             f"storage {cfg.storage}; tracking {cfg.tracking.uri}"]
+    lines += [f"  task {t.key}" for t in cfg.tasks]
+    for arm in cfg.arms:
+        lines.append(f"  arm {arm.name}: space {arm.space}, {arm.trials} trials x at most "
+                     f"{cfg.search.max_t} epochs (ASHA grace {cfg.search.grace_period}, "
+                     f"reduction {cfg.search.reduction_factor}); final seeds {cfg.final.seeds}")
+    epochs = len(cfg.tasks) * sum(a.trials + cfg.final.seeds for a in cfg.arms)
+    lines.append(f"  budget: at most {epochs * cfg.search.max_t} epochs; each trial uses "
+                 f"{cfg.resources.num_workers} worker(s) x {cfg.resources.cpus_per_worker:g} "
+                 f"CPU, {cfg.resources.gpus_per_worker:g} GPU")
+    return "\n".join(lines)
+
+
+def _cmd_best(args: argparse.Namespace) -> int:
+    from analysis.runs import best_configs, load_runs
+    table = best_configs(load_runs(args.tracking_uri, args.experiment), args.task, args.arm)
+    if args.json:
+        print(json.dumps(table.to_dict(orient="records"), indent=1, default=str))
+    elif table.empty:
+        print("no finished search trials yet")
+    else:
+        shown = table.drop(columns=["config", "run_id"]).round(4)
+        print(shown.to_string(index=False))
+        for row in table.itertuples():
+            print(f"{row.task} {row.arm}: {json.dumps(row.config, default=str)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cxr-study", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="run the embedded end-to-end phantom study")
+    demo.add_argument("--dir", default="demo_run", help="demo directory (default: demo_run)")
+    demo.set_defaults(func=_cmd_demo)
+    run = sub.add_parser("run", help="run a study file")
+    run.add_argument("study", help="study file (TOML)")
+    run.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    run.add_argument("--address", default=None, help="join a running Ray cluster")
+    run.set_defaults(func=_cmd_run)
+    best = sub.add_parser("best", help="best config per task and arm, from MLflow")
+    best.add_argument("--tracking-uri", required=True)
+    best.add_argument("--experiment", required=True)
+    best.add_argument("--task", default=None)
+    best.add_argument("--arm", default=None)
+    best.add_argument("--json", action="store_true")
+    best.set_defaults(func=_cmd_best)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except StudyError as exc:
+        print(f"cxr-study: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,258 @@
+"""The study file: TOML in, frozen dataclasses out, validated before Ray starts.
+
+Every table and key is checked: an unknown key is a typo until proven otherwise, so it is refused
+with the list of known keys. Relative paths resolve against the study file's folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from search_spaces import get_space
+from trainables.config import TrainSpec
+from trainables.errors import ConfigError
+from trainables.foundation import get_foundation
+
+SAMPLERS = ("tpe", "random", "cmaes", "qmc")
+DATASETS = ("nih", "chexpert", "rsna")
+
+
+def _check(ok: bool, where: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{where}: {message}")
+
+
+@dataclass(frozen=True)
+class FoundationRef:
+    name: str
+    checkpoint: str | None = None
+
+    def __post_init__(self) -> None:
+        get_foundation(self.name)
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    name: str
+    root: str
+    splits: str = "medpeft"
+    list_dir: str | None = None
+    uncertainty: str = "ones"
+    views: str = "all"
+
+    def __post_init__(self) -> None:
+        _check(self.name in DATASETS, "tasks.datasets.name",
+               f"{self.name!r} is unknown: use one of {DATASETS}")
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    foundation: FoundationRef
+    dataset: DatasetRef
+    label_fraction: float
+    split_seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(0 < self.label_fraction <= 1, "tasks.label_fractions",
+               f"{self.label_fraction} must be in (0, 1], e.g. 0.01 for 1% of the labels")
+
+    @property
+    def key(self) -> str:
+        """A stable, readable id: foundation/dataset/fraction/split seed."""
+        return (f"{self.foundation.name}-{self.dataset.name}-{self.label_fraction:g}"
+                f"-s{self.split_seed}")
+
+
+@dataclass(frozen=True)
+class ArmSpec:
+    name: str
+    space: str
+    trials: int
+    fixed: tuple[tuple[str, Any], ...] = ()
+    optimizer: str | None = None
+
+    def __post_init__(self) -> None:
+        get_space(self.space)
+        _check(self.trials >= 1, f"arms.{self.name}.trials", "must be >= 1")
+        _check(self.optimizer in (None, "sgd", "adamw"), f"arms.{self.name}.optimizer",
+               "use 'sgd' or 'adamw' (or leave it out to follow the reference recipe)")
+
+    @property
+    def kind(self) -> str:
+        return get_space(self.space).kind
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    sampler: str = "tpe"
+    seed: int = 0
+    max_t: int = 10
+    grace_period: int = 2
+    reduction_factor: int = 2
+    metric: str = "val_auroc"
+    mode: str = "max"
+
+    def __post_init__(self) -> None:
+        _check(self.sampler in SAMPLERS, "search.sampler", f"use one of {SAMPLERS}")
+        _check(self.max_t >= 1, "search.max_t", "must be >= 1 epoch")
+        _check(1 <= self.grace_period <= self.max_t, "search.grace_period",
+               "must be between 1 and max_t")
+        _check(self.reduction_factor >= 2, "search.reduction_factor", "must be >= 2")
+        _check(self.metric == "val_auroc" and self.mode == "max", "search.metric",
+               "only metric 'val_auroc' with mode 'max' is supported")
+
+
+@dataclass(frozen=True)
+class ResourceSpec:
+    num_workers: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    max_concurrent_trials: int = 0  # 0: as many as the cluster can place at once
+
+    def __post_init__(self) -> None:
+        _check(self.num_workers >= 1, "resources.num_workers", "must be >= 1")
+        _check(self.cpus_per_worker > 0, "resources.cpus_per_worker", "must be > 0")
+        _check(self.gpus_per_worker >= 0, "resources.gpus_per_worker", "must be >= 0")
+        _check(self.max_concurrent_trials >= 0, "resources.max_concurrent_trials",
+               "must be >= 0 (0 = fit to the cluster)")
+
+    @property
+    def cpus_per_trial(self) -> float:
+        return self.num_workers * self.cpus_per_worker
+
+
+@dataclass(frozen=True)
+class FinalSpec:
+    seeds: int = 1
+
+    def __post_init__(self) -> None:
+        _check(self.seeds >= 0, "final.seeds", "must be >= 0 (0 skips the test phase)")
+
+
+@dataclass(frozen=True)
+class TrackingSpec:
+    uri: str
+    experiment: str
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    name: str
+    storage: Path
+    tasks: tuple[TaskSpec, ...]
+    arms: tuple[ArmSpec, ...]
+    search: SearchSpec
+    train: tuple[tuple[str, Any], ...]
+    resources: ResourceSpec
+    final: FinalSpec
+    tracking: TrackingSpec
+    source: Path | None = field(default=None, compare=False)
+
+
+_SECTIONS = {"study", "tasks", "arms", "search", "train", "resources", "final", "tracking"}
+_TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainSpec)} - {"lr", "seed"}
+_FIXABLE = _TRAIN_KEYS | {"lr", "rank", "alpha", "alpha_ratio", "targets", "lora_dropout",
+                          "weight_decay", "layer_decay"}
+
+
+def _known(table: dict, known: set[str], where: str) -> None:
+    unknown = sorted(set(table) - known)
+    _check(not unknown, where, f"unknown keys {unknown}; known keys: {sorted(known)}")
+
+
+def _build(cls, table: dict, where: str):
+    """Construct a dataclass from a TOML table, refusing unknown keys and wrong types."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    _known(table, names, where)
+    try:
+        return cls(**table)
+    except TypeError as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+
+
+def _typed(value: Any, kind: type | tuple[type, ...], where: str) -> Any:
+    ok = isinstance(value, kind) and not isinstance(value, bool)
+    names = "/".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+    _check(ok, where, f"expected {names}, got {value!r}")
+    return value
+
+
+def _path(base: Path, value: str | None) -> str | None:
+    if value is None or value == "":
+        return None
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() else (base / path).resolve())
+
+
+def parse_study(data: dict[str, Any], base: Path, source: Path | None = None) -> StudyConfig:
+    """Validate a parsed TOML document. `base` anchors relative paths."""
+    _known(data, _SECTIONS, "study file")
+    head = data.get("study", {})
+    _known(head, {"name", "storage"}, "[study]")
+    name = _typed(head.get("name", "study"), str, "study.name")
+    storage = Path(_path(base, _typed(head.get("storage", "."), str, "study.storage")))
+
+    tasks_table = data.get("tasks")
+    _check(isinstance(tasks_table, dict), "[tasks]", "missing: give foundations, datasets and "
+           "label_fractions")
+    _known(tasks_table, {"foundations", "datasets", "label_fractions", "split_seeds"}, "[tasks]")
+    foundations = [_build(FoundationRef, dict(f), "tasks.foundations")
+                   for f in tasks_table.get("foundations", [])]
+    foundations = [dataclasses.replace(f, checkpoint=_path(base, f.checkpoint))
+                   for f in foundations]
+    datasets = []
+    for d in tasks_table.get("datasets", []):
+        ref = _build(DatasetRef, dict(d), "tasks.datasets")
+        datasets.append(dataclasses.replace(ref, root=_path(base, ref.root),
+                                            list_dir=_path(base, ref.list_dir)))
+    fractions = [float(_typed(f, (int, float), "tasks.label_fractions"))
+                 for f in tasks_table.get("label_fractions", [1.0])]
+    seeds = [_typed(s, int, "tasks.split_seeds") for s in tasks_table.get("split_seeds", [0])]
+    _check(bool(foundations) and bool(datasets), "[tasks]",
+           "needs at least one foundation and one dataset")
+    tasks = tuple(TaskSpec(f, d, fr, s)
+                  for f, d, fr, s in itertools.product(foundations, datasets, fractions, seeds))
+
+    arms_table = data.get("arms", {})
+    _check(bool(arms_table), "[arms]", "define at least one arm, e.g. [arms.lora] space='lora'")
+    arms = []
+    for arm_name, arm in arms_table.items():
+        _known(arm, {"space", "trials", "fixed", "optimizer"}, f"[arms.{arm_name}]")
+        fixed = arm.get("fixed", {})
+        _known(fixed, _FIXABLE, f"arms.{arm_name}.fixed")
+        arms.append(ArmSpec(arm_name, _typed(arm.get("space", arm_name), str,
+                                             f"arms.{arm_name}.space"),
+                            _typed(arm.get("trials", 4), int, f"arms.{arm_name}.trials"),
+                            tuple(sorted(fixed.items())), arm.get("optimizer")))
+
+    train = data.get("train", {})
+    _known(train, _TRAIN_KEYS, "[train]")
+    search = _build(SearchSpec, data.get("search", {}), "[search]")
+    TrainSpec(**{**train, "epochs": search.max_t})  # defaults must make a valid recipe
+    _check(search.grace_period >= train.get("warmup_epochs", 1), "search.grace_period",
+           "must be >= train.warmup_epochs: ASHA must not judge trials still warming up")
+    tracking = data.get("tracking", {})
+    _known(tracking, {"uri", "experiment"}, "[tracking]")
+    uri = tracking.get("uri") or f"sqlite:///{storage / 'mlflow.db'}"
+    return StudyConfig(
+        name=name, storage=storage, tasks=tasks, arms=tuple(arms),
+        search=search, train=tuple(sorted(train.items())),
+        resources=_build(ResourceSpec, data.get("resources", {}), "[resources]"),
+        final=_build(FinalSpec, data.get("final", {}), "[final]"),
+        tracking=TrackingSpec(uri, tracking.get("experiment", name)), source=source)
+
+
+def load_study(path: Path) -> StudyConfig:
+    """Read and validate a study file; every problem is a one-line ConfigError."""
+    if not path.is_file():
+        raise ConfigError(f"study file {path} does not exist: pass the path of a .toml file")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"study file {path} is not valid TOML: {exc}") from exc
+    return parse_study(data, path.parent.resolve(), source=path.resolve())

@@ -1,0 +1,129 @@
+"""A uint8 image cache per (split contents, image size), shared read-only by every trial.
+
+Decoding full-size PNG/DICOM every epoch would dominate training, so each split is decoded and
+resized once into a `.npy` array that workers memory-map. The index (paths, patient ids, labels)
+is a parquet table. A cache directory is written under a temporary name and renamed into place, so
+a half-written cache is never mistaken for a valid one; a file lock makes concurrent builders on
+one node wait for the first instead of decoding twice.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from trainables.datasets import DatasetSplits, SplitTable, read_image
+from trainables.errors import DataError
+
+CACHE_VERSION = 1
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class CachedSplit:
+    images: np.ndarray  # (n, size, size) uint8, memory-mapped
+    labels: np.ndarray  # (n, K) float32, NaN = ignored label
+    patient_ids: tuple[str, ...]
+    paths: tuple[str, ...]
+
+
+def cache_key(splits: DatasetSplits, img_size: int) -> str:
+    text = f"v{CACHE_VERSION}|{splits.dataset}|{splits.content_hash}|{img_size}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _load_resized(args: tuple[str, int]) -> np.ndarray:
+    path, size = args
+    img = read_image(Path(path))
+    if img.shape != (size, size):
+        img = np.asarray(Image.fromarray(img).resize((size, size), Image.BILINEAR))
+    return img
+
+
+def _write_split(table: SplitTable, root: Path, size: int, out: Path, name: str,
+                 workers: int) -> None:
+    jobs = [(str(root / p), size) for p in table.paths]
+    images = np.lib.format.open_memmap(out / f"{name}.npy", mode="w+", dtype=np.uint8,
+                                       shape=(len(jobs), size, size))
+    if workers > 1 and len(jobs) > 256:
+        with ProcessPoolExecutor(workers) as pool:
+            for i, img in enumerate(pool.map(_load_resized, jobs, chunksize=64)):
+                images[i] = img
+    else:
+        for i, job in enumerate(jobs):
+            images[i] = _load_resized(job)
+    images.flush()
+    del images
+    index = pa.table({
+        "path": list(table.paths), "patient_id": list(table.patient_ids),
+        "labels": pa.array(list(table.labels.astype(np.float32)), pa.list_(pa.float32())),
+    })
+    pq.write_table(index, out / f"{name}.parquet")
+
+
+def _needed_bytes(splits: DatasetSplits, size: int) -> int:
+    return sum(len(getattr(splits, s).paths) for s in SPLITS) * size * size
+
+
+def build_cache(splits: DatasetSplits, img_size: int, cache_root: Path,
+                workers: int | None = None) -> Path:
+    """Return the cache directory for these splits at this size, building it if missing."""
+    cache_root.mkdir(parents=True, exist_ok=True)
+    final = cache_root / cache_key(splits, img_size)
+    if (final / "meta.json").exists():
+        return final
+    with open(cache_root / f".{final.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a second builder waits here, then finds it built
+        if (final / "meta.json").exists():
+            return final
+        tmp = cache_root / f".{final.name}.tmp{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            for name in SPLITS:
+                _write_split(getattr(splits, name), splits.root, img_size, tmp, name,
+                             workers or os.cpu_count() or 1)
+            meta = {"version": CACHE_VERSION, "dataset": splits.dataset, "img_size": img_size,
+                    "label_names": list(splits.label_names), "content_hash": splits.content_hash}
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+            os.rename(tmp, final)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if exc.errno == errno.ENOSPC:
+                need = _needed_bytes(splits, img_size) / 1e9
+                raise DataError(f"cache {cache_root}: out of disk space; the cache needs about "
+                                f"{need:.2f} GB: free space or set a cache_dir elsewhere") from exc
+            raise
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return final
+
+
+def label_names(cache_dir: Path) -> tuple[str, ...]:
+    return tuple(json.loads((cache_dir / "meta.json").read_text())["label_names"])
+
+
+def open_split(cache_dir: Path, name: str) -> CachedSplit:
+    """Memory-map one split of a built cache (read-only)."""
+    if not (cache_dir / "meta.json").exists():
+        raise DataError(f"image cache {cache_dir} is missing or incomplete: "
+                        "run `cxr-study data prepare` or let the study build it")
+    index = pq.read_table(cache_dir / f"{name}.parquet")
+    labels = np.asarray(index.column("labels").to_pylist(), dtype=np.float32)
+    images = np.load(cache_dir / f"{name}.npy", mmap_mode="r")
+    return CachedSplit(images, labels.reshape(len(images), -1),
+                       tuple(index.column("patient_id").to_pylist()),
+                       tuple(index.column("path").to_pylist()))

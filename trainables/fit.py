@@ -1,0 +1,321 @@
+"""The epoch loop: build the model, train with warmup + per-iteration cosine, validate every epoch.
+
+Runs the same on one process and under torch DDP (Ray Train workers): metrics are always computed
+on predictions gathered from every worker, so macro AUROC is that of the whole split, not a mean of
+per-rank AUROCs. Reporting and checkpoint storage go through a `Reporter`, so this module needs no
+Ray; `trainables/ray_train.py` supplies one that talks to Ray Train.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from timm.optim import param_groups_layer_decay, param_groups_weight_decay
+from timm.scheduler import CosineLRScheduler
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+from trainables.cache import CachedSplit, label_names, open_split
+from trainables.config import TrainSpec, TrialConfig
+from trainables.errors import DataError
+from trainables.foundation import get_foundation, load_foundation
+from trainables.lora import apply_lora, count_parameters, trainable_state_dict
+from trainables.metrics import Metrics, classification_metrics
+from trainables.models import build_backbone
+
+
+class DivergenceError(RuntimeError):
+    """The loss became NaN or infinite: the trial must stop at once and say why."""
+
+
+class CachedImages(Dataset):
+    """uint8 images from the memory-mapped cache; augmentation per image on uint8 tensors."""
+
+    def __init__(self, split: CachedSplit, augmentation: str) -> None:
+        self.split = split
+        ops: list[nn.Module] = []
+        if augmentation != "none":
+            size = split.images.shape[-1]
+            ops += [v2.RandomResizedCrop(size, scale=(0.5, 1.0), antialias=True),
+                    v2.RandomHorizontalFlip()]
+        self.augment = v2.Compose(ops) if ops else None
+        self.erase = augmentation == "crop_flip_erase"
+
+    def __len__(self) -> int:
+        return len(self.split.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        img = torch.from_numpy(np.array(self.split.images[i]))[None]
+        if self.augment is not None:
+            img = self.augment(img)
+        return img, torch.from_numpy(self.split.labels[i]), i
+
+
+def to_model_input(images: torch.Tensor, mean: float, std: float,
+                   erase: bool = False) -> torch.Tensor:
+    """uint8 (B,1,H,W) -> normalised float (B,3,H,W): grayscale replicated to three channels."""
+    x = (images.float() / 255.0 - mean) / std
+    if erase:
+        x = torch.stack([v2.RandomErasing(p=0.25, value=0.0)(xi) for xi in x])
+    return x.expand(-1, 3, -1, -1)
+
+
+def masked_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """BCE-with-logits; NaN labels (uncertain, policy `ignore`) contribute nothing."""
+    known = ~torch.isnan(labels)
+    loss = F.binary_cross_entropy_with_logits(logits, torch.nan_to_num(labels), reduction="none")
+    return (loss * known).sum() / known.sum().clamp(min=1)
+
+
+def build_model(cfg: TrialConfig) -> nn.Module:
+    """Backbone from the registry, foundation weights (safely), then LoRA if the arm uses it."""
+    foundation = get_foundation(cfg.model.foundation)
+    model = build_backbone(foundation.backbone, cfg.model.num_classes,
+                           drop_path=cfg.train.drop_path)
+    if cfg.model.checkpoint:
+        load_foundation(model, Path(cfg.model.checkpoint))
+    if cfg.lora is not None:
+        apply_lora(model, cfg.lora)
+    return model
+
+
+def build_optimizer(model: nn.Module, spec: TrainSpec) -> torch.optim.Optimizer:
+    """Parameter groups from timm (layer decay, no-decay list from the model itself)."""
+    no_decay = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    if spec.layer_decay < 1.0:
+        groups = param_groups_layer_decay(model, spec.weight_decay, no_decay,
+                                          layer_decay=spec.layer_decay)
+    else:
+        groups = param_groups_weight_decay(model, spec.weight_decay, no_decay)
+    if spec.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=spec.lr, momentum=0.9)
+    return torch.optim.AdamW(groups, lr=spec.lr)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, spec: TrainSpec,
+                    steps_per_epoch: int) -> CosineLRScheduler:
+    """Linear warmup then half-cycle cosine to min_lr, stepped per iteration over all epochs."""
+    warmup = spec.warmup_epochs * steps_per_epoch
+    return CosineLRScheduler(optimizer, t_initial=spec.epochs * steps_per_epoch - warmup,
+                             lr_min=spec.min_lr, warmup_t=warmup, warmup_lr_init=0.0,
+                             warmup_prefix=True, t_in_epochs=False)
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+@torch.no_grad()
+def predict(model: nn.Module, split: CachedSplit, mean: float, std: float,
+            batch_size: int = 256) -> np.ndarray:
+    """Sigmoid probabilities for a whole split, each worker scoring a shard, then gathered."""
+    rank, world = _world()
+    model.eval()
+    idx = np.arange(rank, len(split.images), world)
+    device = next(model.parameters()).device
+    parts = []
+    for start in range(0, len(idx), batch_size):
+        chunk = idx[start:start + batch_size]
+        x = to_model_input(torch.from_numpy(np.array(split.images[chunk]))[:, None], mean, std)
+        parts.append(torch.sigmoid(model(x.to(device))).float().cpu().numpy())
+    local = np.concatenate(parts) if parts else np.zeros((0, split.labels.shape[1]), np.float32)
+    if world == 1:
+        return local
+    shards: list = [None] * world
+    dist.all_gather_object(shards, (idx, local))
+    probs = np.empty((len(split.images), split.labels.shape[1]), np.float32)
+    for shard_idx, shard_probs in shards:
+        probs[shard_idx] = shard_probs
+    return probs
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint holds: trainable tensors, optimiser state, progress, best so far."""
+
+    epoch: int = 0
+    best_val: float = -math.inf
+    best_epoch: int = -1
+    history: list[float] = field(default_factory=list)
+    best_weights: dict[str, torch.Tensor] | None = None
+
+    def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+        save_file(trainable_state_dict(_unwrap(model)), str(directory / "trainable.safetensors"))
+        if self.best_weights is not None:
+            save_file(self.best_weights, str(directory / "best.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "epoch": self.epoch,
+                    "best_val": self.best_val, "best_epoch": self.best_epoch,
+                    "history": self.history, "torch_rng": torch.get_rng_state(),
+                    "python_rng": list(random.getstate()[1])}, directory / "state.pt")
+
+    @classmethod
+    def load(cls, model: nn.Module, optimizer: torch.optim.Optimizer,
+             directory: Path) -> "TrainState":
+        """Restore in place (weights_only: nothing in a checkpoint can execute code)."""
+        _unwrap(model).load_state_dict(load_file(str(directory / "trainable.safetensors")),
+                                       strict=False)
+        raw = torch.load(directory / "state.pt", map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(raw["optimizer"])
+        torch.set_rng_state(raw["torch_rng"])
+        random.setstate((3, tuple(raw["python_rng"]), None))
+        best = directory / "best.safetensors"
+        return cls(epoch=raw["epoch"], best_val=raw["best_val"], best_epoch=raw["best_epoch"],
+                   history=list(raw["history"]),
+                   best_weights=load_file(str(best)) if best.exists() else None)
+
+
+class Reporter(Protocol):
+    """Where per-epoch metrics and checkpoints go (Ray Train, or a plain callback in tests)."""
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None: ...
+
+    def latest_checkpoint(self) -> Path | None: ...
+
+
+@dataclass
+class FitResult:
+    history: list[float]
+    best_val: float
+    best_epoch: int
+    trainable_params: int
+    total_params: int
+    wall_s: float
+    images_per_s: float
+    test: Metrics | None = None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def fit(cfg: TrialConfig, reporter: Reporter,
+        wrap_model: Callable[[nn.Module], nn.Module] = lambda m: m,
+        wrap_loader: Callable[[DataLoader], DataLoader] = lambda d: d) -> FitResult:
+    """Train one config; report `val_auroc` every epoch; in the final phase also score test."""
+    rank, world = _world()
+    seed_everything(cfg.train.seed)
+    cache = Path(cfg.run.cache_dir)
+    names = label_names(cache)
+    if len(names) != cfg.model.num_classes:
+        raise DataError(f"cache {cache} has {len(names)} labels, the config says "
+                        f"num_classes={cfg.model.num_classes}: rebuild the cache or fix the study")
+    train, val = open_split(cache, "train"), open_split(cache, "val")
+    foundation = get_foundation(cfg.model.foundation)
+    mean, std = foundation.mean, foundation.std
+    model = build_model(cfg)
+    trainable, total = count_parameters(model)
+    model = wrap_model(model)
+    per_worker = max(1, cfg.train.batch_size // world)
+    generator = torch.Generator().manual_seed(cfg.train.seed)
+    loader = wrap_loader(DataLoader(CachedImages(train, cfg.train.augmentation),
+                                    batch_size=per_worker, shuffle=True, drop_last=False,
+                                    generator=generator, num_workers=0))
+    optimizer = build_optimizer(_unwrap(model), cfg.train)
+    scheduler = build_scheduler(optimizer, cfg.train, len(loader))
+    state = TrainState()
+    restored = reporter.latest_checkpoint()
+    if restored is not None:
+        state = TrainState.load(model, optimizer, restored)
+    params = [p for p in model.parameters() if p.requires_grad]
+    start, seen = time.perf_counter(), 0
+    for epoch in range(state.epoch, cfg.train.epochs):
+        if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
+            loader.sampler.set_epoch(epoch)
+        model.train()
+        loss_sum, batches = 0.0, 0
+        for step, (images, labels, _) in enumerate(loader):
+            scheduler.step_update(epoch * len(loader) + step)
+            device = next(model.parameters()).device
+            x = to_model_input(images, mean, std, cfg.train.augmentation == "crop_flip_erase")
+            loss = masked_bce(model(x.to(device)), labels.to(device))
+            if not torch.isfinite(loss):
+                raise DivergenceError(f"loss became {loss.item()} at epoch {epoch + 1}, step "
+                                      f"{step}: lr {cfg.train.lr:g} is probably too high")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.train.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
+            optimizer.step()
+            loss_sum, batches, seen = loss_sum + loss.item(), batches + 1, seen + len(images)
+        val_metrics = classification_metrics(val.labels, predict(model, val, mean, std), names)
+        state.epoch = epoch + 1
+        state.history.append(val_metrics.macro_auroc)
+        if val_metrics.macro_auroc > state.best_val:
+            state.best_val, state.best_epoch = val_metrics.macro_auroc, epoch + 1
+            if cfg.run.phase == "final":
+                state.best_weights = trainable_state_dict(_unwrap(model))
+        metrics = {"epoch": epoch + 1, "train_loss": loss_sum / max(batches, 1),
+                   "lr": optimizer.param_groups[0]["lr"] / optimizer.param_groups[0].get(
+                       "lr_scale", 1.0),
+                   "best_val_auroc": state.best_val, "trainable_params": trainable,
+                   "total_params": total, **val_metrics.flat("val")}
+        last = epoch + 1 == cfg.train.epochs
+        if last and cfg.run.phase == "final":
+            metrics.update(_final_test(model, state, cache, names, mean, std, cfg, rank))
+        every = cfg.run.checkpoint_every
+        if every and ((epoch + 1) % every == 0 or last):
+            with tempfile.TemporaryDirectory() as tmp:
+                if rank == 0:
+                    state.save(model, optimizer, Path(tmp))
+                reporter.report(metrics, Path(tmp))
+        else:
+            reporter.report(metrics, None)
+    wall = time.perf_counter() - start
+    return FitResult(state.history, state.best_val, state.best_epoch, trainable, total, wall,
+                     seen * world / max(wall, 1e-9))
+
+
+def _final_test(model: nn.Module, state: TrainState, cache: Path, names: tuple[str, ...],
+                mean: float, std: float, cfg: TrialConfig, rank: int) -> dict[str, float]:
+    """Score the best-validation weights on test; save per-image predictions for paired stats."""
+    if state.best_weights is not None:
+        _unwrap(model).load_state_dict(state.best_weights, strict=False)
+    test = open_split(cache, "test")
+    probs = predict(model, test, mean, std)
+    result = classification_metrics(test.labels, probs, names)
+    if rank == 0 and cfg.run.predictions_path:
+        path = Path(cfg.run.predictions_path.format(seed=cfg.train.seed))
+        write_predictions(path, test, probs, names,
+                          cfg.run.patient_salt)
+    return {**result.flat("test"), "best_epoch": state.best_epoch}
+
+
+def write_predictions(path: Path, split: CachedSplit, probs: np.ndarray,
+                      names: tuple[str, ...], patient_salt: str) -> None:
+    """Parquet with image id, patient id, labels and probabilities.
+
+    With a salt, patient ids are written as salted SHA-256 prefixes: still a stable grouping key
+    for patient-level bootstrap, but no identifier travels to a shared tracking server.
+    """
+    patients = [hashlib.sha256(f"{patient_salt}|{p}".encode()).hexdigest()[:16]
+                if patient_salt else p for p in split.patient_ids]
+    columns = {"image": list(split.paths), "patient": patients}
+    for k, name in enumerate(names):
+        columns[f"label_{name}"] = split.labels[:, k]
+        columns[f"prob_{name}"] = probs[:, k]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(columns), path)
+

@@ -1,0 +1,172 @@
+"""Backbone registry: the ViTs the study fine-tunes, built by timm and never downloaded.
+
+Every backbone is a timm ``VisionTransformer`` configured like the MAE/MRM fine-tuning models:
+the class token is kept (MAE checkpoints carry ``cls_token`` and ``pos_embed`` includes it), but
+the image representation is the average of the patch tokens followed by ``fc_norm``, then a
+linear head. Adding a backbone is one ``Backbone`` entry in ``BACKBONES``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import timm
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from trainables.errors import ConfigError
+
+# MAE fine-tuning convention: a near-zero head so the first updates are driven by the labels,
+# not by a random projection of the pretrained features.
+HEAD_INIT_STD = 2e-5
+
+# Fields of ``Backbone`` that are passed to timm directly; ``kwargs`` must not repeat them.
+_GEOMETRY_FIELDS = ("img_size", "patch_size", "embed_dim", "depth")
+
+# Fixed for every backbone: the pooling of the fine-tuning models this study compares against.
+_POOLING_KWARGS: dict[str, Any] = {"global_pool": "avg", "fc_norm": True, "class_token": True}
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A named ViT geometry.
+
+    ``kwargs`` holds the remaining timm arguments (``num_heads``, ``mlp_ratio``) as a tuple of
+    ``(key, value)`` pairs so the entry stays hashable and cannot be mutated by a caller.
+    """
+
+    name: str
+    timm_name: str
+    kwargs: tuple[tuple[str, Any], ...]
+    img_size: int
+    patch_size: int
+    embed_dim: int
+    depth: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.kwargs, tuple) or not all(
+            isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)
+            for item in self.kwargs
+        ):
+            raise ConfigError(
+                f"Backbone {self.name!r}: kwargs must be a tuple of (str, value) pairs, "
+                f"got {self.kwargs!r}"
+            )
+        keys = [key for key, _ in self.kwargs]
+        clashes = sorted(set(keys) & (set(_GEOMETRY_FIELDS) | set(_POOLING_KWARGS)))
+        if clashes or len(keys) != len(set(keys)):
+            raise ConfigError(
+                f"Backbone {self.name!r}: kwargs repeat {clashes or keys}; set geometry through "
+                "the img_size/patch_size/embed_dim/depth fields and list each key once"
+            )
+        for field in _GEOMETRY_FIELDS:
+            value = getattr(self, field)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"Backbone {self.name!r}: {field} must be a positive int")
+        if self.img_size % self.patch_size:
+            raise ConfigError(
+                f"Backbone {self.name!r}: img_size {self.img_size} is not a multiple of "
+                f"patch_size {self.patch_size}; choose sizes that tile the image exactly"
+            )
+
+    def timm_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments for ``timm.create_model`` that define this geometry."""
+        geometry = {field: getattr(self, field) for field in _GEOMETRY_FIELDS}
+        return {**geometry, **dict(self.kwargs), **_POOLING_KWARGS}
+
+
+BACKBONES: dict[str, Backbone] = {
+    # The paper's backbone (MRM and CXR-MAE are both ViT-B/16 at 224 px).
+    "vit_base_patch16": Backbone(
+        name="vit_base_patch16",
+        timm_name="vit_base_patch16_224",
+        kwargs=(("num_heads", 12), ("mlp_ratio", 4.0)),
+        img_size=224,
+        patch_size=16,
+        embed_dim=768,
+        depth=12,
+    ),
+    "vit_small_patch16": Backbone(
+        name="vit_small_patch16",
+        timm_name="vit_small_patch16_224",
+        kwargs=(("num_heads", 6), ("mlp_ratio", 4.0)),
+        img_size=224,
+        patch_size=16,
+        embed_dim=384,
+        depth=12,
+    ),
+    "vit_tiny_patch16": Backbone(
+        name="vit_tiny_patch16",
+        timm_name="vit_tiny_patch16_224",
+        kwargs=(("num_heads", 3), ("mlp_ratio", 4.0)),
+        img_size=224,
+        patch_size=16,
+        embed_dim=192,
+        depth=12,
+    ),
+    # Small enough for unit tests and the CPU demo, yet the same module tree as ViT-B.
+    "vit_demo": Backbone(
+        name="vit_demo",
+        timm_name="vit_tiny_patch16_224",
+        kwargs=(("num_heads", 4), ("mlp_ratio", 2.0)),
+        img_size=48,
+        patch_size=8,
+        embed_dim=64,
+        depth=4,
+    ),
+}
+
+
+def get_backbone(name: str) -> Backbone:
+    """Look a backbone up by name, failing with the list of known names."""
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        known = ", ".join(sorted(BACKBONES))
+        raise ConfigError(f"unknown backbone {name!r}; known backbones: {known}") from None
+
+
+def build_backbone(
+    name: str,
+    num_classes: int,
+    *,
+    img_size: int | None = None,
+    drop_path: float = 0.0,
+) -> VisionTransformer:
+    """Build a randomly initialised backbone with a fresh ``num_classes`` head.
+
+    Weights come later from ``trainables.foundation.load_foundation``; ``pretrained=False`` makes
+    sure timm never reaches the network. ``img_size`` overrides the entry's size (the positional
+    embeddings are then resized when a checkpoint is loaded).
+    """
+    backbone = get_backbone(name)
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ConfigError(f"num_classes must be a positive int, got {num_classes!r}")
+    if not 0.0 <= drop_path < 1.0:
+        raise ConfigError(f"drop_path must be in [0, 1), got {drop_path!r}")
+    kwargs = backbone.timm_kwargs()
+    if img_size is not None:
+        if img_size < 1 or img_size % backbone.patch_size:
+            raise ConfigError(
+                f"img_size {img_size} must be a positive multiple of the patch size "
+                f"{backbone.patch_size} of {name!r}"
+            )
+        kwargs["img_size"] = img_size
+    model = timm.create_model(
+        backbone.timm_name,
+        pretrained=False,
+        num_classes=num_classes,
+        drop_path_rate=drop_path,
+        **kwargs,
+    )
+    init_head(model.head)
+    return model
+
+
+def init_head(head: nn.Module) -> None:
+    """Truncated-normal weights (std 2e-5) and zero bias, as in MAE/MRM fine-tuning."""
+    if not isinstance(head, nn.Linear):
+        raise ConfigError(f"expected a linear head, got {type(head).__name__}")
+    nn.init.trunc_normal_(head.weight, std=HEAD_INIT_STD)
+    nn.init.zeros_(head.bias)

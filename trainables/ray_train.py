@@ -1,0 +1,94 @@
+"""The only bridge from a Ray Tune trial to Ray Train.
+
+A Tune function trial (`tune_trial`) builds a `TorchTrainer` whose workers run `fit`; Tune's
+`TuneReportCallback` passes the workers' reports up to the trial, where ASHA sees them. The trial
+config dict is turned into a `TrialConfig` on the first line of the worker loop.
+
+Each worker reports the id of its Train placement group once (`worker_pg`): Ray Train's own cleanup
+of that group is racy when a trial is stopped from outside, and a leaked group holds a CPU forever.
+The driver-side callback in `study/` removes it when the trial ends.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import ray.util
+import torch
+from ray.train import Checkpoint, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer, prepare_data_loader, prepare_model
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from trainables.config import TrialConfig
+from trainables.fit import fit
+
+RESOURCE_KEYS = ("num_workers", "cpus_per_worker", "gpus_per_worker", "storage_path")
+
+
+class RayReporter:
+    """Reports through `ray.train.report`; rank 0 attaches the checkpoint directory."""
+
+    def __init__(self) -> None:
+        self.rank = ray.train.get_context().get_world_rank()
+        pg = ray.util.get_current_placement_group()
+        self._first = {"worker_pg": pg.id.hex()} if pg is not None else {}
+        self._restored_dir: str | None = None
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+        payload = {**metrics, **self._first}
+        self._first = {}
+        ckpt = Checkpoint.from_directory(str(checkpoint_dir)) if (
+            checkpoint_dir is not None and self.rank == 0) else None
+        ray.train.report(payload, checkpoint=ckpt)
+
+    def latest_checkpoint(self) -> Path | None:
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return None
+        self._restored_dir = tempfile.mkdtemp(prefix="cxr-restore-")
+        return Path(ckpt.to_directory(self._restored_dir))
+
+    def close(self) -> None:
+        if self._restored_dir:
+            shutil.rmtree(self._restored_dir, ignore_errors=True)
+
+
+def worker_loop(config: dict[str, Any]) -> None:
+    """Runs on every Train worker: typed config, DDP-prepared model and loader, then fit."""
+    trial = {k: v for k, v in config.items() if k not in RESOURCE_KEYS}
+    cfg = TrialConfig.from_flat(trial)
+    torch.set_num_threads(max(1, int(config.get("cpus_per_worker", 1))))
+    reporter = RayReporter()
+    try:
+        fit(cfg, reporter, wrap_model=prepare_model, wrap_loader=prepare_data_loader)
+    finally:
+        reporter.close()
+
+
+def tune_trial(config: dict[str, Any]) -> None:
+    """A Tune function trial: one TorchTrainer run for this config."""
+    workers = int(config.get("num_workers", 1))
+    gpus = float(config.get("gpus_per_worker", 0))
+    resources = {"CPU": float(config.get("cpus_per_worker", 1))}
+    if gpus:
+        resources["GPU"] = gpus
+    context = ray.tune.get_context()
+    trainer = TorchTrainer(
+        worker_loop,
+        train_loop_config=dict(config),
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=bool(gpus),
+                                     resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if gpus else "gloo"),
+        run_config=RunConfig(
+            name=f"train-{context.get_trial_id()}",
+            storage_path=str(config.get("storage_path") or os.path.join(
+                tempfile.gettempdir(), "cxr-train")),
+            callbacks=[TuneReportCallback()],
+        ),
+    )
+    trainer.fit()
