@@ -7,6 +7,7 @@ compares numbers with numbers and never parses run names.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -38,6 +39,10 @@ def _typed(name: str, value: str) -> Any:
 
 def load_runs(tracking_uri: str, experiment: str) -> pd.DataFrame:
     """One row per run: ids, status, tags (`tag.*`), typed params, latest metrics."""
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri.removeprefix("sqlite:///"))
+        if not db.is_file():  # reading must never create an empty store
+            raise ConfigError(f"tracking store {db} does not exist: check --tracking-uri")
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
@@ -52,7 +57,11 @@ def load_runs(tracking_uri: str, experiment: str) -> pd.DataFrame:
         row.update({k: _typed(k, v) for k, v in run.data.params.items()})
         row.update({f"metric.{k}": v for k, v in run.data.metrics.items()})
         rows.append(row)
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    for name in INT_PARAMS:  # runs without the param (FFT has no rank) keep a real integer dtype
+        if name in frame:
+            frame[name] = frame[name].astype("Int64")
+    return frame
 
 
 def best_configs(runs: pd.DataFrame, task: str | None = None,
@@ -87,3 +96,14 @@ def best_configs(runs: pd.DataFrame, task: str | None = None,
             "run_id": best["run_id"],
         })
     return pd.DataFrame(rows)
+
+
+def run_record(tracking_uri: str, run_id: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """One run's typed params and its tags; an unknown run id is a ConfigError."""
+    client = MlflowClient(tracking_uri)
+    try:
+        run = client.get_run(run_id)
+    except Exception as exc:  # noqa: BLE001 - MLflow raises several types for "no such run"
+        raise ConfigError(f"run {run_id} not found at {tracking_uri}: pass a trial run id "
+                          "from `cxr-study best --json`") from exc
+    return {k: _typed(k, v) for k, v in run.data.params.items()}, dict(run.data.tags)

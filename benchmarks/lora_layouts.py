@@ -1,11 +1,17 @@
 """Measure what the LoRA adapter layout costs, side by side in one run.
 
-Prints, per backbone: training-step time (forward + backward + AdamW step) of LoRA (rank 4, q/v)
-relative to full fine-tuning, for our split-qkv layout and for the reference ``MergedLinear``
-layout; and inference time of the unmerged and merged LoRA model relative to the plain model.
-Ratios, not absolute times, are the point: they carry over between machines far better.
+Per backbone, LoRA rank 4 on q and v (the paper's setting):
+- training step (forward + backward + AdamW step) of LoRA relative to full fine-tuning (FFT),
+  for our split-qkv layout (``trainables.lora.apply_lora``), for the reference layout (one
+  loralib ``MergedLinear`` on the fused qkv) and for an alternative kept here for comparison
+  (the frozen fused qkv Linear plus the loralib adapters' low-rank outputs added onto its q/v
+  slices);
+- inference of the unmerged LoRA models and of the merged export relative to the plain model.
 
-    python benchmarks/lora_layouts.py [--quick] [--models vit_base_patch16 vit_demo]
+Ratios, not absolute times, are the point: they carry over between machines far better. All
+variants are timed round-robin, so a change in machine load hits every variant alike.
+
+    python benchmarks/lora_layouts.py [--quick] [--models vit_base_patch16 vit_demo] [--threads N]
 """
 
 from __future__ import annotations
@@ -15,12 +21,18 @@ import copy
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
+import loralib
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from trainables.lora import LoraSpec, apply_lora, apply_reference_lora, merged_state_dict
+from trainables.lora import (
+    LoraSpec,
+    SplitQKV,
+    apply_lora,
+    apply_reference_lora,
+    merged_state_dict,
+)
 from trainables.models import build_backbone, get_backbone
 
 BATCH_SIZES = {"vit_base_patch16": 8, "vit_demo": 64}
@@ -28,25 +40,46 @@ NUM_CLASSES = 14
 SPEC = LoraSpec(rank=4, alpha=32.0, dropout=0.0, targets=("q", "v"))
 
 
-@dataclass(frozen=True)
-class Timing:
-    """Median seconds per call, after warm-up."""
+class FusedQKVWithAdapters(nn.Module):
+    """The alternative layout: the frozen fused qkv Linear, plus each loralib adapter's low-rank
+    output added in place onto its slice of the fused output (no concatenation)."""
 
-    median_s: float
+    def __init__(self, split: SplitQKV) -> None:
+        super().__init__()
+        parts = (split.q, split.k, split.v)
+        self.fused = nn.Linear(split.q.in_features, 3 * split.q.out_features)
+        with torch.no_grad():
+            self.fused.weight.copy_(torch.cat([p.weight for p in parts]))
+            self.fused.bias.copy_(torch.cat([p.bias for p in parts]))
+        self.fused.requires_grad_(False)
+        self.adapters = nn.ModuleDict(
+            {name: p for name, p in zip("qkv", parts, strict=True) if isinstance(p, loralib.Linear)}
+        )
+        for adapter in self.adapters.values():  # only lora_A/lora_B are used from these
+            adapter.weight = None
+            adapter.bias = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.fused(x)
+        width = out.shape[-1] // 3
+        flat_out, flat_x = out.view(-1, out.shape[-1]), x.reshape(-1, x.shape[-1])
+        for name, adapter in self.adapters.items():
+            start = "qkv".index(name) * width
+            low_rank = adapter.lora_dropout(flat_x) @ adapter.lora_A.T
+            flat_out[:, start : start + width].addmm_(
+                low_rank, adapter.lora_B.T, alpha=adapter.scaling
+            )
+        return out
 
 
-def _median_time(step: Callable[[], None], warmup: int, repeats: int) -> Timing:
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return Timing(statistics.median(times))
+def _alternative_layout(ours: nn.Module) -> nn.Module:
+    model = copy.deepcopy(ours)
+    for block in model.blocks:
+        block.attn.qkv = FusedQKVWithAdapters(block.attn.qkv)
+    return model
 
 
-def _train_step_fn(model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> Callable[[], None]:
+def _train_step_fn(model: nn.Module, images: Tensor, targets: Tensor) -> Callable[[], None]:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05)
     loss_fn = nn.BCEWithLogitsLoss()
@@ -60,7 +93,7 @@ def _train_step_fn(model: nn.Module, images: torch.Tensor, targets: torch.Tensor
     return step
 
 
-def _infer_fn(model: nn.Module, images: torch.Tensor) -> Callable[[], None]:
+def _infer_fn(model: nn.Module, images: Tensor) -> Callable[[], None]:
     model.eval()
 
     def step() -> None:
@@ -71,7 +104,7 @@ def _infer_fn(model: nn.Module, images: torch.Tensor) -> Callable[[], None]:
 
 
 def _interleaved(fns: dict[str, Callable[[], None]], warmup: int, repeats: int) -> dict[str, float]:
-    """Median time of each function, measured round-robin so drifts in machine load hit all."""
+    """Median seconds per call of each function, timed round-robin after warm-up."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -84,71 +117,83 @@ def _interleaved(fns: dict[str, Callable[[], None]], warmup: int, repeats: int) 
     return {name: statistics.median(times) for name, times in samples.items()}
 
 
-def benchmark(name: str, warmup: int, repeats: int) -> dict[str, float]:
-    """Median step and inference times (seconds) for one backbone."""
+def _with_trained_adapters(model: nn.Module) -> nn.Module:
+    """Nonzero lora_B, as after training, so no variant can skip work on zeros."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("lora_B"):
+                param.normal_(std=0.01)
+    return model
+
+
+def benchmark(name: str, warmup: int, repeats: int) -> dict[str, dict[str, float]]:
+    """Median training-step and inference seconds of every variant, for one backbone."""
     torch.manual_seed(0)
     backbone = get_backbone(name)
     batch = BATCH_SIZES.get(name, 8)
     images = torch.randn(batch, 3, backbone.img_size, backbone.img_size)
     targets = torch.randint(0, 2, (batch, NUM_CLASSES)).float()
-    base = build_backbone(name, NUM_CLASSES)
 
-    fft = copy.deepcopy(base)
-    ours = apply_lora(copy.deepcopy(base), SPEC)
-    reference = apply_reference_lora(copy.deepcopy(base), SPEC)
-    for model in (ours, reference):  # nonzero B, as after some training
-        for pname, param in model.named_parameters():
-            if pname.endswith("lora_B"):
-                nn.init.normal_(param, std=0.01)
+    plain = build_backbone(name, NUM_CLASSES)
+    ours = _with_trained_adapters(apply_lora(copy.deepcopy(plain), SPEC))
+    reference = _with_trained_adapters(apply_reference_lora(copy.deepcopy(plain), SPEC))
+    alternative = _alternative_layout(ours)
     merged = build_backbone(name, NUM_CLASSES)
     merged.load_state_dict(merged_state_dict(ours), strict=True)
 
+    infer = _interleaved(
+        {
+            "plain": _infer_fn(plain, images),
+            "ours": _infer_fn(ours, images),
+            "alternative": _infer_fn(alternative, images),
+            "reference": _infer_fn(reference, images),
+            "merged": _infer_fn(merged, images),
+        },
+        warmup,
+        repeats,
+    )
     train = _interleaved(
         {
-            "fft": _train_step_fn(fft, images, targets),
+            "fft": _train_step_fn(copy.deepcopy(plain), images, targets),
             "ours": _train_step_fn(ours, images, targets),
+            "alternative": _train_step_fn(alternative, images, targets),
             "reference": _train_step_fn(reference, images, targets),
         },
         warmup,
         repeats,
     )
-    infer = _interleaved(
-        {
-            "plain": _infer_fn(base, images),
-            "ours": _infer_fn(ours, images),
-            "reference": _infer_fn(reference, images),
-            "merged": _infer_fn(merged, images),
-        },
-        warmup,
-        repeats * 2,
-    )
-    return {
-        "fft_step_s": train["fft"],
-        "ours_step_s": train["ours"],
-        "ref_step_s": train["reference"],
-        "plain_infer_s": infer["plain"],
-        "ours_infer_s": infer["ours"],
-        "ref_infer_s": infer["reference"],
-        "merged_infer_s": infer["merged"],
-    }
+    return {"train": train, "infer": infer}
 
 
-def _print_table(results: dict[str, dict[str, float]]) -> None:
-    header = (
-        f"{'model':<18} {'batch':>5} {'FFT step s':>10} | {'LoRA/FFT step':>13} "
-        f"{'ref/FFT step':>12} | {'unmerged/plain inf':>18} {'ref unmerged/plain':>18} "
-        f"{'merged/plain inf':>16}"
+def _print_table(results: dict[str, dict[str, dict[str, float]]]) -> None:
+    rows = [
+        ("FFT step, s", lambda r: r["train"]["fft"], "{:.3f}"),
+        ("plain inference, s", lambda r: r["infer"]["plain"], "{:.3f}"),
+        ("LoRA/FFT step: ours (split qkv)", lambda r: r["train"]["ours"] / r["train"]["fft"],
+         "{:.3f}"),
+        ("LoRA/FFT step: alternative (fused+add)",
+         lambda r: r["train"]["alternative"] / r["train"]["fft"], "{:.3f}"),
+        ("LoRA/FFT step: reference (MergedLinear)",
+         lambda r: r["train"]["reference"] / r["train"]["fft"], "{:.3f}"),
+        ("unmerged/plain inference: ours", lambda r: r["infer"]["ours"] / r["infer"]["plain"],
+         "{:.3f}"),
+        ("unmerged/plain inference: alternative",
+         lambda r: r["infer"]["alternative"] / r["infer"]["plain"], "{:.3f}"),
+        ("unmerged/plain inference: reference",
+         lambda r: r["infer"]["reference"] / r["infer"]["plain"], "{:.3f}"),
+        ("merged/plain inference", lambda r: r["infer"]["merged"] / r["infer"]["plain"],
+         "{:.3f}"),
+    ]
+    names = list(results)
+    width = max(len(label) for label, _, _ in rows)
+    header = f"{'':<{width}} " + " ".join(
+        f"{f'{n} (b{BATCH_SIZES.get(n, 8)})':>22}" for n in names
     )
     print(header)
     print("-" * len(header))
-    for name, r in results.items():
-        print(
-            f"{name:<18} {BATCH_SIZES.get(name, 8):>5} {r['fft_step_s']:>10.3f} | "
-            f"{r['ours_step_s'] / r['fft_step_s']:>13.3f} {r['ref_step_s'] / r['fft_step_s']:>12.3f} | "
-            f"{r['ours_infer_s'] / r['plain_infer_s']:>18.3f} "
-            f"{r['ref_infer_s'] / r['plain_infer_s']:>18.3f} "
-            f"{r['merged_infer_s'] / r['plain_infer_s']:>16.3f}"
-        )
+    for label, value, fmt in rows:
+        cells = " ".join(f"{fmt.format(value(results[n])):>22}" for n in names)
+        print(f"{label:<{width}} {cells}")
 
 
 def main() -> None:
@@ -157,10 +202,16 @@ def main() -> None:
     parser.add_argument(
         "--models", nargs="+", default=["vit_base_patch16", "vit_demo"], help="backbone names"
     )
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     args = parser.parse_args()
-    warmup, repeats = (1, 3) if args.quick else (2, 7)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"LoRA rank {SPEC.rank} on {SPEC.targets}, medians of {repeats} steps")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warmup, repeats = (1, 2) if args.quick else (1, 3)
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; LoRA rank {SPEC.rank} "
+        f"on {'/'.join(SPEC.targets)}; medians of {repeats} round-robin repeats after {warmup} "
+        "warm-up"
+    )
     results = {name: benchmark(name, warmup, repeats) for name in args.models}
     _print_table(results)
 

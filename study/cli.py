@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -62,6 +63,17 @@ def _cmd_best(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from study.export import export_run
+    report = export_run(args.tracking_uri, args.run, Path(args.adapter) if args.adapter else None,
+                        Path(args.merged) if args.merged else None)
+    if report.max_abs_diff is not None:
+        print(f"merged vs unmerged logits: max abs diff {report.max_abs_diff:.2e}")
+    for path in report.written:
+        print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB) from {report.weights}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cxr-study", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -80,11 +92,18 @@ def build_parser() -> argparse.ArgumentParser:
     best.add_argument("--arm", default=None)
     best.add_argument("--json", action="store_true")
     best.set_defaults(func=_cmd_best)
+    export = sub.add_parser("export", help="write a trial's adapters or its merged model")
+    export.add_argument("run", help="MLflow run id of a trial (see `best --json`)")
+    export.add_argument("--tracking-uri", required=True)
+    export.add_argument("--adapter", help="adapters + head + fc_norm (safetensors)")
+    export.add_argument("--merged", help="full model with LoRA merged, timm layout (safetensors)")
+    export.set_defaults(func=_cmd_export)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # no store-migration chatter
     try:
         return args.func(args)
     except StudyError as exc:

@@ -32,6 +32,10 @@ from trainables.ray_train import tune_trial
 
 # Train polls its workers this often; Ray's default of 2 s adds up to 2 s to every report.
 RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+# The Tune trial only waits on its Train workers, which hold the CPUs; it reserves no CPU
+# itself (a bundle cannot be empty, so it asks for a token amount of memory) so that N
+# single-CPU workers give N concurrent trials instead of a deadlock.
+TRIAL_RESOURCES = {"CPU": 0, "memory": 1 << 20}
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -39,6 +43,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     os.environ.update(RAY_ENV)
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no Tune status tables
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     kwargs: dict[str, Any] = {"runtime_env": {"env_vars": RAY_ENV}, "log_to_driver": False,
                               "configure_logging": False}
     if address:
@@ -102,8 +108,8 @@ class PlacementGroupReaper(Callback):
 class TrialPrinter(Callback):
     """One line per finished trial, with a running count and an estimate of the time left."""
 
-    def __init__(self, label: str, total: int, max_t: int, emit: Callable[[str], None]) -> None:
-        self.label, self.total, self.max_t, self.emit = label, total, max_t, emit
+    def __init__(self, label: str, total: int, max_t: int) -> None:
+        self.label, self.total, self.max_t = label, total, max_t
         self.done, self.start, self.last = 0, time.monotonic(), {}
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
@@ -121,9 +127,9 @@ class TrialPrinter(Callback):
         epochs = int(res.get("epoch", 0))
         if status == "done" and epochs < self.max_t:
             status = "stopped early"
-        self.emit(f"  [{self.done}/{self.total}] {self.label} {params} "
+        print(f"  [{self.done}/{self.total}] {self.label} {params} "
                   f"val_auroc={res.get('best_val_auroc', float('nan')):.4f} epochs={epochs} "
-                  f"{status} (about {eta:.0f}s left)")
+                  f"{status} (about {eta:.0f}s left)", flush=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self._line(trial, "done")
@@ -132,19 +138,44 @@ class TrialPrinter(Callback):
         self._line(trial, "FAILED")
 
 
-def _pinned(trial: optuna.Trial, fixed: dict[str, Any]):
+class _Pinned:
     """A view of an Optuna trial where values the arm fixes are returned, not sampled."""
 
-    class Pinned:
-        def __getattr__(self, name: str):
-            attr = getattr(trial, name)
-            if not name.startswith("suggest_"):
-                return attr
+    def __init__(self, trial: optuna.Trial, fixed: dict[str, Any]) -> None:
+        self._trial, self._fixed = trial, fixed
 
-            def suggest(param: str, *args, **kwargs):
-                return fixed[param] if param in fixed else attr(param, *args, **kwargs)
-            return suggest
-    return Pinned()
+    def __getattr__(self, name: str):
+        attr = getattr(self._trial, name)
+        if not name.startswith("suggest_"):
+            return attr
+
+        def suggest(param: str, *args, **kwargs):
+            return self._fixed[param] if param in self._fixed else attr(param, *args, **kwargs)
+        return suggest
+
+
+def trial_dirname(trial) -> str:
+    """Short trial folders (Tune's default spells out the whole config in the name)."""
+    return f"trial_{trial.trial_id}"
+
+
+@dataclass(frozen=True)
+class DefineByRun:
+    """The Optuna space of one arm plus its constants (picklable: Tune saves the searcher)."""
+
+    space: str
+    base: dict[str, Any]
+    fixed: dict[str, Any]
+    optimizer: str
+    recipe: Recipe | None
+
+    def __call__(self, trial: optuna.Trial) -> dict[str, Any]:
+        space = get_space(self.space)
+        derived = space.fn(_Pinned(trial, self.fixed), self.optimizer, self.recipe)
+        config = {**self.base, **self.fixed, **derived}
+        if space.kind == "lora" and "alpha" not in self.fixed and "alpha_ratio" in config:
+            config["alpha"] = float(config["alpha_ratio"]) * int(config["rank"])
+        return config
 
 
 def recipes(task: TaskSpec) -> tuple[Recipe | None, Recipe | None]:
@@ -224,12 +255,7 @@ def search_arm(cfg: StudyConfig, task: TaskSpec, arm: ArmSpec, data: TaskData,
     fixed = dict(arm.fixed)
     optimizer = base["optimizer"]
 
-    def define_by_run(trial: optuna.Trial) -> dict[str, Any]:
-        derived = space.fn(_pinned(trial, fixed), optimizer, recipe)
-        config = {**base, **fixed, **derived}
-        if space.kind == "lora" and "alpha" not in fixed and "alpha_ratio" in config:
-            config["alpha"] = float(config["alpha_ratio"]) * int(config["rank"])
-        return config
+    define_by_run = DefineByRun(arm.space, base, fixed, optimizer, recipe)
 
     preset = preset_point(space, recipe, optimizer)
     points = [{k: v for k, v in preset.items() if k not in fixed}] if preset else None
@@ -252,15 +278,15 @@ def search_arm(cfg: StudyConfig, task: TaskSpec, arm: ArmSpec, data: TaskData,
                                  cfg.search.max_t)
     start = time.monotonic()
     grid = Tuner(
-        tune.with_resources(tune_trial, {"CPU": 0}),
+        tune.with_resources(tune_trial, TRIAL_RESOURCES),
         tune_config=TuneConfig(search_alg=searcher, scheduler=scheduler,
-                               num_samples=arm.trials, max_concurrent_trials=max_concurrent),
+                               num_samples=arm.trials, max_concurrent_trials=max_concurrent,
+                               trial_dirname_creator=trial_dirname),
         run_config=RunConfig(
             name=f"{task.key}-{arm.name}", storage_path=str(cfg.storage / "tune"), verbose=0,
             failure_config=FailureConfig(max_failures=1),
             callbacks=[tracker, PlacementGroupReaper(),
-                       TrialPrinter(f"{task.key} {arm.name}", arm.trials, cfg.search.max_t,
-                                    emit)]),
+                       TrialPrinter(f"{task.key} {arm.name}", arm.trials, cfg.search.max_t)]),
     ).fit()
     wall = time.monotonic() - start
     results = [r for r in grid if r.metrics and "best_val_auroc" in r.metrics]
@@ -296,8 +322,9 @@ def final_arm(cfg: StudyConfig, outcome: ArmOutcome, client, exp_id: str,
                                  {"arm": outcome.arm, "task": outcome.task, "phase": "final"},
                                  cfg.search.max_t)
     grid = Tuner(
-        tune.with_resources(tune_trial, {"CPU": 0}), param_space=config,
-        tune_config=TuneConfig(max_concurrent_trials=max_concurrent),
+        tune.with_resources(tune_trial, TRIAL_RESOURCES), param_space=config,
+        tune_config=TuneConfig(max_concurrent_trials=max_concurrent,
+                               trial_dirname_creator=trial_dirname),
         run_config=RunConfig(name=f"{outcome.task}-{outcome.arm}-final",
                              storage_path=str(cfg.storage / "tune"), verbose=0,
                              failure_config=FailureConfig(max_failures=1),

@@ -102,9 +102,12 @@ class MlflowTrialTracker(Callback):
                       if k not in ("storage_path", "cache_dir", "predictions_path",
                                    "patient_salt")}
             name = f"{self.tags.get('arm', 'trial')}-{trial.trial_id}"
-            self.runs[trial.trial_id] = start_run(
-                self.client, self.exp_id, name, dict(self.tags, trial_id=trial.trial_id),
-                self.parent, params)
+            # Tune's experiment tag starts with the trial's creation counter ("3_lr=..."):
+            # the order the searcher suggested it in, so presets are trial_index 1.
+            index = str(trial.experiment_tag).split("_", 1)[0]
+            tags = dict(self.tags, trial_id=trial.trial_id, trial_index=index)
+            self.runs[trial.trial_id] = start_run(self.client, self.exp_id, name, tags,
+                                                  self.parent, params)
             self.logged_steps[trial.trial_id] = set()
         return self.runs[trial.trial_id]
 
@@ -120,7 +123,10 @@ class MlflowTrialTracker(Callback):
         self.logged_steps[trial.trial_id].add(step)
         now = int(time.time() * 1000)
         metrics = [Metric(k, v, now, step) for k, v in numeric_metrics(result).items()]
-        self.client.log_batch(run_id, metrics=metrics)
+        # Where Ray Train stored this epoch's checkpoint: `cxr-study export` starts from it.
+        tags = [RunTag("checkpoint_path", str(result["checkpoint_path"]))] if result.get(
+            "checkpoint_path") else []
+        self.client.log_batch(run_id, metrics=metrics, tags=tags)
 
     def _finish(self, trial, status: str, extra: dict[str, str]) -> None:
         run_id = self._run(trial)

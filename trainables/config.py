@@ -94,7 +94,7 @@ class TrialConfig:
     @classmethod
     def from_flat(cls, flat: Mapping[str, Any]) -> "TrialConfig":
         """Validate a Tune trial's flat config. Unknown keys are refused (typos must not pass)."""
-        known = _flat_keys()
+        known = flat_keys()
         unknown = sorted(set(flat) - known)
         _require(not unknown, "trial config", f"unknown keys {unknown}; known: {sorted(known)}")
         train = TrainSpec(**{f.name: _cast(f, flat[f.name]) for f in dataclasses.fields(TrainSpec)
@@ -118,7 +118,7 @@ FLAT_EXTRA_KEYS = frozenset({
 })
 
 
-def _flat_keys() -> frozenset[str]:
+def flat_keys() -> frozenset[str]:
     names = {f.name for f in dataclasses.fields(TrainSpec)} | {
         f.name for f in dataclasses.fields(RunSpec)}
     return frozenset(names) | FLAT_EXTRA_KEYS

@@ -242,6 +242,8 @@ def fit(cfg: TrialConfig, reporter: Reporter,
     params = [p for p in model.parameters() if p.requires_grad]
     start, seen = time.perf_counter(), 0
     for epoch in range(state.epoch, cfg.train.epochs):
+        # The shuffle order is a function of (seed, epoch), so a resumed run sees the same order.
+        generator.manual_seed(cfg.train.seed * 1000 + epoch)
         if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
             loader.sampler.set_epoch(epoch)
         model.train()

@@ -232,6 +232,10 @@ def is_lora_param(name: str) -> bool:
     return name.rpartition(".")[2].startswith("lora_")
 
 
+def _should_train_under_lora(name: str) -> bool:
+    return is_lora_param(name) or name.startswith(ALWAYS_TRAINABLE_PREFIXES)
+
+
 def assert_lora_trainability(model: nn.Module) -> None:
     """Raise unless exactly the adapters, the head and fc_norm are trainable.
 
@@ -244,7 +248,7 @@ def assert_lora_trainability(model: nn.Module) -> None:
     wrong = [
         f"{name} ({'trainable' if param.requires_grad else 'frozen'})"
         for name, param in model.named_parameters()
-        if param.requires_grad != (is_lora_param(name) or name.startswith(ALWAYS_TRAINABLE_PREFIXES))
+        if param.requires_grad != _should_train_under_lora(name)
     ]
     if wrong:
         raise ConfigError(
@@ -311,17 +315,18 @@ def _split_modules(model: nn.Module) -> list[tuple[str, SplitQKV]]:
 def _check_reference_compatible(model: nn.Module) -> list[tuple[str, SplitQKV]]:
     """The reference layout holds q and v adapters of equal rank and nothing else."""
     splits = _split_modules(model)
+    inside_splits = {id(part) for _, split in splits for part in (split.q, split.k, split.v)}
     adapted_elsewhere = [
         name
-        for name, m in model.named_modules()
-        if isinstance(m, loralib.LoRALayer) and not name.endswith(tuple(f".{t}" for t in "qkv"))
+        for name, module in model.named_modules()
+        if isinstance(module, loralib.LoRALayer) and id(module) not in inside_splits
     ]
     ok = bool(splits) and not adapted_elsewhere and all(
-        isinstance(m.q, loralib.Linear)
-        and isinstance(m.v, loralib.Linear)
-        and not isinstance(m.k, loralib.Linear)
-        and m.q.r == m.v.r
-        for _, m in splits
+        isinstance(split.q, loralib.Linear)
+        and isinstance(split.v, loralib.Linear)
+        and not isinstance(split.k, loralib.Linear)
+        and split.q.r == split.v.r
+        for _, split in splits
     )
     if not ok:
         raise ConfigError(

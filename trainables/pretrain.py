@@ -27,10 +27,10 @@ from trainables.phantom import CORPUS_PAIRS, make_corpus
 
 @dataclass(frozen=True)
 class PretrainSpec:
-    corpus_images: int = 12000
+    corpus_images: int = 15000
     epochs: int = 6
     lr: float = 2e-3
-    batch_size: int = 128
+    batch_size: int = 64
     seed: int = 1234
 
 

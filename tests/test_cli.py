@@ -1,0 +1,74 @@
+"""The CLI, called in-process: one-line errors with exit status 2, plans, and nothing written."""
+
+from __future__ import annotations
+
+import pytest
+
+from study.cli import main
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _assert_one_line_error(code, err, *needles):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cxr-study: error: "), err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0]
+
+
+def test_missing_study_file(capsys, tmp_path):
+    code, _, err = _run(capsys, "run", str(tmp_path / "nope.toml"))
+    _assert_one_line_error(code, err, "nope.toml", "does not exist")
+
+
+def test_bad_value_in_study_file_writes_nothing(capsys, tmp_path):
+    study = tmp_path / "s.toml"
+    study.write_text('[study]\nname="x"\n[tasks]\nfoundations=[{name="demo"}]\n'
+                     'datasets=[{name="nih", root="d"}]\n[arms.lora]\nspace="lora"\n'
+                     'trials=2\n[search]\nmax_t=-1\n')
+    code, _, err = _run(capsys, "run", str(study))
+    _assert_one_line_error(code, err, "search.max_t")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.toml"]
+
+
+def test_missing_data_root_is_a_one_line_error(capsys, tmp_path):
+    study = tmp_path / "s.toml"
+    study.write_text('[study]\nname="x"\n[tasks]\nfoundations=[{name="demo"}]\n'
+                     'datasets=[{name="nih", root="missing", splits="lists", '
+                     'list_dir="missing"}]\n[arms.lora]\nspace="lora"\ntrials=2\n')
+    from study.runner import prepare_task_data
+    from study.config import load_study
+    from trainables.errors import DataError
+    with pytest.raises(DataError, match="missing"):
+        prepare_task_data(load_study(study).tasks[0], tmp_path / "store")
+
+
+def test_dry_run_prints_the_plan(capsys, tmp_path):
+    from importlib import resources
+    study = tmp_path / "demo.toml"
+    study.write_text(resources.files("study").joinpath("demo.toml").read_text())
+    code, out, _ = _run(capsys, "run", str(study), "--dry-run")
+    assert code == 0
+    assert "1 task(s) x 2 arm(s)" in out and "arm lora: space lora, 6 trials" in out
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_best_on_missing_store_creates_nothing(capsys, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    code, _, err = _run(capsys, "best", "--tracking-uri", uri, "--experiment", "nope")
+    _assert_one_line_error(code, err, "m.db does not exist")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_best_on_unknown_experiment(capsys, tmp_path):
+    from mlflow.tracking import MlflowClient
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    MlflowClient(uri).create_experiment("other")
+    code, _, err = _run(capsys, "best", "--tracking-uri", uri, "--experiment", "nope")
+    _assert_one_line_error(code, err, "'nope' not found")

@@ -1,0 +1,181 @@
+"""A tiny real study through Ray Tune + Ray Train + Optuna + ASHA + MLflow, checked in MLflow.
+
+One study runs per session (the `small_study` fixture); every test here only reads its results.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+STUDY = """
+[study]
+name = "itest"
+storage = "run"
+[tasks]
+foundations = [{{ name = "demo" }}]
+datasets = [{{ name = "nih", root = "{root}", splits = "lists", list_dir = "{root}" }}]
+[arms.lora]
+space = "lora"
+trials = 3
+[arms.fft]
+space = "fft"
+trials = 3
+[search]
+max_t = 3
+grace_period = 1
+reduction_factor = 2
+[train]
+batch_size = 32
+warmup_epochs = 1
+[final]
+seeds = 1
+"""
+
+
+@pytest.fixture(scope="session")
+def small_study(phantom_root, tmp_path_factory):
+    import ray
+
+    from study.config import load_study
+    from study.runner import init_ray, run_study
+    from analysis.runs import load_runs
+
+    folder = tmp_path_factory.mktemp("study")
+    (folder / "study.toml").write_text(STUDY.format(root=phantom_root))
+    cfg = load_study(folder / "study.toml")
+    init_ray(num_cpus=2)
+    try:
+        lines: list[str] = []
+        outcomes = run_study(cfg, emit=lines.append)
+        pg_table = _wait_all_removed()
+    finally:
+        ray.shutdown()
+    runs = load_runs(cfg.tracking.uri, cfg.tracking.experiment)
+    return {"cfg": cfg, "outcomes": outcomes, "runs": runs, "pg_table": pg_table}
+
+
+def _wait_all_removed(timeout_s: float = 15.0) -> dict:
+    """Placement groups of ended trials must reach REMOVED; poll the table until they do."""
+    import time
+
+    import ray
+    deadline = time.monotonic() + timeout_s
+    while True:
+        table = ray.util.placement_group_table()
+        if all(pg["state"] == "REMOVED" for pg in table.values()) or (
+                time.monotonic() > deadline):
+            return table
+        time.sleep(0.2)
+
+
+def test_hierarchy_and_counts(small_study):
+    runs = small_study["runs"]
+    study = runs[runs["tag.level"] == "study"]
+    arms = runs[runs["tag.level"] == "arm"]
+    trials = runs[runs["tag.trial_id"].notna()]
+    assert len(study) == 1 and len(arms) == 2
+    search, final = trials[trials["tag.phase"] == "search"], trials[trials["tag.phase"] == "final"]
+    assert sorted(search["tag.arm"].value_counts().to_dict().items()) == [("fft", 3), ("lora", 3)]
+    assert sorted(final["tag.arm"]) == ["fft", "lora"]
+    assert set(arms["tag.mlflow.parentRunId"]) == set(study["run_id"])
+    assert set(trials["tag.mlflow.parentRunId"]) == set(arms["run_id"])
+    assert (runs["status"] == "FINISHED").all()
+
+
+def test_every_factor_is_a_typed_param(small_study):
+    runs = small_study["runs"]
+    trials = runs[runs["tag.trial_id"].notna()]
+    for factor in ("arm", "foundation", "model", "dataset", "label_fraction", "split_seed",
+                   "lr", "seed", "optimizer", "epochs"):
+        assert trials[factor].notna().all(), factor
+    lora = trials[trials["tag.arm"] == "lora"]
+    for factor in ("rank", "alpha", "alpha_ratio", "targets", "lora_dropout"):
+        assert lora[factor].notna().all(), factor
+    assert lora["rank"].dtype == "Int64" and trials["lr"].dtype == float
+    assert (lora["alpha"] == lora["rank"].astype(float) * lora["alpha_ratio"]).all()
+    assert trials["label_fraction"].eq(1.0).all()
+
+
+def test_metrics_per_epoch_and_asha_stopping(small_study):
+    from mlflow.tracking import MlflowClient
+    cfg, runs = small_study["cfg"], small_study["runs"]
+    client = MlflowClient(cfg.tracking.uri)
+    search = runs[(runs["tag.phase"] == "search") & runs["tag.trial_id"].notna()]
+    for _, row in search.iterrows():
+        history = client.get_metric_history(row["run_id"], "val_auroc")
+        steps = sorted(m.step for m in history)
+        assert steps == list(range(1, int(row["tag.epochs_run"]) + 1))
+    assert (search["tag.stopped_early"] == "true").any(), "ASHA stopped nothing"
+    stopped = search[search["tag.stopped_early"] == "true"]
+    assert (stopped["tag.epochs_run"].astype(int) < cfg.search.max_t).all()
+
+
+def test_presets_are_the_first_trials(small_study):
+    from search_spaces.presets import demo_recipes
+    runs = small_study["runs"]
+    search = runs[(runs["tag.phase"] == "search") & runs["tag.trial_id"].notna()]
+    lora = search[search["tag.arm"] == "lora"]
+    assert sorted(lora["tag.trial_index"]) == ["1", "2", "3"]
+    first = lora[lora["tag.trial_index"] == "1"].iloc[0]
+    preset = demo_recipes()[0]
+    assert (first["rank"], first["lr"], first["targets"]) == (preset.rank, preset.lr, "q+v")
+    assert first["alpha"] == preset.alpha
+
+
+def test_final_runs_have_test_metrics_and_predictions(small_study):
+    from mlflow.tracking import MlflowClient
+    cfg, runs = small_study["cfg"], small_study["runs"]
+    final = runs[(runs["tag.phase"] == "final") & runs["tag.trial_id"].notna()]
+    assert final["metric.test_auroc"].between(0, 1).all()
+    client = MlflowClient(cfg.tracking.uri)
+    for run_id in final["run_id"]:
+        assert any(a.path.endswith(".parquet") for a in client.list_artifacts(run_id))
+
+
+def test_trainable_share_lora_below_fft(small_study):
+    runs = small_study["runs"]
+    trials = runs[runs["tag.trial_id"].notna()]
+    lora = trials[trials["tag.arm"] == "lora"]["metric.trainable_params"]
+    fft = trials[trials["tag.arm"] == "fft"]
+    assert (lora < fft["metric.trainable_params"].min()).all()
+    assert (fft["metric.trainable_params"] == fft["metric.total_params"]).all()
+
+
+def test_worker_placement_groups_are_removed(small_study):
+    table = small_study["pg_table"]
+    assert table, "no Train placement group was ever created"
+    assert {pg["state"] for pg in table.values()} == {"REMOVED"}
+
+
+def test_best_answers_from_mlflow_only(small_study, capsys):
+    from study.cli import main
+    cfg = small_study["cfg"]
+    assert main(["best", "--tracking-uri", cfg.tracking.uri, "--experiment",
+                 cfg.tracking.experiment, "--json"]) == 0
+    import json
+    rows = json.loads(capsys.readouterr().out)
+    assert sorted(r["arm"] for r in rows) == ["fft", "lora"]
+    by_arm = {r["arm"]: r for r in rows}
+    best_lora = max(o.best_val for o in small_study["outcomes"] if o.arm == "lora")
+    assert by_arm["lora"]["val_auroc"] == pytest.approx(best_lora)
+    assert by_arm["lora"]["trainable_pct"] < by_arm["fft"]["trainable_pct"] == pytest.approx(100)
+
+
+def test_export_adapter_and_merged_model(small_study, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from study.cli import main
+    from trainables.models import build_backbone
+    cfg, runs = small_study["cfg"], small_study["runs"]
+    final = runs[(runs["tag.phase"] == "final") & (runs["tag.arm"] == "lora")].iloc[0]
+    code = main(["export", final["run_id"], "--tracking-uri", cfg.tracking.uri,
+                 "--adapter", str(tmp_path / "a.safetensors"),
+                 "--merged", str(tmp_path / "m.safetensors")])
+    out = capsys.readouterr().out
+    assert code == 0 and "max abs diff" in out
+    adapters = load_file(str(tmp_path / "a.safetensors"))
+    assert adapters and all("lora_" in k or k.startswith(("head.", "fc_norm.")) for k in adapters)
+    plain = build_backbone("vit_demo", 14)
+    plain.load_state_dict(load_file(str(tmp_path / "m.safetensors")), strict=True)
