@@ -126,7 +126,9 @@ def _with_trained_adapters(model: nn.Module) -> nn.Module:
     return model
 
 
-def benchmark(name: str, warmup: int, repeats: int) -> dict[str, dict[str, float]]:
+def benchmark(
+    name: str, warmup: int, train_repeats: int, infer_repeats: int
+) -> dict[str, dict[str, float]]:
     """Median training-step and inference seconds of every variant, for one backbone."""
     torch.manual_seed(0)
     backbone = get_backbone(name)
@@ -144,13 +146,14 @@ def benchmark(name: str, warmup: int, repeats: int) -> dict[str, dict[str, float
     infer = _interleaved(
         {
             "plain": _infer_fn(plain, images),
+            "control": _infer_fn(copy.deepcopy(plain), images),
             "ours": _infer_fn(ours, images),
             "alternative": _infer_fn(alternative, images),
             "reference": _infer_fn(reference, images),
             "merged": _infer_fn(merged, images),
         },
         warmup,
-        repeats,
+        infer_repeats,
     )
     train = _interleaved(
         {
@@ -160,7 +163,7 @@ def benchmark(name: str, warmup: int, repeats: int) -> dict[str, dict[str, float
             "reference": _train_step_fn(reference, images, targets),
         },
         warmup,
-        repeats,
+        train_repeats,
     )
     return {"train": train, "infer": infer}
 
@@ -169,26 +172,46 @@ def _print_table(results: dict[str, dict[str, dict[str, float]]]) -> None:
     rows = [
         ("FFT step, s", lambda r: r["train"]["fft"], "{:.3f}"),
         ("plain inference, s", lambda r: r["infer"]["plain"], "{:.3f}"),
-        ("LoRA/FFT step: ours (split qkv)", lambda r: r["train"]["ours"] / r["train"]["fft"],
-         "{:.3f}"),
-        ("LoRA/FFT step: alternative (fused+add)",
-         lambda r: r["train"]["alternative"] / r["train"]["fft"], "{:.3f}"),
-        ("LoRA/FFT step: reference (MergedLinear)",
-         lambda r: r["train"]["reference"] / r["train"]["fft"], "{:.3f}"),
-        ("unmerged/plain inference: ours", lambda r: r["infer"]["ours"] / r["infer"]["plain"],
-         "{:.3f}"),
-        ("unmerged/plain inference: alternative",
-         lambda r: r["infer"]["alternative"] / r["infer"]["plain"], "{:.3f}"),
-        ("unmerged/plain inference: reference",
-         lambda r: r["infer"]["reference"] / r["infer"]["plain"], "{:.3f}"),
-        ("merged/plain inference", lambda r: r["infer"]["merged"] / r["infer"]["plain"],
-         "{:.3f}"),
+        (
+            "LoRA/FFT step: ours (split qkv)",
+            lambda r: r["train"]["ours"] / r["train"]["fft"],
+            "{:.3f}",
+        ),
+        (
+            "LoRA/FFT step: alternative (fused+add)",
+            lambda r: r["train"]["alternative"] / r["train"]["fft"],
+            "{:.3f}",
+        ),
+        (
+            "LoRA/FFT step: reference (MergedLinear)",
+            lambda r: r["train"]["reference"] / r["train"]["fft"],
+            "{:.3f}",
+        ),
+        (
+            "unmerged/plain inference: ours",
+            lambda r: r["infer"]["ours"] / r["infer"]["plain"],
+            "{:.3f}",
+        ),
+        (
+            "unmerged/plain inference: alternative",
+            lambda r: r["infer"]["alternative"] / r["infer"]["plain"],
+            "{:.3f}",
+        ),
+        (
+            "unmerged/plain inference: reference",
+            lambda r: r["infer"]["reference"] / r["infer"]["plain"],
+            "{:.3f}",
+        ),
+        ("merged/plain inference", lambda r: r["infer"]["merged"] / r["infer"]["plain"], "{:.3f}"),
+        (
+            "control: plain copy/plain inference (noise)",
+            lambda r: r["infer"]["control"] / r["infer"]["plain"],
+            "{:.3f}",
+        ),
     ]
     names = list(results)
     width = max(len(label) for label, _, _ in rows)
-    header = f"{'':<{width}} " + " ".join(
-        f"{f'{n} (b{BATCH_SIZES.get(n, 8)})':>22}" for n in names
-    )
+    header = f"{'':<{width}} " + " ".join(f"{f'{n} (b{BATCH_SIZES.get(n, 8)})':>22}" for n in names)
     print(header)
     print("-" * len(header))
     for label, value, fmt in rows:
@@ -206,13 +229,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    warmup, repeats = (1, 2) if args.quick else (1, 3)
+    warmup, train_repeats, infer_repeats = (1, 2, 3) if args.quick else (1, 3, 5)
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; LoRA rank {SPEC.rank} "
-        f"on {'/'.join(SPEC.targets)}; medians of {repeats} round-robin repeats after {warmup} "
-        "warm-up"
+        f"on {'/'.join(SPEC.targets)}; medians of {train_repeats} training / {infer_repeats} "
+        f"inference round-robin repeats after {warmup} warm-up"
     )
-    results = {name: benchmark(name, warmup, repeats) for name in args.models}
+    results = {name: benchmark(name, warmup, train_repeats, infer_repeats) for name in args.models}
     _print_table(results)
 
 

@@ -23,12 +23,12 @@ from sklearn.linear_model import LogisticRegression
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from study.config import load_study  # noqa: E402
 from study.demo import prepare_demo_dir  # noqa: E402
 from study.runner import prepare_task_data  # noqa: E402
-from study.config import load_study  # noqa: E402
 from trainables.cache import label_names, open_split  # noqa: E402
 from trainables.config import TrialConfig  # noqa: E402
-from trainables.fit import build_model, fit, predict, to_model_input  # noqa: E402
+from trainables.fit import build_model, fit, to_model_input  # noqa: E402
 from trainables.foundation import get_foundation  # noqa: E402
 from trainables.metrics import classification_metrics  # noqa: E402
 

@@ -8,8 +8,9 @@ family, which is fixed per arm, not searched.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import optuna
 

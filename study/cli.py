@@ -25,27 +25,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from study.config import load_study
     cfg = load_study(Path(args.study))
     if args.dry_run:
+        from study.plan import plan_text
         print(plan_text(cfg))
         return 0
     from study.runner import run_study
     run_study(cfg, address=args.address)
     return 0
-
-
-def plan_text(cfg) -> str:
-    """The plan of a study: tasks, arms, trials, epoch budget, resources."""
-    lines = [f"study {cfg.name}: {len(cfg.tasks)} task(s) x {len(cfg.arms)} arm(s); "
-             f"storage {cfg.storage}; tracking {cfg.tracking.uri}"]
-    lines += [f"  task {t.key}" for t in cfg.tasks]
-    for arm in cfg.arms:
-        lines.append(f"  arm {arm.name}: space {arm.space}, {arm.trials} trials x at most "
-                     f"{cfg.search.max_t} epochs (ASHA grace {cfg.search.grace_period}, "
-                     f"reduction {cfg.search.reduction_factor}); final seeds {cfg.final.seeds}")
-    epochs = len(cfg.tasks) * sum(a.trials + cfg.final.seeds for a in cfg.arms)
-    lines.append(f"  budget: at most {epochs * cfg.search.max_t} epochs; each trial uses "
-                 f"{cfg.resources.num_workers} worker(s) x {cfg.resources.cpus_per_worker:g} "
-                 f"CPU, {cfg.resources.gpus_per_worker:g} GPU")
-    return "\n".join(lines)
 
 
 def _cmd_best(args: argparse.Namespace) -> int:
@@ -98,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--adapter", help="adapters + head + fc_norm (safetensors)")
     export.add_argument("--merged", help="full model with LoRA merged, timm layout (safetensors)")
     export.set_defaults(func=_cmd_export)
+    from study import data_commands, report_command
+    data_commands.register(sub)
+    report_command.register(sub)
     return parser
 
 

@@ -42,8 +42,8 @@ def test_missing_data_root_is_a_one_line_error(capsys, tmp_path):
     study.write_text('[study]\nname="x"\n[tasks]\nfoundations=[{name="demo"}]\n'
                      'datasets=[{name="nih", root="missing", splits="lists", '
                      'list_dir="missing"}]\n[arms.lora]\nspace="lora"\ntrials=2\n')
-    from study.runner import prepare_task_data
     from study.config import load_study
+    from study.runner import prepare_task_data
     from trainables.errors import DataError
     with pytest.raises(DataError, match="missing"):
         prepare_task_data(load_study(study).tasks[0], tmp_path / "store")
@@ -72,3 +72,15 @@ def test_best_on_unknown_experiment(capsys, tmp_path):
     MlflowClient(uri).create_experiment("other")
     code, _, err = _run(capsys, "best", "--tracking-uri", uri, "--experiment", "nope")
     _assert_one_line_error(code, err, "'nope' not found")
+
+
+def test_dry_run_of_the_paper_grid(capsys):
+    from pathlib import Path
+    study = Path(__file__).resolve().parents[1] / "studies" / "paper_mrm.toml"
+    code, out, _ = _run(capsys, "run", str(study), "--dry-run")
+    assert code == 0
+    assert "9 task(s) x 2 arm(s) = 18 searches" in out
+    assert out.count("  task mrm-") == 9
+    disk_gb = float(out.split("disk: at most ")[1].split(" GB")[0])
+    # an FFT checkpoint of ViT-B/16 (SGD: weights + momentum + best copy) is about 1 GB
+    assert 300 < disk_gb < 400

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import re
 import argparse
 import collections
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -246,8 +246,17 @@ def test_missing_backbone_key_is_refused_by_name(tmp_path: Path) -> None:
 
 def test_wrong_width_checkpoint_is_refused_naming_the_shapes(tmp_path: Path) -> None:
     narrow = timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, img_size=48, patch_size=8, embed_dim=32,
-        depth=4, num_heads=4, mlp_ratio=2.0, global_pool="avg", fc_norm=True, num_classes=3,
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=48,
+        patch_size=8,
+        embed_dim=32,
+        depth=4,
+        num_heads=4,
+        mlp_ratio=2.0,
+        global_pool="avg",
+        fc_norm=True,
+        num_classes=3,
     )
     path = tmp_path / "narrow.pth"
     torch.save({"model": narrow.state_dict()}, path)

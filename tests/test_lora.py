@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import re
 import copy
 import itertools
+import re
 
 import loralib
 import pytest
@@ -142,7 +142,8 @@ def test_only_adapters_head_and_fc_norm_are_trainable(base: VisionTransformer) -
     model = apply_lora(base, LoraSpec(rank=4, alpha=8, targets=("q", "v", "fc2")))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     expected = {
-        n for n, _ in model.named_parameters()
+        n
+        for n, _ in model.named_parameters()
         if is_lora_param(n) or n.startswith(("head.", "fc_norm."))
     }
     assert trainable == expected
@@ -185,8 +186,14 @@ def test_one_step_changes_only_trainable_tensors_and_all_of_them_get_gradients(
 def test_every_target_subset_builds_and_trains(
     base: VisionTransformer, images: Tensor, labels: Tensor, size: int
 ) -> None:
-    in_out = {"q": (64, 64), "k": (64, 64), "v": (64, 64), "proj": (64, 64), "fc1": (64, 128),
-              "fc2": (128, 64)}
+    in_out = {
+        "q": (64, 64),
+        "k": (64, 64),
+        "v": (64, 64),
+        "proj": (64, 64),
+        "fc1": (64, 128),
+        "fc2": (128, 64),
+    }
     head_and_norm = count_parameters(base.head)[0] + count_parameters(base.fc_norm)[0]
     rank = 2
     for targets in itertools.combinations(TARGETS, size):
@@ -196,9 +203,9 @@ def test_every_target_subset_builds_and_trains(
         before = _snapshot(model)
         _train_step(model, images, labels)
         changed = _changed(before, model)
-        assert all(
-            name in changed for name in before if name.endswith("lora_B")
-        ), f"an adapter did not train for targets {targets}"
+        assert all(name in changed for name in before if name.endswith("lora_B")), (
+            f"an adapter did not train for targets {targets}"
+        )
 
 
 def test_rank_larger_than_layer_width_is_refused(base: VisionTransformer) -> None:
@@ -239,9 +246,9 @@ def test_merged_state_dict_loads_strictly_into_a_plain_model_with_equal_logits(
     plain_logits = _logits(base, images)
     model = apply_lora(copy.deepcopy(base), LoraSpec(rank=4, alpha=8, targets=targets))
     _train_step(model, images, labels)
-    assert all(
-        p.abs().sum() > 0 for n, p in model.named_parameters() if n.endswith("lora_B")
-    ), "lora_B must be nonzero for this test to mean anything"
+    assert all(p.abs().sum() > 0 for n, p in model.named_parameters() if n.endswith("lora_B")), (
+        "lora_B must be nonzero for this test to mean anything"
+    )
     before = _snapshot(model)
 
     state = merged_state_dict(model)
@@ -296,7 +303,11 @@ def _reference_model(base: VisionTransformer, rank: int, alpha: float) -> Vision
     for block in model.blocks:
         fused = block.attn.qkv
         merged = loralib.MergedLinear(
-            WIDTH, 3 * WIDTH, r=rank, lora_alpha=alpha, enable_lora=[True, False, True],
+            WIDTH,
+            3 * WIDTH,
+            r=rank,
+            lora_alpha=alpha,
+            enable_lora=[True, False, True],
             merge_weights=False,
         )
         with torch.no_grad():

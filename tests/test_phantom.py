@@ -1,8 +1,7 @@
-import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from trainables.phantom import NIH_HEADER, NIH_LABELS, make_corpus, write_nih_phantom
 from tests.conftest import SMALL
+from trainables.phantom import NIH_HEADER, NIH_LABELS, make_corpus, write_nih_phantom
 
 
 def _lists(root):

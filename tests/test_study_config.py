@@ -73,3 +73,24 @@ def test_missing_and_malformed_files(tmp_path):
     (tmp_path / "bad.toml").write_text("[study\nname=")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_study(tmp_path / "bad.toml")
+
+
+STUDIES = Path(__file__).resolve().parents[1] / "studies"
+
+
+@pytest.mark.parametrize("name", ["demo", "quick_nih", "paper_mrm", "paper_cxrmae"])
+def test_shipped_study_files_validate(name):
+    cfg = load_study(STUDIES / f"{name}.toml")
+    assert cfg.arms and cfg.tasks
+    if name.startswith("paper_"):
+        assert len(cfg.tasks) == 9 and {a.space for a in cfg.arms} == {"lora_paper",
+                                                                         "fft_paper"}
+        assert cfg.search.grace_period >= dict(cfg.train)["warmup_epochs"]
+
+
+def test_repo_demo_study_matches_the_embedded_one(tmp_path):
+    text = resources.files("study").joinpath("demo.toml").read_text()
+    (tmp_path / "study.toml").write_text(text)
+    embedded, repo = load_study(tmp_path / "study.toml"), load_study(STUDIES / "demo.toml")
+    for field in ("arms", "search", "train", "resources", "final"):
+        assert getattr(embedded, field) == getattr(repo, field), field

@@ -38,9 +38,9 @@ seeds = 1
 def small_study(phantom_root, tmp_path_factory):
     import ray
 
+    from analysis.runs import load_runs
     from study.config import load_study
     from study.runner import init_ray, run_study
-    from analysis.runs import load_runs
 
     folder = tmp_path_factory.mktemp("study")
     (folder / "study.toml").write_text(STUDY.format(root=phantom_root))

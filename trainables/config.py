@@ -8,8 +8,9 @@ frozen dataclasses; nothing below this module sees a dict.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from trainables.errors import ConfigError
 from trainables.lora import TARGETS, LoraSpec
@@ -92,7 +93,7 @@ class TrialConfig:
     lora: LoraSpec | None = None
 
     @classmethod
-    def from_flat(cls, flat: Mapping[str, Any]) -> "TrialConfig":
+    def from_flat(cls, flat: Mapping[str, Any]) -> TrialConfig:
         """Validate a Tune trial's flat config. Unknown keys are refused (typos must not pass)."""
         known = flat_keys()
         unknown = sorted(set(flat) - known)

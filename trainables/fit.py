@@ -8,14 +8,16 @@ Ray; `trainables/ray_train.py` supplies one that talks to Ray Train.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import random
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -27,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import v2
 
 from trainables.cache import CachedSplit, label_names, open_split
@@ -116,6 +118,13 @@ def build_scheduler(optimizer: torch.optim.Optimizer, spec: TrainSpec,
                              warmup_prefix=True, t_in_epochs=False)
 
 
+def _autocast(device: torch.device):
+    """bf16 autocast on a GPU (mixed precision); full float32 on the CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def _world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -138,7 +147,9 @@ def predict(model: nn.Module, split: CachedSplit, mean: float, std: float,
     for start in range(0, len(idx), batch_size):
         chunk = idx[start:start + batch_size]
         x = to_model_input(torch.from_numpy(np.array(split.images[chunk]))[:, None], mean, std)
-        parts.append(torch.sigmoid(model(x.to(device))).float().cpu().numpy())
+        with _autocast(device):
+            logits = model(x.to(device))
+        parts.append(torch.sigmoid(logits.float()).cpu().numpy())
     local = np.concatenate(parts) if parts else np.zeros((0, split.labels.shape[1]), np.float32)
     if world == 1:
         return local
@@ -171,7 +182,7 @@ class TrainState:
 
     @classmethod
     def load(cls, model: nn.Module, optimizer: torch.optim.Optimizer,
-             directory: Path) -> "TrainState":
+             directory: Path) -> TrainState:
         """Restore in place (weights_only: nothing in a checkpoint can execute code)."""
         _unwrap(model).load_state_dict(load_file(str(directory / "trainable.safetensors")),
                                        strict=False)
@@ -229,10 +240,14 @@ def fit(cfg: TrialConfig, reporter: Reporter,
     trainable, total = count_parameters(model)
     model = wrap_model(model)
     per_worker = max(1, cfg.train.batch_size // world)
-    generator = torch.Generator().manual_seed(cfg.train.seed)
-    loader = wrap_loader(DataLoader(CachedImages(train, cfg.train.augmentation),
-                                    batch_size=per_worker, shuffle=True, drop_last=False,
-                                    generator=generator, num_workers=0))
+    images = CachedImages(train, cfg.train.augmentation)
+    # One sampler for any world size: the epoch's permutation depends only on (seed, epoch), and
+    # rank r takes every world-th index, so N workers see exactly the batches of one worker with
+    # N times the batch (and a resumed run sees the order it would have seen).
+    sampler = DistributedSampler(images, num_replicas=world, rank=rank, shuffle=True,
+                                 seed=cfg.train.seed, drop_last=world > 1)
+    loader = wrap_loader(DataLoader(images, batch_size=per_worker, sampler=sampler,
+                                    num_workers=0))
     optimizer = build_optimizer(_unwrap(model), cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train, len(loader))
     state = TrainState()
@@ -242,17 +257,16 @@ def fit(cfg: TrialConfig, reporter: Reporter,
     params = [p for p in model.parameters() if p.requires_grad]
     start, seen = time.perf_counter(), 0
     for epoch in range(state.epoch, cfg.train.epochs):
-        # The shuffle order is a function of (seed, epoch), so a resumed run sees the same order.
-        generator.manual_seed(cfg.train.seed * 1000 + epoch)
-        if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
-            loader.sampler.set_epoch(epoch)
+        sampler.set_epoch(epoch)
         model.train()
         loss_sum, batches = 0.0, 0
         for step, (images, labels, _) in enumerate(loader):
             scheduler.step_update(epoch * len(loader) + step)
             device = next(model.parameters()).device
             x = to_model_input(images, mean, std, cfg.train.augmentation == "crop_flip_erase")
-            loss = masked_bce(model(x.to(device)), labels.to(device))
+            with _autocast(device):
+                logits = model(x.to(device))
+            loss = masked_bce(logits.float(), labels.to(device))
             if not torch.isfinite(loss):
                 raise DivergenceError(f"loss became {loss.item()} at epoch {epoch + 1}, step "
                                       f"{step}: lr {cfg.train.lr:g} is probably too high")

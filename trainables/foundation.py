@@ -195,9 +195,7 @@ def extract_weights(obj: object, path: str | Path) -> dict[str, Tensor]:
     return dict(obj)
 
 
-def convert_to_safetensors(
-    src: str | Path, dst: str | Path, *, trust_pickle: bool = False
-) -> Path:
+def convert_to_safetensors(src: str | Path, dst: str | Path, *, trust_pickle: bool = False) -> Path:
     """Write the weights of ``src`` as a safetensors file at ``dst`` and return ``dst``.
 
     By default ``src`` is read as safely as ``read_checkpoint`` reads it. ``trust_pickle=True``

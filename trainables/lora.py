@@ -104,7 +104,9 @@ class SplitQKV(nn.Module):
         return torch.cat([self.q(x), self.k(x), self.v(x)], dim=-1)
 
 
-def _lora_linear(base: nn.Linear, weight: Tensor, bias: Tensor | None, spec: LoraSpec) -> nn.Module:
+def _lora_linear(
+    base: nn.Linear, weight: Tensor, bias: Tensor | None, spec: LoraSpec
+) -> loralib.Linear:
     """A ``loralib.Linear`` carrying ``weight``/``bias``; loralib's own A (kaiming) / B (zero) init
     keeps the adapted layer equal to the base layer until B is trained."""
     layer = loralib.Linear(
@@ -197,7 +199,8 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def inject_lora(model: nn.Module, spec: LoraSpec) -> nn.Module:
-    """Replace the targeted layers by loralib layers (weights copied); trainability untouched."""
+    """Replace the targeted layers by loralib layers with the same weights; ``apply_lora`` then
+    decides what trains."""
     for name, layer, kind in _plan_injection(model, spec):
         if kind == "qkv":
             replacement: nn.Module = split_qkv(layer, spec)
@@ -321,12 +324,16 @@ def _check_reference_compatible(model: nn.Module) -> list[tuple[str, SplitQKV]]:
         for name, module in model.named_modules()
         if isinstance(module, loralib.LoRALayer) and id(module) not in inside_splits
     ]
-    ok = bool(splits) and not adapted_elsewhere and all(
-        isinstance(split.q, loralib.Linear)
-        and isinstance(split.v, loralib.Linear)
-        and not isinstance(split.k, loralib.Linear)
-        and split.q.r == split.v.r
-        for _, split in splits
+    ok = (
+        bool(splits)
+        and not adapted_elsewhere
+        and all(
+            isinstance(split.q, loralib.Linear)
+            and isinstance(split.v, loralib.Linear)
+            and not isinstance(split.k, loralib.Linear)
+            and split.q.r == split.v.r
+            for _, split in splits
+        )
     )
     if not ok:
         raise ConfigError(

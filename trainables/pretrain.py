@@ -18,8 +18,13 @@ from pathlib import Path
 import torch
 
 from trainables.config import TrainSpec
-from trainables.fit import (build_optimizer, build_scheduler, masked_bce, seed_everything,
-                            to_model_input)
+from trainables.fit import (
+    build_optimizer,
+    build_scheduler,
+    masked_bce,
+    seed_everything,
+    to_model_input,
+)
 from trainables.foundation import get_foundation
 from trainables.models import build_backbone, get_backbone
 from trainables.phantom import CORPUS_PAIRS, make_corpus

@@ -20,7 +20,7 @@ from typing import Any
 import ray.train
 import ray.util
 import torch
-from ray.train import Checkpoint, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer, prepare_data_loader, prepare_model
 from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -89,6 +89,9 @@ def tune_trial(config: dict[str, Any]) -> None:
             storage_path=str(config.get("storage_path") or os.path.join(
                 tempfile.gettempdir(), "cxr-train")),
             callbacks=[TuneReportCallback()],
+            # The latest two are enough to resume (and to survive one truncated checkpoint);
+            # final runs carry their best-validation weights inside every checkpoint.
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
     trainer.fit()
