@@ -107,3 +107,27 @@ def run_record(tracking_uri: str, run_id: str) -> tuple[dict[str, Any], dict[str
         raise ConfigError(f"run {run_id} not found at {tracking_uri}: pass a trial run id "
                           "from `cxr-study best --json`") from exc
     return {k: _typed(k, v) for k, v in run.data.params.items()}, dict(run.data.tags)
+
+
+def trial_status(runs: pd.DataFrame) -> pd.DataFrame:
+    """Trials per task, arm and phase: finished, stopped early, failed, still running."""
+    trials = runs[runs.get("tag.trial_id", pd.Series(dtype=object)).notna()] if (
+        "tag.trial_id" in runs) else runs.iloc[0:0]
+    if trials.empty:
+        return pd.DataFrame(columns=["task", "arm", "phase", "finished", "stopped_early",
+                                     "failed", "running"])
+    stopped = trials["tag.stopped_early"].eq("true")
+    frame = pd.DataFrame({
+        "task": trials["tag.task"], "arm": trials["tag.arm"], "phase": trials["tag.phase"],
+        "finished": trials["status"].eq("FINISHED") & ~stopped,
+        "stopped_early": trials["status"].eq("FINISHED") & stopped,
+        "failed": trials["status"].isin(["FAILED", "KILLED"]),
+        "running": trials["status"].eq("RUNNING"),
+    })
+    return frame.groupby(["task", "arm", "phase"], as_index=False).sum()
+
+
+def experiments_in(tracking_uri: str) -> list[str]:
+    """Names of the experiments in a store (a study directory holds one per study)."""
+    return [e.name for e in MlflowClient(tracking_uri).search_experiments()
+            if e.name != "Default"]

@@ -7,7 +7,8 @@ Prints images/s at 224 px, measured in this one run:
       (`CachedImages`, augmentation "crop_flip", batch 64, 0 and 1 loader workers), including the
       conversion to the normalised 3-channel float batch the model receives,
   (c) the same without augmentation,
-and the ratio cache/decode. Target (issue 5): >= 3,000 augmented 224-px images/s from the cache.
+and the ratio cache/decode. A reference row runs the earlier `CachedImages` design (a
+`v2.Compose` of RandomResizedCrop + RandomHorizontalFlip per image) for before/after. Target (issue 5): >= 3,000 augmented 224-px images/s from the cache.
 
     python benchmarks/data_pipeline.py [--quick] [--sources 200] [--cached 2560]
 """
@@ -25,7 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -103,11 +105,27 @@ def tiled_split(source: CachedSplit, count: int, folder: Path) -> CachedSplit:
                        tuple(["x"] * count))
 
 
-def loader_rate(split: CachedSplit, augmentation: str, workers: int, seed: int = 0) -> float:
+class ComposedCrops(Dataset):
+    """The earlier CachedImages: the same crop and flip, through a v2.Compose per image."""
+
+    def __init__(self, split: CachedSplit) -> None:
+        self.split = split
+        self.augment = v2.Compose([v2.RandomResizedCrop(IMG_SIZE, scale=(0.5, 1.0),
+                                                        antialias=True),
+                                   v2.RandomHorizontalFlip()])
+
+    def __len__(self) -> int:
+        return len(self.split.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        img = self.augment(torch.from_numpy(np.array(self.split.images[i]))[None])
+        return img, torch.from_numpy(self.split.labels[i]), i
+
+
+def loader_rate(images: Dataset, workers: int, seed: int = 0) -> float:
     """Images/s of one shuffled epoch, worker start-up and float conversion included."""
     torch.manual_seed(seed)
-    loader = DataLoader(CachedImages(split, augmentation), batch_size=BATCH, shuffle=True,
-                        num_workers=workers)
+    loader = DataLoader(images, batch_size=BATCH, shuffle=True, num_workers=workers)
     seen = 0
     start = time.perf_counter()
     for images, _, _ in loader:
@@ -141,11 +159,13 @@ def main() -> int:
         split = tiled_split(open_split(cache, "train"), cached, tmp_path)
         rows = [("(a) decode 1024-px PNG + resize, build_cache, 1 process", build),
                 ("(a) decode 1024-px PNG + resize, 2 threads", decode2)]
-        for augmentation, tag in (("crop_flip", "(b)"), ("none", "(c)")):
-            for workers in (0, 1):
-                rate = loader_rate(split, augmentation, workers)
-                rows.append((f"{tag} cache -> float batch, {augmentation}, "
-                             f"num_workers={workers}", rate))
+        for workers in (0, 1):
+            for tag, name, images in (("(b)", "crop_flip", CachedImages(split, "crop_flip")),
+                                      ("(c)", "none", CachedImages(split, "none")),
+                                      ("(ref)", "v2.Compose crop_flip (before)",
+                                       ComposedCrops(split))):
+                rows.append((f"{tag} cache -> float batch, {name}, num_workers={workers}",
+                             loader_rate(images, workers)))
     width = max(len(label) for label, _ in rows)
     for label, rate in rows:
         print(f"{label:<{width}}  {rate:9,.0f} images/s")

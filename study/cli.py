@@ -48,6 +48,26 @@ def _cmd_best(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_status(args: argparse.Namespace) -> int:
+    from analysis.runs import experiments_in, load_runs, trial_status
+    target = Path(args.study)
+    if target.is_dir():
+        uri = f"sqlite:///{(target / 'mlflow.db').resolve()}"
+        names = experiments_in(uri) if (target / "mlflow.db").is_file() else []
+        if not names:
+            raise StudyError(f"{target} holds no study (no mlflow.db with an experiment): "
+                             "pass the study directory or its study file")
+    else:
+        from study.config import load_study
+        cfg = load_study(target)
+        uri, names = cfg.tracking.uri, [cfg.tracking.experiment]
+    for name in names:
+        table = trial_status(load_runs(uri, name))
+        print(f"experiment {name} ({uri})")
+        print(table.to_string(index=False) if len(table) else "  no trials yet")
+    return 0
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from study.export import export_run
     report = export_run(args.tracking_uri, args.run, Path(args.adapter) if args.adapter else None,
@@ -77,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     best.add_argument("--arm", default=None)
     best.add_argument("--json", action="store_true")
     best.set_defaults(func=_cmd_best)
+    status = sub.add_parser("status", help="trials done/stopped/failed/running, from MLflow")
+    status.add_argument("study", help="study directory or study file")
+    status.set_defaults(func=_cmd_status)
     export = sub.add_parser("export", help="write a trial's adapters or its merged model")
     export.add_argument("run", help="MLflow run id of a trial (see `best --json`)")
     export.add_argument("--tracking-uri", required=True)

@@ -6,6 +6,7 @@ import argparse
 import collections
 import math
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,15 @@ MAE_ONLY = {
     "decoder_blocks.0.attn.qkv.weight": (96, 32),
     "decoder_pred.weight": (192, 32),
 }
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread() -> Iterator[None]:
+    """Tiny models run fastest on one thread, and stay fast on a busy shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 class NotWeights:

@@ -179,3 +179,15 @@ def test_export_adapter_and_merged_model(small_study, tmp_path, capsys):
     assert adapters and all("lora_" in k or k.startswith(("head.", "fc_norm.")) for k in adapters)
     plain = build_backbone("vit_demo", 14)
     plain.load_state_dict(load_file(str(tmp_path / "m.safetensors")), strict=True)
+
+
+def test_status_answers_from_mlflow(small_study, capsys):
+    from study.cli import main
+    cfg = small_study["cfg"]
+    assert main(["status", str(cfg.storage)]) == 0
+    out = capsys.readouterr().out
+    lines = [ln.split() for ln in out.splitlines() if "search" in ln.split()]
+    counts = {ln[1]: [int(x) for x in ln[3:]] for ln in lines}
+    # finished + stopped early = planned trials, none failed, none left running
+    assert {arm: c[0] + c[1] for arm, c in counts.items()} == {"lora": 3, "fft": 3}
+    assert all(c[2] == 0 and c[3] == 0 for c in counts.values())

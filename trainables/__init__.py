@@ -1,1 +1,1 @@
-"""Pure-PyTorch fine-tuning: data, ViT backbones, LoRA, optimisation, metrics. Usable without Ray."""
+"""Pure-PyTorch fine-tuning: data, ViTs, LoRA, optimisation, metrics. Usable without Ray."""

@@ -3,8 +3,10 @@
 Decoding full-size PNG/DICOM every epoch would dominate training, so each split is decoded and
 resized once into a `.npy` array that workers memory-map. The index (paths, patient ids, labels)
 is a parquet table. A cache directory is written under a temporary name and renamed into place, so
-a half-written cache is never mistaken for a valid one; a file lock makes concurrent builders on
-one node wait for the first instead of decoding twice.
+a half-written cache is never mistaken for a valid one; a file lock makes concurrent builders
+wait for the first instead of decoding twice. A builder that was killed leaves its temporary
+directory behind; the next builder, holding the lock, knows no one else is writing that key and
+removes it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
+from tqdm import tqdm
 
 from trainables.datasets import DatasetSplits, SplitTable, read_image
 from trainables.errors import DataError
@@ -57,13 +60,19 @@ def _write_split(table: SplitTable, root: Path, size: int, out: Path, name: str,
     jobs = [(str(root / p), size) for p in table.paths]
     images = np.lib.format.open_memmap(out / f"{name}.npy", mode="w+", dtype=np.uint8,
                                        shape=(len(jobs), size, size))
-    if workers > 1 and len(jobs) > 256:
-        with ProcessPoolExecutor(workers) as pool:
-            for i, img in enumerate(pool.map(_load_resized, jobs, chunksize=64)):
-                images[i] = img
-    else:
-        for i, job in enumerate(jobs):
-            images[i] = _load_resized(job)
+    # disable=None: a progress bar on an interactive stderr only, never in logs or tests.
+    progress = tqdm(total=len(jobs), desc=f"caching {name} at {size} px", unit="img",
+                    disable=None, leave=False)
+    with progress:
+        if workers > 1 and len(jobs) > 256:
+            with ProcessPoolExecutor(workers) as pool:
+                for i, img in enumerate(pool.map(_load_resized, jobs, chunksize=64)):
+                    images[i] = img
+                    progress.update()
+        else:
+            for i, job in enumerate(jobs):
+                images[i] = _load_resized(job)
+                progress.update()
     images.flush()
     del images
     index = pa.table({
@@ -88,8 +97,9 @@ def build_cache(splits: DatasetSplits, img_size: int, cache_root: Path,
         fcntl.flock(lock, fcntl.LOCK_EX)  # a second builder waits here, then finds it built
         if (final / "meta.json").exists():
             return final
+        for stale in cache_root.glob(f".{final.name}.tmp*"):
+            shutil.rmtree(stale, ignore_errors=True)  # a killed builder's; never read
         tmp = cache_root / f".{final.name}.tmp{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         try:
             for name in SPLITS:

@@ -103,7 +103,8 @@ FOUNDATIONS: dict[str, Foundation] = {
             description="random initialisation baseline (no checkpoint)",
             has_checkpoint=False,
         ),
-        # Placeholder statistics: set them to the demo phantom's measured mean/std.
+        # The statistics the demo foundation was pretrained with (`trainables/pretrain.py`);
+        # they belong to the checkpoint, like MRM's and CXR-MAE's below.
         Foundation(
             name="demo",
             backbone="vit_demo",

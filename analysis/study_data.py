@@ -1,0 +1,342 @@
+"""One study, read from MLflow into tidy DataFrames and cached as parquet.
+
+Run metadata comes fresh from MLflow on every load (`load_runs`, one paged query). What is slow
+to fetch, the per-epoch metric histories and the test-prediction artifacts, is cached next to the
+store and fetched again only for runs that changed since the cache was written: a finished run
+never changes, so a study that is still running costs only its new runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import numpy as np
+import pandas as pd
+from mlflow.tracking import MlflowClient
+
+from analysis.runs import load_runs
+from trainables.errors import ConfigError
+
+CACHE_VERSION = 1
+# Per-epoch series worth a learning curve; per-class validation series stay in MLflow.
+EPOCH_METRICS = ("val_auroc", "val_auprc", "train_loss", "lr", "best_val_auroc")
+TERMINAL = ("FINISHED", "FAILED", "KILLED")
+_INFO = ("run_id", "run_name", "status", "start_time", "end_time")
+_TABLES = ("study", "arms", "trials", "finals", "epochs")
+
+
+@dataclass(frozen=True, eq=False)
+class StudyData:
+    """A study's runs as tables; `predictions(run_id)` reads a final run's test predictions.
+
+    study: the study run (one row); arms: one row per task x arm (search summary);
+    trials: one row per search trial; finals: one row per final seed; epochs: one row per
+    trial or final run and epoch. Every hyperparameter is its own typed column.
+    """
+
+    tracking_uri: str
+    experiment: str
+    cache_dir: Path
+    runs: pd.DataFrame = field(repr=False)
+    study: pd.DataFrame = field(repr=False)
+    arms: pd.DataFrame = field(repr=False)
+    trials: pd.DataFrame = field(repr=False)
+    finals: pd.DataFrame = field(repr=False)
+    epochs: pd.DataFrame = field(repr=False)
+
+    @property
+    def tasks(self) -> list[str]:
+        return sorted(self.arms["task"].unique()) if len(self.arms) else sorted(
+            self.trials["task"].unique()) if len(self.trials) else []
+
+    def predictions(self, run_id: str) -> pd.DataFrame | None:
+        """The test predictions (image, patient, label_*, prob_*) a final run saved, or None."""
+        cached = self.cache_dir / "predictions" / f"{run_id}.parquet"
+        if not cached.is_file():
+            if not _download_predictions(self.tracking_uri, run_id, cached):
+                return None
+        return pd.read_parquet(cached)
+
+
+def load_study(tracking_uri: str, experiment: str, cache_dir: Path | None = None,
+               refresh: bool = False) -> StudyData:
+    """Read a study; reuse the parquet cache unless MLflow has new or changed runs."""
+    runs = load_runs(tracking_uri, experiment)
+    if runs.empty or "tag.level" not in runs:
+        raise ConfigError(f"experiment {experiment!r} at {tracking_uri} has no study runs yet: "
+                          "run `cxr-study run` first")
+    cache = Path(cache_dir) if cache_dir else default_cache_dir(tracking_uri, experiment)
+    state = _run_states(runs)
+    stamp = _fingerprint(runs, state)
+    meta = _read_meta(cache)
+    if not refresh and meta.get("fingerprint") == stamp:
+        tables = {name: _read_table(cache, name, meta) for name in _TABLES}
+        return StudyData(tracking_uri, experiment, cache, runs, **tables)
+    tables = build_tables(runs)
+    old_epochs = None if refresh else _read_table(cache, "epochs", meta)
+    reusable = {rid for rid, st in meta.get("runs", {}).items()
+                if st[0] in TERMINAL and state.get(rid) == st} if old_epochs is not None else set()
+    tables["epochs"] = _epochs(tracking_uri, tables["trials"], tables["finals"], old_epochs,
+                               reusable)
+    _write_cache(cache, tables, {"fingerprint": stamp, "runs": state})
+    return StudyData(tracking_uri, experiment, cache, runs, **tables)
+
+
+def default_cache_dir(tracking_uri: str, experiment: str) -> Path:
+    """Beside a local store (sqlite file or mlruns folder); under ~/.cache for a server."""
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", experiment).strip("_") or "experiment"
+    slug = f"{slug}-{hashlib.sha1(experiment.encode()).hexdigest()[:8]}"
+    parsed = urlparse(tracking_uri)
+    if parsed.scheme == "sqlite":
+        return Path(tracking_uri.removeprefix("sqlite:///")).parent / "analysis_cache" / slug
+    if parsed.scheme in ("", "file"):
+        return Path(unquote(parsed.path) or ".").resolve().parent / "analysis_cache" / slug
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    server = hashlib.sha1(tracking_uri.encode()).hexdigest()[:12]
+    return base / "cxr-lora-study" / server / slug
+
+
+# --- tidy tables from the runs frame ------------------------------------------------------------
+
+def build_tables(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """study, arms, trials and finals tables from `load_runs` output (no epochs)."""
+    level = _col(runs, "tag.level")
+    phase = _col(runs, "tag.phase")
+    has_trial = _col(runs, "tag.trial_id").notna()
+    children = runs[has_trial]
+    ranked = set(_col(children, "tag.mlflow.parentRunId")[_col(children, "rank").notna()])
+    arms = _arm_table(runs[level == "arm"], ranked)
+    kinds = dict(zip(zip(arms["task"], arms["arm"]), arms["kind"]))
+    trials = _trial_table(runs[(phase == "search") & has_trial], kinds)
+    finals = _final_table(runs[(phase == "final") & has_trial], kinds)
+    arms = _add_task_factors(arms, trials if len(trials) else finals)
+    study = runs[level == "study"].dropna(axis=1, how="all").reset_index(drop=True)
+    return {"study": study, "arms": arms, "trials": trials, "finals": finals}
+
+
+def _col(frame: pd.DataFrame, name: str) -> pd.Series:
+    return frame[name] if name in frame else pd.Series(pd.NA, index=frame.index, dtype=object)
+
+
+def _params(frame: pd.DataFrame) -> list[str]:
+    return [c for c in frame.columns if c not in _INFO and not c.startswith(("tag.", "metric."))]
+
+
+def arm_kind(space: str | None, has_rank: bool) -> str:
+    """'lora' or 'fft', asked of the search-space registry; the rank param decides otherwise."""
+    from search_spaces import get_space
+    try:
+        return get_space(str(space)).kind
+    except ConfigError:
+        return "lora" if has_rank else "fft"
+
+
+def _arm_table(arm_runs: pd.DataFrame, ranked: set[str]) -> pd.DataFrame:
+    metrics = ("best_val_auroc", "epochs_spent", "epochs_saved", "trials_stopped_early",
+               "trials_failed", "wall_s", "trainable_params", "total_params")
+    out = pd.DataFrame({
+        "run_id": arm_runs["run_id"].to_numpy(), "task": _col(arm_runs, "tag.task").to_numpy(),
+        "arm": _col(arm_runs, "tag.arm").to_numpy(), "status": arm_runs["status"].to_numpy(),
+        "space": _col(arm_runs, "tag.space").to_numpy()})
+    for name in ("optimizer", "trials", "max_t", "preset", "split_hash"):
+        out[name] = _col(arm_runs, name).to_numpy()
+    for name in metrics:
+        out[name] = pd.to_numeric(_col(arm_runs, f"metric.{name}"), errors="coerce").to_numpy()
+    out["kind"] = [arm_kind(s, r in ranked) for s, r in zip(out["space"], out["run_id"])]
+    for name in ("trials", "max_t"):
+        out[name] = out[name].astype("Int64")
+    return out.sort_values(["task", "arm"]).reset_index(drop=True)
+
+
+def _child_table(frame: pd.DataFrame, kinds: dict[tuple[str, str], str]) -> pd.DataFrame:
+    """Columns shared by trial and final runs: ids, outcome, then every param."""
+    out = pd.DataFrame({
+        "run_id": frame["run_id"].to_numpy(),
+        "task": _col(frame, "tag.task").to_numpy(), "arm": _col(frame, "tag.arm").to_numpy(),
+        "phase": _col(frame, "tag.phase").to_numpy(),
+        "trial_id": _col(frame, "tag.trial_id").to_numpy(),
+        "trial_index": pd.to_numeric(_col(frame, "tag.trial_index"), errors="coerce").to_numpy(),
+        "status": frame["status"].to_numpy(),
+        "epochs_run": pd.to_numeric(_col(frame, "tag.epochs_run"), errors="coerce").to_numpy(),
+        "stopped_early": _col(frame, "tag.stopped_early").map(
+            {"true": True, "false": False}).to_numpy(),
+        "error": _col(frame, "tag.error").to_numpy(),
+        "start_time": pd.to_datetime(frame["start_time"], unit="ms").to_numpy(),
+        "end_time": pd.to_datetime(frame["end_time"], unit="ms").to_numpy(),
+    })
+    out["wall_s"] = (out["end_time"] - out["start_time"]).dt.total_seconds()
+    for name in ("trial_index", "epochs_run"):
+        out[name] = out[name].astype("Int64")
+    out["stopped_early"] = out["stopped_early"].astype("boolean")
+    ranks = _col(frame, "rank")
+    out["kind"] = [kinds.get((t, a)) or ("lora" if pd.notna(r) else "fft")
+                   for t, a, r in zip(out["task"], out["arm"], ranks)]
+    for name in ("best_val_auroc", "val_auroc", "val_auprc", "train_loss", "trainable_params",
+                 "total_params"):
+        out[name] = pd.to_numeric(_col(frame, f"metric.{name}"), errors="coerce").to_numpy()
+    out["trainable_pct"] = 100.0 * out["trainable_params"] / out["total_params"]
+    # Params of other run levels (the study's `arms`, an arm's `preset`) are empty here.
+    params = frame[[p for p in _params(frame) if p not in out.columns]].dropna(axis=1, how="all")
+    return pd.concat([out, params.reset_index(drop=True)], axis=1)
+
+
+def _trial_table(frame: pd.DataFrame, kinds: dict[tuple[str, str], str]) -> pd.DataFrame:
+    if frame.empty:
+        return pd.DataFrame(columns=["run_id", "task", "arm", "kind", "trial_id"])
+    out = _child_table(frame, kinds)
+    out["failed"] = out["status"] == "FAILED"
+    return out.sort_values(["task", "arm", "trial_index", "start_time"]).reset_index(drop=True)
+
+
+def _final_table(frame: pd.DataFrame, kinds: dict[tuple[str, str], str]) -> pd.DataFrame:
+    if frame.empty:
+        return pd.DataFrame(columns=["run_id", "task", "arm", "kind", "seed", "test_auroc"])
+    out = _child_table(frame, kinds)
+    wanted = ("metric.test_", "metric.val_auroc_", "metric.best_epoch")
+    tests = sorted(c for c in frame.columns if c.startswith(wanted))
+    extra = {c.removeprefix("metric."): pd.to_numeric(frame[c], errors="coerce").to_numpy()
+             for c in tests}
+    out = pd.concat([out, pd.DataFrame(extra)], axis=1)
+    return out.sort_values(["task", "arm", "seed"]).reset_index(drop=True)
+
+
+def _add_task_factors(arms: pd.DataFrame, children: pd.DataFrame) -> pd.DataFrame:
+    """Arm runs carry no task params: take foundation/dataset/fraction/split from a child."""
+    factors = ["foundation", "dataset", "label_fraction", "split_seed"]
+    have = [f for f in factors if f in children]
+    if not have or children.empty:
+        return arms
+    first = children.groupby("task", sort=False)[have].first().reset_index()
+    return arms.merge(first, on="task", how="left")
+
+
+# --- epochs --------------------------------------------------------------------------------
+
+def _epochs(tracking_uri: str, trials: pd.DataFrame, finals: pd.DataFrame,
+            old: pd.DataFrame | None, reusable: set[str]) -> pd.DataFrame:
+    """Per-epoch metrics of every trial and final run, long in epochs, wide in metrics."""
+    client = MlflowClient(tracking_uri)
+    keys = ["run_id", "task", "arm", "kind", "phase"]
+    children = pd.concat([t[keys] for t in (trials, finals) if len(t)], ignore_index=True) if (
+        len(trials) or len(finals)) else pd.DataFrame(columns=keys)
+    kept = old[old["run_id"].isin(reusable)] if old is not None and len(old) else None
+    rows = []
+    for run in children.itertuples(index=False):
+        if run.run_id in reusable:
+            continue
+        for key in EPOCH_METRICS:
+            for m in client.get_metric_history(run.run_id, key):
+                rows.append((run.run_id, int(m.step), key, m.timestamp, float(m.value)))
+    fresh = pd.DataFrame(rows, columns=["run_id", "epoch", "metric", "timestamp", "value"])
+    if len(fresh):
+        fresh = (fresh.sort_values("timestamp")
+                 .pivot_table(index=["run_id", "epoch"], columns="metric", values="value",
+                              aggfunc="last").reset_index())
+        fresh.columns.name = None
+        fresh = fresh.merge(children, on="run_id", how="left")
+    else:
+        fresh = pd.DataFrame(columns=[*keys, "epoch"])
+    parts = [p for p in (kept, fresh) if p is not None and len(p)]
+    epochs = pd.concat(parts, ignore_index=True) if parts else fresh
+    epochs = epochs[[*keys, "epoch", *[m for m in EPOCH_METRICS if m in epochs]]]
+    epochs["epoch"] = epochs["epoch"].astype("int64")
+    return epochs.sort_values(["task", "arm", "phase", "run_id", "epoch"]).reset_index(drop=True)
+
+
+# --- cache ---------------------------------------------------------------------------------
+
+def _run_states(runs: pd.DataFrame) -> dict[str, list]:
+    """run_id -> [status, end_time, digest of latest metrics while it is still running]."""
+    metric_cols = [c for c in runs.columns if c.startswith("metric.")]
+    states = {}
+    for row in runs.itertuples(index=False):
+        status = row.status
+        end = None if pd.isna(row.end_time) else int(row.end_time)
+        live = ""
+        if status not in TERMINAL:
+            values = runs.loc[runs["run_id"] == row.run_id, metric_cols].to_numpy(dtype=float)
+            live = hashlib.sha1(np.nan_to_num(values, nan=-1.0).tobytes()).hexdigest()[:12]
+        states[row.run_id] = [status, end, live]
+    return states
+
+
+def _fingerprint(runs: pd.DataFrame, states: dict[str, list]) -> str:
+    body = json.dumps([CACHE_VERSION, sorted((k, *v) for k, v in states.items()),
+                       sorted(runs.columns)], default=str)
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def _read_meta(cache: Path) -> dict:
+    path = cache / "cache.json"
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _read_table(cache: Path, name: str, meta: dict) -> pd.DataFrame | None:
+    path = cache / f"{name}.parquet"
+    if not path.is_file():
+        return None
+    frame = pd.read_parquet(path)
+    for column in meta.get("json_columns", {}).get(name, []):
+        frame[column] = [json.loads(v) if isinstance(v, str) else v for v in frame[column]]
+    return frame
+
+
+def _write_cache(cache: Path, tables: dict[str, pd.DataFrame], meta: dict) -> None:
+    """Parquet per table; dict/list cells go in as JSON text and are decoded on read."""
+    cache.mkdir(parents=True, exist_ok=True)
+    encoded: dict[str, list[str]] = {}
+    for name, frame in tables.items():
+        frame = frame.copy()
+        for column in frame.columns:
+            if frame[column].dtype == object and frame[column].map(
+                    lambda v: isinstance(v, (dict, list))).any():
+                frame[column] = [json.dumps(v) if isinstance(v, (dict, list)) else v
+                                 for v in frame[column]]
+                encoded.setdefault(name, []).append(column)
+            elif frame[column].dtype == object:  # mixed scalars (a param that is 1 or "a")
+                kinds = {type(v) for v in frame[column] if v is not None and not (
+                    isinstance(v, float) and np.isnan(v))}
+                if len(kinds) > 1:
+                    frame[column] = [None if v is None else str(v) for v in frame[column]]
+        frame.to_parquet(cache / f"{name}.parquet", index=False)
+    (cache / "cache.json").write_text(json.dumps({**meta, "json_columns": encoded}))
+
+
+def _download_predictions(tracking_uri: str, run_id: str, target: Path) -> bool:
+    """Copy the run's prediction parquet (seed<k>.parquet) into the cache; False if absent."""
+    client = MlflowClient(tracking_uri)
+    names = [a.path for a in client.list_artifacts(run_id) if a.path.endswith(".parquet")]
+    if not names:
+        return False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp, _quiet_downloads():
+        local = client.download_artifacts(run_id, sorted(names)[0], tmp)
+        shutil.move(local, target)
+    return True
+
+
+@contextmanager
+def _quiet_downloads():
+    """MLflow draws a progress bar per download: noise in a report or a notebook cell."""
+    name = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    before = os.environ.get(name)
+    os.environ[name] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
