@@ -113,9 +113,12 @@ def resample_patients(patients: Sequence[str] | np.ndarray, n_boot: int,
                       rng: np.random.Generator) -> np.ndarray:
     """Per-image weights (n_boot x images): how often each image's patient was drawn."""
     codes, uniques = pd.factorize(np.asarray(patients))
-    counts = rng.multinomial(len(uniques), np.full(len(uniques), 1.0 / len(uniques)),
-                             size=n_boot)
-    return counts[:, codes]
+    return _patient_counts(len(uniques), n_boot, rng)[:, codes]
+
+
+def _patient_counts(n_patients: int, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """How often each patient is drawn when n_patients are drawn with replacement."""
+    return rng.multinomial(n_patients, np.full(n_patients, 1.0 / n_patients), size=n_boot)
 
 
 def _aligned(draw: tuple[Sequence[Predictions], Sequence[Predictions]]) -> None:
@@ -149,9 +152,8 @@ def paired_bootstrap_draws(draws: Sequence[tuple[Sequence[Predictions], Sequence
         raise DataError("nothing to compare: no draw has predictions of both arms")
     for draw in draws:
         _aligned(draw)
-    union, codes = pd.factorize(np.concatenate([d[0][0].patients for d in draws]))[::-1], None
-    patient_index = {p: i for i, p in enumerate(union)}
-    codes = [np.array([patient_index[p] for p in d[0][0].patients]) for d in draws]
+    all_codes, union = pd.factorize(np.concatenate([d[0][0].patients for d in draws]))
+    codes = np.split(all_codes, np.cumsum([len(d[0][0].patients) for d in draws])[:-1])
     ranked = [([_rank(p) for p in a], [_rank(p) for p in b]) for a, b in draws]
     rng = np.random.default_rng(seed)
     n_images = max(len(c) for c in codes)
@@ -169,7 +171,7 @@ def paired_bootstrap_draws(draws: Sequence[tuple[Sequence[Predictions], Sequence
     reps = []
     for start in range(0, n_boot, batch):
         size = min(batch, n_boot - start)
-        counts = rng.multinomial(len(union), np.full(len(union), 1.0 / len(union)), size=size)
+        counts = _patient_counts(len(union), size, rng)
         reps.append(diffs([counts[:, c] for c in codes]))
     replicates = np.concatenate(reps)
     finite = replicates[np.isfinite(replicates)]

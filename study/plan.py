@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from search_spaces import default_optimizer, get_space
@@ -15,6 +17,7 @@ CHECKPOINTS_KEPT = 2  # Ray Train keeps the latest two per trial (trainables/ray
 BYTES = 4  # float32
 
 
+@functools.lru_cache(maxsize=None)
 def _largest_trainable(foundation: str, arm: ArmSpec, num_classes: int = 14) -> int:
     """Trainable parameters of the largest config the arm can sample (meta tensors: no memory)."""
     with torch.device("meta"):

@@ -42,8 +42,8 @@ class SyntheticTask:
         return f"{self.foundation}-{self.dataset}-{self.label_fraction:g}-s{self.split_seed}"
 
 
-DEFAULT_TASKS = (SyntheticTask("mrm", "nih", 0.01, lora_signal=2.5, fft_signal=0.6),
-                 SyntheticTask("mrm", "nih", 0.1, lora_signal=1.3, fft_signal=1.5))
+DEFAULT_TASKS = (SyntheticTask("mrm", "nih", 0.01, lora_signal=1.5, fft_signal=0.4),
+                 SyntheticTask("mrm", "nih", 0.1, lora_signal=0.7, fft_signal=0.8))
 
 
 @dataclass(frozen=True)

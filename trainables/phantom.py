@@ -36,10 +36,6 @@ ZONES = ("left_upper", "left_lower", "right_upper", "right_lower")
 # (shape, zone) pairs that carry a label, in NIH label order; the last two pairs stay unlabelled.
 FINDING_PAIRS = tuple((s, z) for s in SHAPES for z in ZONES)[:14]
 CORPUS_PAIRS = tuple((s, z) for s in SHAPES for z in ZONES)
-# Coarser targets for pretraining only: which side and which height each shape is at. They are
-# easier to learn than the 16 pairs and give position binding a gradient from the first epochs.
-CORPUS_COARSE = tuple((s, part) for s in SHAPES for part in ("left", "upper"))
-
 
 @dataclass(frozen=True)
 class Anatomy:
@@ -113,27 +109,18 @@ def _labels(zones: dict[str, str], pairs: tuple[tuple[str, str], ...]) -> np.nda
     return np.array([zones[s] == z for s, z in pairs], dtype=np.float32)
 
 
-def corpus_labels(zones: dict[str, str]) -> np.ndarray:
-    """The 16 shape-zone pairs, then shape-on-left and shape-in-upper-zone for each shape."""
-    coarse = [part in zones[s] for s, part in CORPUS_COARSE]
-    return np.concatenate([_labels(zones, CORPUS_PAIRS), np.array(coarse, np.float32)])
-
-
-CORPUS_LABELS = len(CORPUS_PAIRS) + len(CORPUS_COARSE)
-
-
 def make_corpus(n_images: int, seed: int, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """An in-memory pretraining corpus of new patients: uint8 images and `corpus_labels`."""
+    """An in-memory pretraining corpus (uint8 images, 16 shape-zone labels), new patients."""
     rng = np.random.default_rng(seed)
     images = np.empty((n_images, size, size), dtype=np.uint8)
-    labels = np.empty((n_images, CORPUS_LABELS), dtype=np.float32)
+    labels = np.empty((n_images, len(CORPUS_PAIRS)), dtype=np.float32)
     anatomy = _patient_anatomy(rng)
     for i in range(n_images):
         if i % 3 == 0:
             anatomy = _patient_anatomy(rng)
         zones = _draw_zones(rng)
         images[i] = render(anatomy, zones, rng, size)
-        labels[i] = corpus_labels(zones)
+        labels[i] = _labels(zones, CORPUS_PAIRS)
     return images, labels
 
 

@@ -27,12 +27,12 @@ from trainables.fit import (
 )
 from trainables.foundation import get_foundation
 from trainables.models import build_backbone, get_backbone
-from trainables.phantom import CORPUS_LABELS, make_corpus
+from trainables.phantom import CORPUS_PAIRS, make_corpus
 
 
 @dataclass(frozen=True)
 class PretrainSpec:
-    corpus_images: int = 15000
+    corpus_images: int = 20000
     epochs: int = 6
     lr: float = 3e-3
     batch_size: int = 128
@@ -46,7 +46,7 @@ def pretrain_demo_foundation(out: Path, spec: PretrainSpec = PretrainSpec(),
     foundation = get_foundation("demo")
     size = get_backbone(foundation.backbone).img_size
     images, labels = make_corpus(spec.corpus_images, spec.seed, size)
-    model = build_backbone(foundation.backbone, CORPUS_LABELS)
+    model = build_backbone(foundation.backbone, len(CORPUS_PAIRS))
     train = TrainSpec(optimizer="adamw", lr=spec.lr, weight_decay=0.05, epochs=spec.epochs,
                       warmup_epochs=1, batch_size=spec.batch_size, seed=spec.seed)
     steps = (len(images) + spec.batch_size - 1) // spec.batch_size

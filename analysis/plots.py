@@ -1,0 +1,270 @@
+"""Figures of a study, drawn with matplotlib's object API on the Agg canvas.
+
+Each function takes tables (or the StudyData) and returns a `Figure`; `save` writes it as PNG
+and SVG. No pyplot state is touched, so plotting in a notebook, a test or a report is the same.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from sklearn.metrics import roc_curve
+
+from analysis.stats import Predictions, class_aurocs
+from analysis.study_data import StudyData
+
+ARM_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
+
+
+def _figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _grid(fig: Figure, n: int, max_cols: int = 3):
+    cols = max(1, min(n, max_cols))
+    rows = max(1, math.ceil(n / cols))
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False).ravel())
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return axes[:n]
+
+
+def arm_colors(arms: Sequence[str]) -> dict[str, str]:
+    return {arm: ARM_COLORS[i % len(ARM_COLORS)] for i, arm in enumerate(sorted(arms))}
+
+
+def save(fig: Figure, out_dir: Path, name: str) -> tuple[Path, Path]:
+    """Write `name.png` (for reports) and `name.svg` (for papers) under out_dir."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    png, svg = out_dir / f"{name}.png", out_dir / f"{name}.svg"
+    fig.savefig(png, dpi=110)
+    fig.savefig(svg)
+    return png, svg
+
+
+def learning_curves(data: StudyData, task: str) -> Figure:
+    """Validation AUROC by epoch of every search trial, one panel per arm.
+
+    Trials that ran the whole budget are solid; ASHA-stopped ones are dashed and end in a cross,
+    failed ones are dotted: the plot shows where the budget went, not only the winners.
+    """
+    epochs = data.epochs[(data.epochs["task"] == task) & (data.epochs["phase"] == "search")]
+    trials = data.trials[data.trials["task"] == task].set_index("run_id")
+    arms = sorted(trials["arm"].unique())
+    colors = arm_colors(arms)
+    fig = _figure(5.0 * max(1, min(len(arms), 3)), 3.6)
+    for ax, arm in zip(_grid(fig, len(arms)), arms):
+        for run_id, curve in epochs[epochs["arm"] == arm].groupby("run_id"):
+            curve = curve.sort_values("epoch")
+            info = trials.loc[run_id] if run_id in trials.index else None
+            failed = info is not None and info["status"] == "FAILED"
+            stopped = info is not None and pd.notna(info["stopped_early"]) and bool(
+                info["stopped_early"])
+            style = {"color": "0.55" if stopped else ("black" if failed else colors[arm]),
+                     "linestyle": ":" if failed else ("--" if stopped else "-"), "lw": 1.3,
+                     "alpha": 0.85}
+            ax.plot(curve["epoch"], curve["val_auroc"], **style)
+            if stopped or failed:
+                ax.plot(curve["epoch"].iloc[-1], curve["val_auroc"].iloc[-1], "x",
+                        color=style["color"], ms=6)
+        ax.set(title=f"{arm}", xlabel="epoch", ylabel="validation macro AUROC")
+        ax.grid(alpha=0.3)
+        ax.legend(handles=[
+            Line2D([], [], color=colors[arm], label="ran to max_t"),
+            Line2D([], [], color="0.55", ls="--", marker="x", label="stopped by ASHA"),
+            Line2D([], [], color="black", ls=":", marker="x", label="failed")],
+            fontsize=8, loc="lower right")
+    fig.suptitle(f"Learning curves: {task}")
+    return fig
+
+
+def pareto_front(params: Sequence[float], auroc: Sequence[float]) -> np.ndarray:
+    """Mask of points no other point beats on both fewer trainable params and higher AUROC."""
+    p, a = np.asarray(params, float), np.asarray(auroc, float)
+    mask = np.zeros(len(p), dtype=bool)
+    best = -np.inf
+    for i in np.lexsort((-a, p)):  # by params ascending, then AUROC descending
+        if np.isfinite(a[i]) and a[i] > best:
+            mask[i], best = True, a[i]
+    return mask
+
+
+def auroc_vs_params(data: StudyData) -> Figure:
+    """Best validation AUROC of each trial against its trainable parameters, per task;
+    the Pareto front is the line, final test AUROC of each arm the star."""
+    tasks = data.tasks
+    trials = data.trials[data.trials["status"] == "FINISHED"]
+    colors = arm_colors(data.trials["arm"].unique())
+    fig = _figure(5.0 * max(1, min(len(tasks), 3)), 3.8 * math.ceil(max(1, len(tasks)) / 3))
+    for ax, task in zip(_grid(fig, len(tasks)), tasks):
+        part = trials[(trials["task"] == task) & trials["trainable_params"].notna()]
+        for arm, group in part.groupby("arm"):
+            ax.scatter(group["trainable_params"], group["best_val_auroc"], s=22,
+                       color=colors[arm], alpha=0.75, label=f"{arm} trials")
+        front = part[pareto_front(part["trainable_params"], part["best_val_auroc"])]
+        front = front.sort_values("trainable_params")
+        ax.step(front["trainable_params"], front["best_val_auroc"], where="post", color="black",
+                lw=1.2, label="Pareto front")
+        finals = data.finals[data.finals["task"] == task] if len(data.finals) else data.finals
+        for arm, group in finals.groupby("arm") if len(finals) else []:
+            ax.scatter(group["trainable_params"].mean(), group["test_auroc"].mean(), marker="*",
+                       s=160, color=colors.get(arm, "black"), edgecolor="black",
+                       label=f"{arm} test (final)")
+        ax.set_xscale("log")
+        ax.set(title=task, xlabel="trainable parameters", ylabel="macro AUROC")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    fig.suptitle("AUROC vs trainable parameters")
+    return fig
+
+
+def rank_lr_heatmap(data: StudyData, task: str, arm: str, bins: int = 6) -> Figure:
+    """Best validation AUROC over LoRA rank (rows) and log-spaced lr bins (columns)."""
+    trials = data.trials[(data.trials["task"] == task) & (data.trials["arm"] == arm)
+                         & (data.trials["status"] == "FINISHED")]
+    trials = trials[trials["rank"].notna() & trials["lr"].notna()] if "rank" in trials else (
+        trials.iloc[0:0])
+    fig = _figure(6.0, 3.8)
+    ax = fig.subplots()
+    if trials.empty:
+        ax.text(0.5, 0.5, "no finished LoRA trials", ha="center", va="center")
+        ax.set_axis_off()
+        return fig
+    lrs = trials["lr"].astype(float)
+    low, high = math.log10(lrs.min()), math.log10(lrs.max())
+    edges = np.logspace(low, high + 1e-9, bins + 1) if high > low else np.array(
+        [lrs.min() * 0.99, lrs.max() * 1.01])
+    column = np.clip(np.searchsorted(edges, lrs, side="right") - 1, 0, len(edges) - 2)
+    ranks = sorted(int(r) for r in trials["rank"].unique())
+    grid = np.full((len(ranks), len(edges) - 1), np.nan)
+    for (r, c), v in zip(zip(trials["rank"].astype(int), column), trials["best_val_auroc"]):
+        i = ranks.index(r)
+        grid[i, c] = v if np.isnan(grid[i, c]) else max(grid[i, c], v)
+    image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap="viridis", origin="lower")
+    for i in range(grid.shape[0]):
+        for j in range(grid.shape[1]):
+            if np.isfinite(grid[i, j]):
+                ax.text(j, i, f"{grid[i, j]:.3f}", ha="center", va="center", fontsize=7,
+                        color="white" if grid[i, j] < np.nanmean(grid) else "black")
+    ax.set_yticks(range(len(ranks)), [str(r) for r in ranks])
+    centres = np.sqrt(edges[:-1] * edges[1:])
+    ax.set_xticks(range(len(centres)), [f"{c:.1e}" for c in centres], rotation=30, fontsize=8)
+    ax.set(xlabel="learning rate (bin centre)", ylabel="LoRA rank",
+           title=f"Best validation AUROC by rank x lr: {task} {arm}")
+    fig.colorbar(image, ax=ax, label="best val AUROC")
+    return fig
+
+
+def importance_bars(importance: pd.DataFrame) -> Figure:
+    """fANOVA importance per task and arm, one panel each."""
+    groups = list(importance.groupby(["task", "arm"], sort=True)) if len(importance) else []
+    fig = _figure(4.6 * max(1, min(len(groups), 3)), 3.2 * math.ceil(max(1, len(groups)) / 3))
+    if not groups:
+        ax = fig.subplots()
+        ax.text(0.5, 0.5, "not enough finished trials for fANOVA", ha="center", va="center")
+        ax.set_axis_off()
+        return fig
+    colors = arm_colors(importance["arm"].unique())
+    for ax, ((task, arm), group) in zip(_grid(fig, len(groups)), groups):
+        group = group.sort_values("importance")
+        ax.barh(group["param"], group["importance"], color=colors[arm])
+        ax.set(title=f"{task}\n{arm} ({int(group['trials'].iloc[0])} trials)",
+               xlabel="fANOVA importance", xlim=(0, 1))
+        ax.grid(alpha=0.3, axis="x")
+    fig.suptitle("Hyperparameter importance (Optuna fANOVA)")
+    return fig
+
+
+def forest_plot(comparison: pd.DataFrame) -> Figure:
+    """LoRA - FFT macro AUROC (points) per task with its 95% CI; filled = Holm-significant."""
+    rows = comparison[np.isfinite(comparison["diff"].astype(float))] if len(comparison) else (
+        comparison)
+    fig = _figure(7.0, 1.2 + 0.55 * max(1, len(rows)))
+    ax = fig.subplots()
+    if rows.empty:
+        ax.text(0.5, 0.5, "no final test results", ha="center", va="center")
+        ax.set_axis_off()
+        return fig
+    labels = [f"{r.foundation} {r.dataset} {100 * r.label_fraction:g}%" for r in rows.itertuples()]
+    y = np.arange(len(rows))[::-1]
+    diff = 100 * rows["diff"].to_numpy(float)
+    low = 100 * rows["ci_low"].to_numpy(float)
+    high = 100 * rows["ci_high"].to_numpy(float)
+    has_ci = np.isfinite(low)
+    ax.errorbar(diff[has_ci], y[has_ci], xerr=[diff[has_ci] - low[has_ci],
+                                               high[has_ci] - diff[has_ci]],
+                fmt="none", ecolor="black", capsize=4)
+    significant = rows["significant"].fillna(False).to_numpy(bool)
+    colors = np.where(diff > 0, "#1f77b4", "#d62728")
+    ax.scatter(diff[significant], y[significant], c=colors[significant], s=60, zorder=3,
+               label="Holm-significant")
+    ax.scatter(diff[~significant], y[~significant], facecolors="white",
+               edgecolors=colors[~significant], s=60, zorder=3, label="not significant")
+    ax.axvline(0, color="0.4", lw=1)
+    ax.set_yticks(y, labels)
+    ax.set(xlabel="LoRA − FFT test macro AUROC (points, 95% paired bootstrap CI)",
+           title="LoRA vs FFT per task")
+    ax.grid(alpha=0.3, axis="x")
+    ax.legend(fontsize=8, loc="best")
+    return fig
+
+
+def roc_curves(data: StudyData, task: str) -> Figure:
+    """ROC per class of each arm's final model (lowest seed), one panel per arm."""
+    finals = data.finals[data.finals["task"] == task] if len(data.finals) else data.finals
+    arms = sorted(finals["arm"].unique()) if len(finals) else []
+    fig = _figure(4.6 * max(1, min(len(arms), 3)), 4.2)
+    for ax, arm in zip(_grid(fig, max(1, len(arms))), arms or [None]):
+        run = finals[finals["arm"] == arm].sort_values("seed").head(1) if arm else finals
+        frame = data.predictions(run["run_id"].iloc[0]) if len(run) else None
+        if frame is None:
+            ax.text(0.5, 0.5, "no saved test predictions", ha="center", va="center")
+            ax.set_axis_off()
+            continue
+        pred = Predictions.from_frame(frame)
+        aucs = class_aurocs(pred)
+        for k, name in enumerate(pred.classes):
+            known = ~np.isnan(pred.labels[:, k])
+            y = pred.labels[known, k]
+            if y.min() == y.max():
+                continue
+            fpr, tpr, _ = roc_curve(y, pred.probs[known, k])
+            ax.plot(fpr, tpr, lw=1.1, label=f"{name} ({aucs[name]:.3f})")
+        ax.plot([0, 1], [0, 1], color="0.6", ls="--", lw=0.8)
+        ax.set(title=f"{arm} (seed {int(run['seed'].iloc[0])})", xlabel="false positive rate",
+               ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.01))
+        ax.legend(fontsize=6, loc="lower right")
+    fig.suptitle(f"Test ROC per class: {task}")
+    return fig
+
+
+def budget_plot(curve: pd.DataFrame) -> Figure:
+    """Best validation AUROC found so far against epochs spent, per task and arm (ASHA)."""
+    tasks = sorted(curve["task"].unique()) if len(curve) else []
+    fig = _figure(5.0 * max(1, min(len(tasks), 3)), 3.4 * math.ceil(max(1, len(tasks)) / 3))
+    colors = arm_colors(curve["arm"].unique()) if len(curve) else {}
+    for ax, task in zip(_grid(fig, max(1, len(tasks))), tasks or [None]):
+        if task is None:
+            ax.text(0.5, 0.5, "no search trials", ha="center", va="center")
+            ax.set_axis_off()
+            continue
+        for arm, group in curve[curve["task"] == task].groupby("arm"):
+            ax.step(group["cumulative_epochs"], group["running_best"], where="post",
+                    color=colors[arm], label=arm)
+            full = int(group["trials"].iloc[0]) * int(group["max_t"].iloc[0])
+            ax.axvline(full, color=colors[arm], ls=":", lw=1)
+        ax.set(title=task, xlabel="epochs spent (dotted: budget without early stopping)",
+               ylabel="best val AUROC so far")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("ASHA accounting: epochs spent vs best AUROC found")
+    return fig

@@ -1,0 +1,292 @@
+"""The study report: one Markdown file beside its figures, and one self-contained HTML page.
+
+Both are rendered from the same list of sections, so they always say the same thing. The HTML
+carries its images as base64 data, so it can be mailed or attached to a ticket as one file.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pandas as pd
+
+from analysis import plots
+from analysis.importance import marginal_effects, param_importance
+from analysis.study_data import StudyData, load_study
+from analysis.tables import (
+    asha_accounting,
+    best_config_table,
+    budget_curve,
+    calibration_table,
+    compare_arms,
+    compute_table,
+    compute_totals,
+    flatten_columns,
+    format_cell,
+    paper_table,
+    per_class_table,
+    subgroup_table,
+    summary_line,
+    to_markdown,
+    val_test_gap,
+)
+
+
+@dataclass
+class Section:
+    title: str
+    text: list[str] = field(default_factory=list)
+    tables: list[tuple[str, pd.DataFrame]] = field(default_factory=list)
+    figures: list[tuple[str, Path]] = field(default_factory=list)
+
+
+def write_report(tracking_uri: str, experiment: str, out_dir: Path, n_boot: int = 1000,
+                 lora_arm: str | None = None, fft_arm: str | None = None,
+                 reference: bool | None = None, seed: int = 0) -> Path:
+    """Write out_dir/report.md (+ figures/) and out_dir/report.html; return the HTML path.
+
+    `reference` adds the published MRM numbers as columns (default: when any task has one).
+    """
+    out_dir = Path(out_dir)
+    figures = out_dir / "figures"
+    data = load_study(tracking_uri, experiment)
+    sections = build_sections(data, figures, n_boot, lora_arm, fft_arm, reference, seed)
+    title = f"LoRA vs full fine-tuning: {experiment}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "report.md").write_text(render_markdown(title, sections, out_dir))
+    page = out_dir / "report.html"
+    page.write_text(render_html(title, sections))
+    return page
+
+
+def build_sections(data: StudyData, figures: Path, n_boot: int = 1000,
+                   lora_arm: str | None = None, fft_arm: str | None = None,
+                   reference: bool | None = None, seed: int = 0) -> list[Section]:
+    """Compute every table and figure of the report, in reading order."""
+    sections = [_overview(data)]
+    comparison = _comparison(data, n_boot, lora_arm, fft_arm, seed)
+    sections.append(_headline(comparison, figures, reference))
+    best = best_config_table(data)
+    sections.append(Section("Selected configurations", [
+        "The best search trial of each task and arm (by best validation AUROC); its test AUROC "
+        "is the mean over the final seeds."], [("best configs", best.drop(
+            columns=["run_id"], errors="ignore"))]))
+    sections.append(_budget(data, figures))
+    sections.append(_honesty(data))
+    sections.append(_importance(data, figures))
+    sections.append(_curves(data, figures))
+    return sections
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)
+
+
+def _figure(fig, figures: Path, name: str) -> Path:
+    return plots.save(fig, figures, _slug(name))[0]
+
+
+def _overview(data: StudyData) -> Section:
+    study = data.study.iloc[0] if len(data.study) else pd.Series(dtype=object)
+    facts = {
+        "experiment": data.experiment, "tracking URI": data.tracking_uri,
+        "study run": study.get("run_name", "–"), "status": study.get("status", "–"),
+        "git commit": study.get("tag.git_commit", "–"),
+        "tasks": ", ".join(data.tasks) or "–",
+        "arms": ", ".join(f"{r.arm} ({r.kind}, space {r.space})" for r in
+                          data.arms.drop_duplicates("arm").itertuples()) or "–",
+        "epochs per trial (max_t)": study.get("max_t", "–"),
+        "final seeds": study.get("final_seeds", "–"),
+        "search trials": len(data.trials), "final runs": len(data.finals),
+        "report written": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+    table = pd.DataFrame({"": list(facts), "value": [str(v) for v in facts.values()]})
+    return Section("Study", tables=[("", table)])
+
+
+def _comparison(data: StudyData, n_boot: int, lora_arm: str | None, fft_arm: str | None,
+                seed: int) -> pd.DataFrame | str:
+    """The comparison table, or why there is none (a study without one of the two kinds)."""
+    kinds = set(data.arms["kind"]) if len(data.arms) else set()
+    missing = [k for k in ("lora", "fft") if k not in kinds]
+    if missing and not (lora_arm and fft_arm):
+        return f"no comparison: the study has no {' or '.join(missing)} arm"
+    return compare_arms(data, lora_arm, fft_arm, n_boot=n_boot, seed=seed)
+
+
+def _headline(comparison: pd.DataFrame | str, figures: Path,
+              reference: bool | None) -> Section:
+    section = Section("LoRA vs FFT on test")
+    if isinstance(comparison, str) or comparison.empty:
+        section.text.append(comparison if isinstance(comparison, str) else
+                            "No final test results yet: run the study's final phase.")
+        return section
+    attrs = comparison.attrs
+    if reference is None:
+        reference = bool(comparison["ref_fft"].notna().any())
+    section.text += [
+        f"**{summary_line(comparison)}** (LoRA arm `{attrs['lora_arm']}`, FFT arm "
+        f"`{attrs['fft_arm']}`).",
+        "Cells are test macro AUROC x100, mean ± sd over the final seeds. Δ = LoRA − FFT with a "
+        f"{100 * attrs['level']:g}% paired bootstrap CI over test patients ({attrs['n_boot']} "
+        "replicates, a patient's images resampled together, both arms scored on the same draw); "
+        f"* marks differences significant after a Holm correction across the "
+        f"{len(comparison)} tasks (α = {attrs['alpha']})."]
+    if reference:
+        section.text.append("Published: MRM full fine-tuning as reported by the MRM/MaCo line "
+                            "of work, and the paper's LoRA result (NIH 1%), for comparison "
+                            "with this run's numbers.")
+    section.tables.append(("paper table", paper_table(comparison, reference=reference)))
+    detail = comparison.drop(columns=["tasks", "ref_fft", "ref_lora"], errors="ignore")
+    section.tables.append(("statistics per task (AUROC as fractions)", detail))
+    section.figures.append(("Paired difference per task", _figure(
+        plots.forest_plot(comparison), figures, "forest")))
+    return section
+
+
+def _budget(data: StudyData, figures: Path) -> Section:
+    compute = compute_table(data)
+    section = Section("Compute and ASHA accounting", [
+        "Both arms should have had the same budget: trials, epochs and wall time per arm. ASHA "
+        "accounting shows how many epochs early stopping saved and after how many epochs the "
+        "best configuration had been found."])
+    section.tables += [("compute per task and arm", compute),
+                       ("compute per arm (all tasks)", compute_totals(compute)),
+                       ("ASHA accounting", asha_accounting(data))]
+    curve = budget_curve(data)
+    section.figures.append(("Epochs spent vs best validation AUROC found", _figure(
+        plots.budget_plot(curve), figures, "asha_budget")))
+    return section
+
+
+def _honesty(data: StudyData) -> Section:
+    section = Section("Validation-test gap, calibration, classes, subgroups", [
+        "gap = best validation AUROC of the search − mean test AUROC of the retrained config. "
+        "A large gap in one arm only means its search fitted the validation split.",
+        "ECE: expected calibration error (15 equal-width bins, mean over classes and seeds)."])
+    section.tables += [("validation-test gap", val_test_gap(data)),
+                       ("calibration (ECE)", calibration_table(data)),
+                       ("test AUROC per class (mean over seeds)", per_class_table(data))]
+    subgroups = subgroup_table(data)
+    if subgroups.empty:
+        section.text.append("Subgroups: the saved test predictions carry no sex, age or view "
+                            "columns, so no subgroup AUROC is reported.")
+    else:
+        section.tables.append(("test AUROC by subgroup", subgroups))
+    return section
+
+
+def _importance(data: StudyData, figures: Path) -> Section:
+    importance = param_importance(data.trials, data.arms)
+    section = Section("Hyperparameter importance", [
+        "fANOVA (Optuna) over each arm's finished search trials, objective = best validation "
+        "AUROC; only parameters the arm's search space samples are scored. With few trials "
+        "these are indications, not measurements."])
+    section.tables.append(("importance", importance))
+    section.tables.append(("marginal effects (best validation AUROC by value)",
+                           marginal_effects(data.trials)))
+    section.figures.append(("fANOVA importance", _figure(
+        plots.importance_bars(importance), figures, "importance")))
+    return section
+
+
+def _curves(data: StudyData, figures: Path) -> Section:
+    section = Section("Search and final models")
+    if data.trials.empty:
+        section.text.append("No search trials recorded.")
+        return section
+    section.figures.append(("AUROC vs trainable parameters", _figure(
+        plots.auroc_vs_params(data), figures, "auroc_vs_params")))
+    for task in data.tasks:
+        section.figures.append((f"Learning curves: {task}", _figure(
+            plots.learning_curves(data, task), figures, f"learning_curves_{task}")))
+        lora_arms = sorted(data.trials.loc[(data.trials["task"] == task)
+                                           & (data.trials["kind"] == "lora"), "arm"].unique())
+        for arm in lora_arms:
+            section.figures.append((f"Rank x lr: {task} {arm}", _figure(
+                plots.rank_lr_heatmap(data, task, arm), figures, f"rank_lr_{task}_{arm}")))
+        if len(data.finals) and (data.finals["task"] == task).any():
+            section.figures.append((f"Test ROC per class: {task}", _figure(
+                plots.roc_curves(data, task), figures, f"roc_{task}")))
+    return section
+
+
+# --- rendering ------------------------------------------------------------------------------
+
+def render_markdown(title: str, sections: list[Section], out_dir: Path) -> str:
+    lines = [f"# {title}", ""]
+    for section in sections:
+        lines += [f"## {section.title}", ""]
+        for text in section.text:
+            lines += [text, ""]
+        for caption, table in section.tables:
+            if caption:
+                lines += [f"**{caption}**", ""]
+            summary = table.attrs.get("summary")
+            lines += [to_markdown(table), ""]
+            if summary:
+                lines += [f"_{summary}_", ""]
+        for caption, path in section.figures:
+            lines += [f"![{caption}]({path.relative_to(out_dir).as_posix()})", ""]
+    return "\n".join(lines)
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:2em auto;max-width:1200px;
+ padding:0 1em;color:#222;line-height:1.45}
+h1{border-bottom:2px solid #1f77b4;padding-bottom:.2em}
+h2{margin-top:2em;border-bottom:1px solid #ddd;padding-bottom:.15em}
+.tablewrap{overflow-x:auto;margin:.6em 0 1.4em}
+table{border-collapse:collapse;font-size:13px}
+th,td{border:1px solid #ccc;padding:3px 7px;text-align:left;white-space:nowrap}
+th{background:#f0f4f8} tr:nth-child(even) td{background:#fafafa}
+caption{caption-side:top;text-align:left;font-weight:600;padding:.3em 0}
+figure{margin:1em 0 2em} figure img{max-width:100%;border:1px solid #eee}
+figcaption{color:#555;font-size:13px} code{background:#f3f3f3;padding:0 3px}
+.summary{font-size:1.15em}
+"""
+
+
+def _inline(text: str) -> str:
+    """The little Markdown the sections use (**bold**, `code`) as HTML, escaped."""
+    escaped = html.escape(text)
+    escaped = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", escaped)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", escaped)
+
+
+def _html_table(caption: str, table: pd.DataFrame) -> str:
+    flat = flatten_columns(table)
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in flat.columns)
+    rows = "".join("<tr>" + "".join(f"<td>{html.escape(format_cell(v))}</td>" for v in row)
+                   + "</tr>" for row in flat.itertuples(index=False))
+    if flat.empty:
+        rows = f"<tr><td colspan='{max(1, len(flat.columns))}'>(no rows)</td></tr>"
+    cap = f"<caption>{html.escape(caption)}</caption>" if caption else ""
+    summary = table.attrs.get("summary")
+    note = f"<p class='summary'><em>{html.escape(summary)}</em></p>" if summary else ""
+    return (f"<div class='tablewrap'><table>{cap}<thead><tr>{head}</tr></thead>"
+            f"<tbody>{rows}</tbody></table></div>{note}")
+
+
+def _html_figure(caption: str, path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return (f"<figure><img alt='{html.escape(caption)}' src='data:image/png;base64,{data}'>"
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+
+def render_html(title: str, sections: list[Section]) -> str:
+    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+             f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
+             f"<h1>{html.escape(title)}</h1>"]
+    for section in sections:
+        parts.append(f"<h2>{html.escape(section.title)}</h2>")
+        parts += [f"<p>{_inline(t)}</p>" for t in section.text]
+        parts += [_html_table(c, t) for c, t in section.tables]
+        parts += [_html_figure(c, p) for c, p in section.figures]
+    parts.append("</body></html>")
+    return "\n".join(parts)
