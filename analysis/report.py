@@ -136,7 +136,8 @@ def _headline(comparison: pd.DataFrame | str, figures: Path,
         f"{100 * attrs['level']:g}% paired bootstrap CI over test patients ({attrs['n_boot']} "
         "replicates, a patient's images resampled together, both arms scored on the same draw); "
         f"* marks differences significant after a Holm correction across the "
-        f"{len(comparison)} tasks (α = {attrs['alpha']})."]
+        f"{len(comparison)} tasks (α = {attrs['alpha']}). Trainable % and spreads across split "
+        "draws are given as LoRA / FFT."]
     if reference:
         section.text.append("Published: MRM full fine-tuning as reported by the MRM/MaCo line "
                             "of work, and the paper's LoRA result (NIH 1%), for comparison "
@@ -227,24 +228,22 @@ def render_markdown(title: str, sections: list[Section], out_dir: Path) -> str:
         for caption, table in section.tables:
             if caption:
                 lines += [f"**{caption}**", ""]
-            summary = table.attrs.get("summary")
             lines += [to_markdown(table), ""]
-            if summary:
-                lines += [f"_{summary}_", ""]
         for caption, path in section.figures:
             lines += [f"![{caption}]({path.relative_to(out_dir).as_posix()})", ""]
     return "\n".join(lines)
 
 
 _CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:2em auto;max-width:1200px;
+body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:2em auto;max-width:1400px;
  padding:0 1em;color:#222;line-height:1.45}
 h1{border-bottom:2px solid #1f77b4;padding-bottom:.2em}
 h2{margin-top:2em;border-bottom:1px solid #ddd;padding-bottom:.15em}
 .tablewrap{overflow-x:auto;margin:.6em 0 1.4em}
 table{border-collapse:collapse;font-size:13px}
 th,td{border:1px solid #ccc;padding:3px 7px;text-align:left;white-space:nowrap}
-th{background:#f0f4f8} tr:nth-child(even) td{background:#fafafa}
+th{background:#f0f4f8} th.group{text-align:center;background:#dde8f3}
+tr:nth-child(even) td{background:#fafafa}
 caption{caption-side:top;text-align:left;font-weight:600;padding:.3em 0}
 figure{margin:1em 0 2em} figure img{max-width:100%;border:1px solid #eee}
 figcaption{color:#555;font-size:13px} code{background:#f3f3f3;padding:0 3px}
@@ -259,18 +258,29 @@ def _inline(text: str) -> str:
     return re.sub(r"`(.+?)`", r"<code>\1</code>", escaped)
 
 
+def _html_header(table: pd.DataFrame) -> str:
+    """One header row, or two where columns are grouped (label fraction over its fields)."""
+    if not isinstance(table.columns, pd.MultiIndex):
+        return "<tr>" + "".join(f"<th>{html.escape(str(c))}</th>"
+                                for c in flatten_columns(table).columns) + "</tr>"
+    index = [str(n) for n in table.index.names] if any(table.index.names) else []
+    top = "".join(f"<th rowspan='2'>{html.escape(n)}</th>" for n in index)
+    for group in dict.fromkeys(c[0] for c in table.columns):
+        width = sum(1 for c in table.columns if c[0] == group)
+        top += f"<th colspan='{width}' class='group'>{html.escape(str(group))}</th>"
+    fields = "".join(f"<th>{html.escape(str(c[-1]))}</th>" for c in table.columns)
+    return f"<tr>{top}</tr><tr>{fields}</tr>"
+
+
 def _html_table(caption: str, table: pd.DataFrame) -> str:
     flat = flatten_columns(table)
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in flat.columns)
     rows = "".join("<tr>" + "".join(f"<td>{html.escape(format_cell(v))}</td>" for v in row)
                    + "</tr>" for row in flat.itertuples(index=False))
     if flat.empty:
         rows = f"<tr><td colspan='{max(1, len(flat.columns))}'>(no rows)</td></tr>"
     cap = f"<caption>{html.escape(caption)}</caption>" if caption else ""
-    summary = table.attrs.get("summary")
-    note = f"<p class='summary'><em>{html.escape(summary)}</em></p>" if summary else ""
-    return (f"<div class='tablewrap'><table>{cap}<thead><tr>{head}</tr></thead>"
-            f"<tbody>{rows}</tbody></table></div>{note}")
+    return (f"<div class='tablewrap'><table>{cap}<thead>{_html_header(table)}</thead>"
+            f"<tbody>{rows}</tbody></table></div>")
 
 
 def _html_figure(caption: str, path: Path) -> str:

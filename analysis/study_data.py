@@ -55,8 +55,9 @@ class StudyData:
 
     @property
     def tasks(self) -> list[str]:
-        return sorted(self.arms["task"].unique()) if len(self.arms) else sorted(
-            self.trials["task"].unique()) if len(self.trials) else []
+        """Task keys (foundation-dataset-fraction-split seed) that have runs, sorted."""
+        keys = [t["task"] for t in (self.arms, self.trials, self.finals) if len(t)]
+        return sorted(set(pd.concat(keys).dropna())) if keys else []
 
     def predictions(self, run_id: str) -> pd.DataFrame | None:
         """The test predictions (image, patient, label_*, prob_*) a final run saved, or None."""
@@ -80,7 +81,8 @@ def load_study(tracking_uri: str, experiment: str, cache_dir: Path | None = None
     meta = _read_meta(cache)
     if not refresh and meta.get("fingerprint") == stamp:
         tables = {name: _read_table(cache, name, meta) for name in _TABLES}
-        return StudyData(tracking_uri, experiment, cache, runs, **tables)
+        if all(t is not None for t in tables.values()):  # a deleted file: rebuild below
+            return StudyData(tracking_uri, experiment, cache, runs, **tables)
     tables = build_tables(runs)
     old_epochs = None if refresh else _read_table(cache, "epochs", meta)
     reusable = {rid for rid, st in meta.get("runs", {}).items()

@@ -178,8 +178,9 @@ def paper_table(comparison: pd.DataFrame, reference: bool = False) -> pd.DataFra
     """Rows foundation x dataset, columns (label fraction, field); AUROC in points (x100).
 
     Fields: LoRA and FFT as mean ± sd over final seeds, Δ = LoRA - FFT with its CI (* marks
-    Holm-significant), the verdict, trainable % of each arm; with `reference`, the published
-    FFT (and LoRA) number; where split draws repeat, the spread across draws.
+    Holm-significant), the verdict, trainable % as "LoRA / FFT"; with `reference`, the
+    published FFT (and LoRA) number; where split draws repeat, the spread of the draws' means
+    ("LoRA / FFT") beside the seed sd of the cells.
     """
     if comparison.empty:
         return pd.DataFrame()
@@ -188,14 +189,14 @@ def paper_table(comparison: pd.DataFrame, reference: bool = False) -> pd.DataFra
     for row in comparison.itertuples():
         fields = {"LoRA": _pm(row.lora_mean, row.lora_sd), "FFT": _pm(row.fft_mean, row.fft_sd),
                   "Δ [95% CI]": _diff_text(row), "verdict": row.verdict,
-                  "trainable % LoRA / FFT": f"{row.lora_trainable_pct:.2f} / "
-                                            f"{row.fft_trainable_pct:.0f}"}
+                  "trainable %": f"{_num(row.lora_trainable_pct, 2)} / "
+                                 f"{_num(row.fft_trainable_pct, 0)}"}
         if several_draws:
-            fields["sd across draws LoRA / FFT"] = (f"{100 * row.lora_sd_draws:.1f} / "
-                                                    f"{100 * row.fft_sd_draws:.1f}")
+            fields["sd across draws"] = (f"{_num(100 * row.lora_sd_draws, 1)} / "
+                                         f"{_num(100 * row.fft_sd_draws, 1)}")
         if reference:
-            fields["FFT published"] = _points(row.ref_fft)
-            fields["LoRA published"] = _points(row.ref_lora)
+            fields["FFT (published)"] = _points(row.ref_fft)
+            fields["LoRA (published)"] = _points(row.ref_lora)
         frac = _fraction_label(row.label_fraction)
         target = cells.setdefault((row.foundation, row.dataset), {})
         target.update({(frac, name): value for name, value in fields.items()})
@@ -206,6 +207,10 @@ def paper_table(comparison: pd.DataFrame, reference: bool = False) -> pd.DataFra
     table.index = pd.MultiIndex.from_tuples(table.index, names=["foundation", "dataset"])
     table.attrs["summary"] = summary_line(comparison)
     return table
+
+
+def _num(value: float, digits: int) -> str:
+    return f"{value:.{digits}f}" if math.isfinite(value) else "–"
 
 
 def _points(value: float | None) -> str:

@@ -15,6 +15,7 @@ from typing import Any
 
 from search_spaces import get_space
 from trainables.config import TrainSpec
+from trainables.datasets import DataSpec
 from trainables.errors import ConfigError
 from trainables.foundation import get_foundation
 
@@ -60,6 +61,13 @@ class TaskSpec:
     def __post_init__(self) -> None:
         _check(0 < self.label_fraction <= 1, "tasks.label_fractions",
                f"{self.label_fraction} must be in (0, 1], e.g. 0.01 for 1% of the labels")
+
+    def data_spec(self) -> DataSpec:
+        """The `DataSpec` this task trains on (validated: a bad combination is a ConfigError)."""
+        ds = self.dataset
+        return DataSpec(dataset=ds.name, root=ds.root, splits=ds.splits,
+                        label_fraction=self.label_fraction, split_seed=self.split_seed,
+                        list_dir=ds.list_dir, uncertainty=ds.uncertainty, views=ds.views)
 
     @property
     def key(self) -> str:

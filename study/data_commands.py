@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from study.config import DatasetRef, StudyConfig, TaskSpec, load_study
+from study.config import DatasetRef, StudyConfig, load_study
 from trainables.datasets import DataSpec, Problem, check_dataset, load_splits
 from trainables.errors import ConfigError, DataError
 
@@ -34,19 +34,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     prepare.set_defaults(func=_cmd_prepare)
 
 
-def task_data_spec(task: TaskSpec) -> DataSpec:
-    """The `DataSpec` a task trains on (validated here, so a bad combination is a ConfigError)."""
-    ds = task.dataset
-    return DataSpec(dataset=ds.name, root=ds.root, splits=ds.splits,
-                    label_fraction=task.label_fraction, split_seed=task.split_seed,
-                    list_dir=ds.list_dir, uncertainty=ds.uncertainty, views=ds.views)
-
-
 def specs_by_dataset(cfg: StudyConfig) -> dict[DatasetRef, list[DataSpec]]:
     """Distinct data specs per dataset: foundations share data, so each spec appears once."""
     grouped: dict[DatasetRef, dict[DataSpec, None]] = {}
     for task in cfg.tasks:
-        grouped.setdefault(task.dataset, {})[task_data_spec(task)] = None
+        grouped.setdefault(task.dataset, {})[task.data_spec()] = None
     return {ref: list(specs) for ref, specs in grouped.items()}
 
 
@@ -80,7 +72,7 @@ def _describe(ref: DatasetRef, specs: list[DataSpec]) -> str:
 def check_study(cfg: StudyConfig, workers: int | None = None,
                 emit: Callable[[str], None] = print) -> int:
     """Check every dataset of the study, print the report, return the number of problems."""
-    total, failed = 0, 0
+    total = 0
     for ref, specs in specs_by_dataset(cfg).items():
         emit(_describe(ref, specs))
         problems = dataset_problems(specs, workers)
@@ -88,7 +80,7 @@ def check_study(cfg: StudyConfig, workers: int | None = None,
             n_images, n_splits = checked_counts(specs)
             emit(f"  ok: {n_images} images in {n_splits} splits checked")
             continue
-        total, failed = total + len(problems), failed + 1
+        total += len(problems)
         emit(f"  {len(problems)} problem(s):")
         for problem in problems:
             emit(f"  - {problem.kind}: {problem.count}" +
@@ -126,7 +118,7 @@ def prepare_study(cfg: StudyConfig, emit: Callable[[str], None] = print) -> list
     from study.runner import prepare_task_data  # imports Ray: only when a cache is wanted
 
     for task in cfg.tasks:
-        task_data_spec(task)  # all specs valid before the first (slow) build
+        task.data_spec()  # all specs valid before the first (slow) build
     cache_root = cfg.storage / "cache"
     built: list[Path] = []
     for task in cfg.tasks:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from analysis.report import write_report
 from analysis.runs import best_configs, load_runs
 from study.config import StudyConfig, load_study
 from study.runner import run_study
@@ -67,7 +68,9 @@ def run_demo(directory: Path, emit: Callable[[str], None] = print) -> pd.DataFra
     table = summary_table(cfg, {o.arm: o.wall_s for o in outcomes})
     emit("")
     emit(table.to_string(index=False))
-    emit(f"\ndemo finished in {time.monotonic() - start:.0f}s. Look further with:")
+    report = write_report(cfg.tracking.uri, cfg.tracking.experiment, cfg.storage / "report")
+    emit(f"\nreport: {report}")
+    emit(f"demo finished in {time.monotonic() - start:.0f}s. Look further with:")
     emit(f"  cxr-study best --tracking-uri {cfg.tracking.uri} "
          f"--experiment {cfg.tracking.experiment}")
     emit(f"  mlflow ui --backend-store-uri {cfg.tracking.uri} --host 127.0.0.1")

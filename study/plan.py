@@ -17,7 +17,7 @@ CHECKPOINTS_KEPT = 2  # Ray Train keeps the latest two per trial (trainables/ray
 BYTES = 4  # float32
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _largest_trainable(foundation: str, arm: ArmSpec, num_classes: int = 14) -> int:
     """Trainable parameters of the largest config the arm can sample (meta tensors: no memory)."""
     with torch.device("meta"):

@@ -25,7 +25,7 @@ from search_spaces.presets import Recipe, demo_recipes
 from study.config import ArmSpec, StudyConfig, TaskSpec
 from study.tracking import MlflowTrialTracker, connect, end_run, provenance, start_run
 from trainables.cache import build_cache, label_names
-from trainables.datasets import DataSpec, load_splits
+from trainables.datasets import load_splits
 from trainables.errors import ConfigError
 from trainables.foundation import get_foundation
 from trainables.models import get_backbone
@@ -211,11 +211,7 @@ class TaskData:
 
 def prepare_task_data(task: TaskSpec, storage: Path) -> TaskData:
     """Load the task's splits and build (or reuse) the shared image cache at the model's size."""
-    ds = task.dataset
-    splits = load_splits(DataSpec(dataset=ds.name, root=ds.root, splits=ds.splits,
-                                  label_fraction=task.label_fraction, split_seed=task.split_seed,
-                                  list_dir=ds.list_dir, uncertainty=ds.uncertainty,
-                                  views=ds.views))
+    splits = load_splits(task.data_spec())
     size = get_backbone(get_foundation(task.foundation.name).backbone).img_size
     cache = build_cache(splits, size, storage / "cache")
     return TaskData(cache, len(label_names(cache)), splits.content_hash)
@@ -355,7 +351,8 @@ def run_study(cfg: StudyConfig, emit: Callable[[str], None] = print,
     max_concurrent = concurrency(cfg)
     checkpoints = {f"sha256_{t.foundation.name}": Path(t.foundation.checkpoint)
                    for t in cfg.tasks if t.foundation.checkpoint}
-    tags = provenance({"study_file_sha256": cfg.source, **checkpoints})
+    lock = Path(__file__).resolve().parents[1] / "requirements.lock"
+    tags = provenance({"study_file_sha256": cfg.source, "lock_sha256": lock, **checkpoints})
     parent = start_run(client, exp_id, cfg.name, {**tags, "level": "study"},
                        params={"tasks": len(cfg.tasks), "arms": [a.name for a in cfg.arms],
                                "max_t": cfg.search.max_t, "final_seeds": cfg.final.seeds})

@@ -108,6 +108,7 @@ class MlflowTrialTracker(Callback):
             tags = dict(self.tags, trial_id=trial.trial_id, trial_index=index)
             self.runs[trial.trial_id] = start_run(self.client, self.exp_id, name, tags,
                                                   self.parent, params)
+            self.client.log_dict(self.runs[trial.trial_id], dict(trial.config), "config.json")
             self.logged_steps[trial.trial_id] = set()
         return self.runs[trial.trial_id]
 

@@ -82,6 +82,9 @@ def test_hierarchy_and_counts(small_study):
     assert set(arms["tag.mlflow.parentRunId"]) == set(study["run_id"])
     assert set(trials["tag.mlflow.parentRunId"]) == set(arms["run_id"])
     assert (runs["status"] == "FINISHED").all()
+    for tag in ("tag.git_commit", "tag.lock_sha256", "tag.study_file_sha256"):
+        assert study[tag].str.len().gt(6).all(), tag
+    assert arms["split_hash"].str.len().eq(64).all()
 
 
 def test_every_factor_is_a_typed_param(small_study):
@@ -131,7 +134,20 @@ def test_final_runs_have_test_metrics_and_predictions(small_study):
     assert final["metric.test_auroc"].between(0, 1).all()
     client = MlflowClient(cfg.tracking.uri)
     for run_id in final["run_id"]:
-        assert any(a.path.endswith(".parquet") for a in client.list_artifacts(run_id))
+        paths = {a.path for a in client.list_artifacts(run_id)}
+        assert any(p.endswith(".parquet") for p in paths) and "config.json" in paths
+
+
+def test_arms_get_equal_budgets(small_study):
+    runs = small_study["runs"]
+    arms = runs[runs["tag.level"] == "arm"].set_index("tag.arm")
+    assert arms.loc["lora", "max_t"] == arms.loc["fft", "max_t"] == 3
+    assert arms.loc["lora", "trials"] == arms.loc["fft", "trials"] == 3
+    trials = runs[runs["tag.trial_id"].notna() & (runs["tag.phase"] == "search")]
+    assert trials.groupby("tag.arm")["epochs"].unique().map(list).to_dict() == {
+        "fft": [3], "lora": [3]}
+    spent = arms["metric.epochs_spent"] + arms["metric.epochs_saved"]
+    assert (spent == 3 * 3).all()
 
 
 def test_trainable_share_lora_below_fft(small_study):
