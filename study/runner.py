@@ -144,6 +144,7 @@ class _Pinned:
 
     def __init__(self, trial: optuna.Trial, fixed: dict[str, Any]) -> None:
         self._trial, self._fixed = trial, fixed
+        self.sampled: set[str] = set()
 
     def __getattr__(self, name: str):
         attr = getattr(self._trial, name)
@@ -151,7 +152,10 @@ class _Pinned:
             return attr
 
         def suggest(param: str, *args, **kwargs):
-            return self._fixed[param] if param in self._fixed else attr(param, *args, **kwargs)
+            if param in self._fixed:
+                return self._fixed[param]
+            self.sampled.add(param)
+            return attr(param, *args, **kwargs)
         return suggest
 
 
@@ -172,11 +176,12 @@ class DefineByRun:
 
     def __call__(self, trial: optuna.Trial) -> dict[str, Any]:
         space = get_space(self.space)
-        derived = space.fn(_Pinned(trial, self.fixed), self.optimizer, self.recipe)
-        config = {**self.base, **self.fixed, **derived}
-        if space.kind == "lora" and "alpha" not in self.fixed and "alpha_ratio" in config:
-            config["alpha"] = float(config["alpha_ratio"]) * int(config["rank"])
-        return config
+        pinned = _Pinned(trial, self.fixed)
+        derived = space.fn(pinned, self.optimizer, self.recipe)
+        # Derived values (alpha) come from the pinned suggestions; an explicitly fixed value wins.
+        config = {**self.base, **derived, **self.fixed}
+        # Constants must not override what Optuna sampled (Tune merges them over the samples).
+        return {k: v for k, v in config.items() if k not in pinned.sampled}
 
 
 def recipes(task: TaskSpec) -> tuple[Recipe | None, Recipe | None]:

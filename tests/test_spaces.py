@@ -70,3 +70,21 @@ def test_presets_match_the_published_tables():
 def test_unknown_space_is_a_config_error():
     with pytest.raises(ConfigError, match="use one of"):
         get_space("lora_typo")
+
+
+def test_define_by_run_keeps_samples_and_pins_fixed_values():
+    """Constants of the arm never overwrite what Optuna sampled; fixed values are not sampled."""
+    from study.runner import DefineByRun
+    base = {**BASE, "weight_decay": 0.05, "layer_decay": 0.75}
+    fft = DefineByRun("fft", base, {}, "adamw", None)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
+    trial = study.ask()
+    out = fft(trial)
+    assert "layer_decay" not in out and "weight_decay" not in out  # Tune fills in the samples
+    assert {"layer_decay", "weight_decay", "lr"} <= set(trial.params)
+    lora = DefineByRun("lora", base, {"targets": "q+v", "rank": 8}, "adamw", None)
+    trial = study.ask()
+    out = lora(trial)
+    assert "targets" not in trial.params and "rank" not in trial.params
+    assert out["targets"] == "q+v" and out["rank"] == 8
+    assert out["alpha"] == trial.params["alpha_ratio"] * 8
