@@ -344,7 +344,7 @@ def budget_curve(data: StudyData) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
-SUBGROUP_COLUMNS = ("sex", "age_band", "view", "frontal_lateral")
+SUBGROUP_COLUMNS = ("sex", "age_band", "view", "projection")
 
 
 def subgroup_table(data: StudyData, columns: Sequence[str] = SUBGROUP_COLUMNS) -> pd.DataFrame:

@@ -78,7 +78,7 @@ def main() -> None:
     args = parser.parse_args()
     study = load_study(prepare_demo_dir(Path(args.dir).resolve(), emit=lambda s: None))
     task = study.tasks[0]
-    data = prepare_task_data(task, study.storage)
+    data = prepare_task_data(task, study.cache_dir)
     base = {"arm": "fft", "foundation": "demo", "num_classes": data.num_classes,
             "cache_dir": str(data.cache_dir), "epochs": args.epochs, "warmup_epochs": 1,
             "optimizer": "adamw", "batch_size": 64, "seed": 0, "weight_decay": 0.05}

@@ -159,6 +159,7 @@ class StudyConfig:
     resources: ResourceSpec
     final: FinalSpec
     tracking: TrackingSpec
+    cache_dir: Path
     source: Path | None = field(default=None, compare=False)
 
 
@@ -201,9 +202,13 @@ def parse_study(data: dict[str, Any], base: Path, source: Path | None = None) ->
     """Validate a parsed TOML document. `base` anchors relative paths."""
     _known(data, _SECTIONS, "study file")
     head = data.get("study", {})
-    _known(head, {"name", "storage"}, "[study]")
+    _known(head, {"name", "storage", "cache_dir"}, "[study]")
     name = _typed(head.get("name", "study"), str, "study.name")
     storage = Path(_path(base, _typed(head.get("storage", "."), str, "study.storage")))
+    # The image cache: under the study by default; on a cluster, any path every node can read
+    # (shared storage), or a node-local path that each node fills once under the same key.
+    cache_dir = Path(_path(storage, _typed(head.get("cache_dir", "cache"), str,
+                                           "study.cache_dir")))
 
     tasks_table = data.get("tasks")
     _check(isinstance(tasks_table, dict), "[tasks]", "missing: give foundations, datasets and "
@@ -252,7 +257,8 @@ def parse_study(data: dict[str, Any], base: Path, source: Path | None = None) ->
         search=search, train=tuple(sorted(train.items())),
         resources=_build(ResourceSpec, data.get("resources", {}), "[resources]"),
         final=_build(FinalSpec, data.get("final", {}), "[final]"),
-        tracking=TrackingSpec(uri, tracking.get("experiment", name)), source=source)
+        tracking=TrackingSpec(uri, tracking.get("experiment", name)), cache_dir=cache_dir,
+        source=source)
 
 
 def load_study(path: Path) -> StudyConfig:

@@ -124,7 +124,7 @@ def prepare_study(cfg: StudyConfig, emit: Callable[[str], None] = print) -> list
     for task in cfg.tasks:
         existing = _valid_caches(cache_root)
         start = time.perf_counter()
-        data = prepare_task_data(task, cfg.storage)
+        data = prepare_task_data(task, cfg.cache_dir)
         took = time.perf_counter() - start
         state = "reused" if data.cache_dir in existing else "built"
         emit(f"{task.key}: {state} {data.cache_dir} ({_size_mb(data.cache_dir):.1f} MB) "

@@ -214,11 +214,11 @@ class TaskData:
     content_hash: str
 
 
-def prepare_task_data(task: TaskSpec, storage: Path) -> TaskData:
+def prepare_task_data(task: TaskSpec, cache_root: Path) -> TaskData:
     """Load the task's splits and build (or reuse) the shared image cache at the model's size."""
     splits = load_splits(task.data_spec())
     size = get_backbone(get_foundation(task.foundation.name).backbone).img_size
-    cache = build_cache(splits, size, storage / "cache")
+    cache = build_cache(splits, size, cache_root)
     return TaskData(cache, len(label_names(cache)), splits.content_hash)
 
 
@@ -366,7 +366,7 @@ def run_study(cfg: StudyConfig, emit: Callable[[str], None] = print,
     try:
         for task in cfg.tasks:
             emit(f"task {task.key}: preparing data")
-            data = prepare_task_data(task, cfg.storage)
+            data = prepare_task_data(task, cfg.cache_dir)
             task_outcomes = [search_arm(cfg, task, arm, data, client, exp_id, parent, emit,
                                         max_concurrent) for arm in cfg.arms]
             if cfg.final.seeds:

@@ -80,7 +80,9 @@ def test_final_phase_scores_test_and_writes_predictions(phantom_cache, tmp_path)
     last = rep.metrics[-1]
     assert "test_auroc" in last and 1 <= last["best_epoch"] <= 3
     table = pq.read_table(tmp_path / "pred" / "seed5.parquet").to_pandas()
-    assert {"image", "patient", "label_Mass", "prob_Mass"} <= set(table.columns)
+    assert {"image", "patient", "label_Mass", "prob_Mass", "sex", "age", "view"} <= set(
+        table.columns)
+    assert set(table["sex"]) <= {"M", "F"} and set(table["view"]) <= {"PA", "AP"}
     assert table["patient"].str.len().eq(16).all()  # salted hashes, not raw ids
     assert "test_auroc" not in rep.metrics[0]
 

@@ -1,4 +1,5 @@
-"""A tiny real study through Ray Tune + Ray Train + Optuna + ASHA + MLflow, checked in MLflow.
+"""A tiny real study through Ray Tune + Ray Train + Optuna + ASHA + MLflow, checked in MLflow:
+2 tasks (label fractions 10% and 100%) x 2 arms x 3 trials, plus one final seed per arm.
 
 One study runs per session (the `small_study` fixture); every test here only reads its results.
 """
@@ -16,6 +17,7 @@ storage = "run"
 [tasks]
 foundations = [{{ name = "demo" }}]
 datasets = [{{ name = "nih", root = "{root}", splits = "lists", list_dir = "{root}" }}]
+label_fractions = [0.1, 1.0]
 [arms.lora]
 space = "lora"
 trials = 3
@@ -75,10 +77,12 @@ def test_hierarchy_and_counts(small_study):
     study = runs[runs["tag.level"] == "study"]
     arms = runs[runs["tag.level"] == "arm"]
     trials = runs[runs["tag.trial_id"].notna()]
-    assert len(study) == 1 and len(arms) == 2
+    assert len(study) == 1 and len(arms) == 4
+    assert sorted(arms["tag.task"].unique()) == ["demo-nih-0.1-s0", "demo-nih-1-s0"]
     search, final = trials[trials["tag.phase"] == "search"], trials[trials["tag.phase"] == "final"]
-    assert sorted(search["tag.arm"].value_counts().to_dict().items()) == [("fft", 3), ("lora", 3)]
-    assert sorted(final["tag.arm"]) == ["fft", "lora"]
+    per_arm = search.groupby(["tag.task", "tag.arm"]).size()
+    assert (per_arm == 3).all() and len(per_arm) == 4
+    assert sorted(final["tag.arm"]) == ["fft", "fft", "lora", "lora"]
     assert set(arms["tag.mlflow.parentRunId"]) == set(study["run_id"])
     assert set(trials["tag.mlflow.parentRunId"]) == set(arms["run_id"])
     assert (runs["status"] == "FINISHED").all()
@@ -98,7 +102,9 @@ def test_every_factor_is_a_typed_param(small_study):
         assert lora[factor].notna().all(), factor
     assert lora["rank"].dtype == "Int64" and trials["lr"].dtype == float
     assert (lora["alpha"] == lora["rank"].astype(float) * lora["alpha_ratio"]).all()
-    assert trials["label_fraction"].eq(1.0).all()
+    assert sorted(trials["label_fraction"].unique()) == [0.1, 1.0]
+    assert (trials["label_fraction"].map({0.1: "demo-nih-0.1-s0", 1.0: "demo-nih-1-s0"})
+            == trials["tag.task"]).all()
 
 
 def test_metrics_per_epoch_and_asha_stopping(small_study):
@@ -119,12 +125,12 @@ def test_presets_are_the_first_trials(small_study):
     from search_spaces.presets import demo_recipes
     runs = small_study["runs"]
     search = runs[(runs["tag.phase"] == "search") & runs["tag.trial_id"].notna()]
-    lora = search[search["tag.arm"] == "lora"]
-    assert sorted(lora["tag.trial_index"]) == ["1", "2", "3"]
-    first = lora[lora["tag.trial_index"] == "1"].iloc[0]
-    preset = demo_recipes()[0]
-    assert (first["rank"], first["lr"], first["targets"]) == (preset.rank, preset.lr, "q+v")
-    assert first["alpha"] == preset.alpha
+    for _, lora in search[search["tag.arm"] == "lora"].groupby("tag.task"):
+        assert sorted(lora["tag.trial_index"]) == ["1", "2", "3"]
+        first = lora[lora["tag.trial_index"] == "1"].iloc[0]
+        preset = demo_recipes()[0]
+        assert (first["rank"], first["lr"], first["targets"]) == (preset.rank, preset.lr, "q+v")
+        assert first["alpha"] == preset.alpha
 
 
 def test_final_runs_have_test_metrics_and_predictions(small_study):
@@ -140,9 +146,8 @@ def test_final_runs_have_test_metrics_and_predictions(small_study):
 
 def test_arms_get_equal_budgets(small_study):
     runs = small_study["runs"]
-    arms = runs[runs["tag.level"] == "arm"].set_index("tag.arm")
-    assert arms.loc["lora", "max_t"] == arms.loc["fft", "max_t"] == 3
-    assert arms.loc["lora", "trials"] == arms.loc["fft", "trials"] == 3
+    arms = runs[runs["tag.level"] == "arm"]
+    assert arms["max_t"].eq(3).all() and arms["trials"].eq(3).all()
     trials = runs[runs["tag.trial_id"].notna() & (runs["tag.phase"] == "search")]
     assert trials.groupby("tag.arm")["epochs"].unique().map(list).to_dict() == {
         "fft": [3], "lora": [3]}
@@ -172,11 +177,13 @@ def test_best_answers_from_mlflow_only(small_study, capsys):
                  cfg.tracking.experiment, "--json"]) == 0
     import json
     rows = json.loads(capsys.readouterr().out)
-    assert sorted(r["arm"] for r in rows) == ["fft", "lora"]
-    by_arm = {r["arm"]: r for r in rows}
-    best_lora = max(o.best_val for o in small_study["outcomes"] if o.arm == "lora")
-    assert by_arm["lora"]["val_auroc"] == pytest.approx(best_lora)
-    assert by_arm["lora"]["trainable_pct"] < by_arm["fft"]["trainable_pct"] == pytest.approx(100)
+    assert sorted((r["task"], r["arm"]) for r in rows) == [
+        (t, a) for t in ("demo-nih-0.1-s0", "demo-nih-1-s0") for a in ("fft", "lora")]
+    for outcome in small_study["outcomes"]:
+        row = next(r for r in rows if (r["task"], r["arm"]) == (outcome.task, outcome.arm))
+        assert row["val_auroc"] == pytest.approx(outcome.best_val)
+        assert row["test_seeds"] == 1
+        assert (row["trainable_pct"] < 10) == (outcome.arm == "lora")
 
 
 def test_export_adapter_and_merged_model(small_study, tmp_path, capsys):
@@ -203,7 +210,7 @@ def test_status_answers_from_mlflow(small_study, capsys):
     assert main(["status", str(cfg.storage)]) == 0
     out = capsys.readouterr().out
     lines = [ln.split() for ln in out.splitlines() if "search" in ln.split()]
-    counts = {ln[1]: [int(x) for x in ln[3:]] for ln in lines}
+    counts = {(ln[0], ln[1]): [int(x) for x in ln[3:]] for ln in lines}
     # finished + stopped early = planned trials, none failed, none left running
-    assert {arm: c[0] + c[1] for arm, c in counts.items()} == {"lora": 3, "fft": 3}
+    assert len(counts) == 4 and all(c[0] + c[1] == 3 for c in counts.values())
     assert all(c[2] == 0 and c[3] == 0 for c in counts.values())

@@ -18,10 +18,11 @@ import json
 import os
 import shutil
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
@@ -30,7 +31,8 @@ from tqdm import tqdm
 from trainables.datasets import DatasetSplits, SplitTable, read_image
 from trainables.errors import DataError
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+META_COLUMNS = ("sex", "age", "view", "projection")  # kept for subgroup analysis
 SPLITS = ("train", "val", "test")
 
 
@@ -40,6 +42,7 @@ class CachedSplit:
     labels: np.ndarray  # (n, K) float32, NaN = ignored label
     patient_ids: tuple[str, ...]
     paths: tuple[str, ...]
+    meta: dict[str, list] = field(default_factory=dict)  # sex/age/view where recorded
 
 
 def cache_key(splits: DatasetSplits, img_size: int) -> str:
@@ -75,10 +78,18 @@ def _write_split(table: SplitTable, root: Path, size: int, out: Path, name: str,
                 progress.update()
     images.flush()
     del images
-    index = pa.table({
+    columns = {
         "path": list(table.paths), "patient_id": list(table.patient_ids),
         "labels": pa.array(list(table.labels.astype(np.float32)), pa.list_(pa.float32())),
-    })
+    }
+    if table.meta is not None:
+        for column in META_COLUMNS:
+            if column in table.meta:
+                values = table.meta[column].reset_index(drop=True)
+                values = values.astype("float64") if column == "age" else values.map(
+                    lambda v: None if pd.isna(v) else str(v))
+                columns[column] = values.tolist()
+    index = pa.table(columns)
     pq.write_table(index, out / f"{name}.parquet")
 
 
@@ -134,6 +145,8 @@ def open_split(cache_dir: Path, name: str) -> CachedSplit:
     index = pq.read_table(cache_dir / f"{name}.parquet")
     labels = np.asarray(index.column("labels").to_pylist(), dtype=np.float32)
     images = np.load(cache_dir / f"{name}.npy", mmap_mode="r")
+    meta = {name: index.column(name).to_pylist() for name in META_COLUMNS
+            if name in index.column_names}
     return CachedSplit(images, labels.reshape(len(images), -1),
                        tuple(index.column("patient_id").to_pylist()),
-                       tuple(index.column("path").to_pylist()))
+                       tuple(index.column("path").to_pylist()), meta)

@@ -339,7 +339,7 @@ def write_predictions(path: Path, split: CachedSplit, probs: np.ndarray,
     """
     patients = [hashlib.sha256(f"{patient_salt}|{p}".encode()).hexdigest()[:16]
                 if patient_salt else p for p in split.patient_ids]
-    columns = {"image": list(split.paths), "patient": patients}
+    columns = {"image": list(split.paths), "patient": patients, **split.meta}
     for k, name in enumerate(names):
         columns[f"label_{name}"] = split.labels[:, k]
         columns[f"prob_{name}"] = probs[:, k]
