@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from trainables.cache import build_cache
 from trainables.datasets import DataSpec, load_splits
@@ -12,6 +14,16 @@ from trainables.phantom import PhantomLayout, write_nih_phantom
 
 SMALL = PhantomLayout(train_patients=60, val_patients=30, test_patients=30)
 IMG_SIZE = 48  # vit_demo's input size
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _single_thread() -> Iterator[None]:
+    """Tiny models run fastest on one thread, and stay fast on a busy shared machine (two
+    busy-waiting torch threads on a loaded 2-core machine slow down tenfold)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import itertools
 import re
-from collections.abc import Iterator
 
 import loralib
 import pytest
@@ -37,13 +36,6 @@ SIZE = BACKBONES[DEMO].img_size
 WIDTH = BACKBONES[DEMO].embed_dim
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread, and stay fast on a busy shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

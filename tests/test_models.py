@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
@@ -11,15 +9,6 @@ from torch import nn
 
 from trainables.errors import ConfigError
 from trainables.models import BACKBONES, HEAD_INIT_STD, Backbone, build_backbone, get_backbone
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread, and stay fast on a busy shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("name", sorted(BACKBONES))
