@@ -121,8 +121,9 @@ class TrialPrinter(Callback):
         res = self.last.get(trial.trial_id, {})
         elapsed = time.monotonic() - self.start
         eta = elapsed / self.done * (self.total - self.done)
-        shown = {k: trial.config[k] for k in ("rank", "alpha", "targets", "lr", "layer_decay")
-                 if k in trial.config}
+        searched = ("rank", "alpha", "targets", "lr") if trial.config.get("rank") else (
+            "lr", "layer_decay")
+        shown = {k: trial.config[k] for k in searched if k in trial.config}
         params = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                           for k, v in shown.items())
         epochs = int(res.get("epoch", 0))
@@ -247,8 +248,7 @@ def base_config(cfg: StudyConfig, task: TaskSpec, arm: ArmSpec, data: TaskData,
 
 
 def search_arm(cfg: StudyConfig, task: TaskSpec, arm: ArmSpec, data: TaskData,
-               client, exp_id: str, parent: str, emit: Callable[[str], None],
-               max_concurrent: int) -> ArmOutcome:
+               client, exp_id: str, parent: str, max_concurrent: int) -> ArmOutcome:
     """One Tuner, one Optuna study, one ASHA scheduler for this task x arm."""
     space = get_space(arm.space)
     lora_r, fft_r = recipes(task)
@@ -367,7 +367,7 @@ def run_study(cfg: StudyConfig, emit: Callable[[str], None] = print,
         for task in cfg.tasks:
             emit(f"task {task.key}: preparing data")
             data = prepare_task_data(task, cfg.cache_dir)
-            task_outcomes = [search_arm(cfg, task, arm, data, client, exp_id, parent, emit,
+            task_outcomes = [search_arm(cfg, task, arm, data, client, exp_id, parent,
                                         max_concurrent) for arm in cfg.arms]
             if cfg.final.seeds:
                 emit(f"task {task.key}: final evaluation, {cfg.final.seeds} seed(s) per arm")
