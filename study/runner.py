@@ -351,7 +351,7 @@ def run_study(cfg: StudyConfig, emit: Callable[[str], None] = print,
               address: str | None = None) -> list[ArmOutcome]:
     """Run every task and arm of the study; returns what each arm found."""
     cfg.storage.mkdir(parents=True, exist_ok=True)
-    client, exp_id = connect(cfg.tracking.uri, cfg.tracking.experiment)
+    client, exp_id = connect(cfg.tracking.uri, cfg.tracking.experiment, cfg.storage)
     init_ray(address)
     max_concurrent = concurrency(cfg)
     checkpoints = {f"sha256_{t.foundation.name}": Path(t.foundation.checkpoint)

@@ -29,13 +29,21 @@ _SKIP_METRICS = {"epoch", "training_iteration", "time_this_iter_s", "time_total_
                  "timestamp", "time_since_restore", "iterations_since_restore", "pid"}
 
 
-def connect(uri: str, experiment: str) -> tuple[MlflowClient, str]:
-    """Client and experiment id; an unreachable server is a ConfigError before any training."""
+def connect(uri: str, experiment: str, storage: Path) -> tuple[MlflowClient, str]:
+    """Client and experiment id; an unreachable server is a ConfigError before any training.
+
+    With a local store, a new experiment keeps its artifacts under the study directory
+    (MLflow's default would be `./mlruns` of whatever folder the command ran in); a tracking
+    server decides for itself.
+    """
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
+    local = uri.startswith(("sqlite:", "file:")) or "://" not in uri
+    artifacts = (storage / "mlartifacts").resolve().as_uri() if local else None
     try:
         found = client.get_experiment_by_name(experiment)
-        exp_id = found.experiment_id if found else client.create_experiment(experiment)
+        exp_id = found.experiment_id if found else client.create_experiment(
+            experiment, artifact_location=artifacts)
     except Exception as exc:  # noqa: BLE001 - any transport failure means "cannot track"
         raise ConfigError(f"tracking.uri {uri}: MLflow is not reachable ({type(exc).__name__}): "
                           "start the server or fix the URI") from exc

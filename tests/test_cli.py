@@ -69,7 +69,7 @@ def test_best_on_missing_store_creates_nothing(capsys, tmp_path):
 def test_best_on_unknown_experiment(capsys, tmp_path):
     from mlflow.tracking import MlflowClient
     uri = f"sqlite:///{tmp_path / 'm.db'}"
-    MlflowClient(uri).create_experiment("other")
+    MlflowClient(uri).create_experiment("other", artifact_location=tmp_path.as_uri())
     code, _, err = _run(capsys, "best", "--tracking-uri", uri, "--experiment", "nope")
     _assert_one_line_error(code, err, "'nope' not found")
 

@@ -142,6 +142,9 @@ def test_final_runs_have_test_metrics_and_predictions(small_study):
     for run_id in final["run_id"]:
         paths = {a.path for a in client.list_artifacts(run_id)}
         assert any(p.endswith(".parquet") for p in paths) and "config.json" in paths
+    # artifacts live under the study directory, not in ./mlruns of the current folder
+    stored = list((cfg.storage / "mlartifacts").rglob("seed0.parquet"))
+    assert len(stored) == len(final)
 
 
 def test_arms_get_equal_budgets(small_study):
