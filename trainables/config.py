@@ -115,7 +115,6 @@ class TrialConfig:
 FLAT_EXTRA_KEYS = frozenset({
     "arm", "foundation", "checkpoint", "num_classes", "rank", "alpha", "alpha_ratio",
     "lora_dropout", "targets", "task", "dataset", "label_fraction", "split_seed", "model",
-    "trial_number",
 })
 
 
