@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 import loralib
 import torch
+from _table import print_rows
 from torch import Tensor, nn
 
 from trainables.lora import (
@@ -209,14 +210,8 @@ def _print_table(results: dict[str, dict[str, dict[str, float]]]) -> None:
             "{:.3f}",
         ),
     ]
-    names = list(results)
-    width = max(len(label) for label, _, _ in rows)
-    header = f"{'':<{width}} " + " ".join(f"{f'{n} (b{BATCH_SIZES.get(n, 8)})':>22}" for n in names)
-    print(header)
-    print("-" * len(header))
-    for label, value, fmt in rows:
-        cells = " ".join(f"{fmt.format(value(results[n])):>22}" for n in names)
-        print(f"{label:<{width}} {cells}")
+    titles = [f"{n} (b{BATCH_SIZES.get(n, 8)})" for n in results]
+    print_rows(results, rows, titles, cell_width=22)
 
 
 def main() -> None:

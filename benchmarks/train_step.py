@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _table import print_rows  # noqa: E402
 
 from trainables.config import TrialConfig  # noqa: E402
 from trainables.fit import (  # noqa: E402
@@ -277,17 +278,7 @@ def _rows(device: torch.device) -> list[tuple[str, Callable[[dict], float | None
 
 
 def print_table(results: dict[str, dict[str, float | None]], device: torch.device) -> None:
-    rows = _rows(device)
-    width = max(len(label) for label, _, _ in rows)
-    header = f"{'':<{width}} " + " ".join(f"{name:>18}" for name in results)
-    print(header)
-    print("-" * len(header))
-    for label, value, fmt in rows:
-        cells = []
-        for name in results:
-            v = value(results[name])
-            cells.append(f"{'n/a' if v is None else fmt.format(v):>18}")
-        print(f"{label:<{width}} {' '.join(cells)}")
+    print_rows(results, _rows(device))
 
 
 def main() -> None:
