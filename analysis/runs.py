@@ -72,7 +72,7 @@ def best_configs(runs: pd.DataFrame, task: str | None = None,
         return pd.DataFrame()
     search = runs[(runs["tag.phase"] == "search") & runs["tag.trial_id"].notna()
                   & runs["metric.best_val_auroc"].notna()]
-    finals = runs[(runs["tag.phase"] == "final") & runs.get("metric.test_auroc").notna()] if (
+    finals = runs[(runs["tag.phase"] == "final") & runs["metric.test_auroc"].notna()] if (
         "metric.test_auroc" in runs) else runs.iloc[0:0]
     if task:
         search = search[search["tag.task"] == task]

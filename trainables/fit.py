@@ -266,6 +266,7 @@ def fit(cfg: TrialConfig, reporter: Reporter,
     if restored is not None:
         state = TrainState.load(model, optimizer, restored)
     params = [p for p in model.parameters() if p.requires_grad]
+    device = next(model.parameters()).device
     start, seen = time.perf_counter(), 0
     for epoch in range(state.epoch, cfg.train.epochs):
         sampler.set_epoch(epoch)
@@ -273,7 +274,6 @@ def fit(cfg: TrialConfig, reporter: Reporter,
         loss_sum, batches = 0.0, 0
         for step, (images, labels, _) in enumerate(loader):
             scheduler.step_update(epoch * len(loader) + step)
-            device = next(model.parameters()).device
             x = to_model_input(images, mean, std, cfg.train.augmentation == "crop_flip_erase")
             with _autocast(device):
                 logits = model(x.to(device))
