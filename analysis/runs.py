@@ -37,8 +37,12 @@ def _typed(name: str, value: str) -> Any:
     return value
 
 
-def load_runs(tracking_uri: str, experiment: str) -> pd.DataFrame:
-    """One row per run: ids, status, tags (`tag.*`), typed params, latest metrics."""
+def load_runs(tracking_uri: str, experiment: str,
+              include_superseded: bool = False) -> pd.DataFrame:
+    """One row per run: ids, status, tags (`tag.*`), typed params, latest metrics.
+
+    Final runs of a config that a grown search has since replaced carry `superseded=true` and
+    are left out unless asked for."""
     if tracking_uri.startswith("sqlite:///"):
         db = Path(tracking_uri.removeprefix("sqlite:///"))
         if not db.is_file():  # reading must never create an empty store
@@ -50,6 +54,8 @@ def load_runs(tracking_uri: str, experiment: str) -> pd.DataFrame:
                           "--tracking-uri and --experiment (see `mlflow experiments search`)")
     rows = []
     for run in client.search_runs([exp.experiment_id], max_results=50000):
+        if run.data.tags.get("superseded") == "true" and not include_superseded:
+            continue
         row: dict[str, Any] = {"run_id": run.info.run_id, "run_name": run.info.run_name,
                                "status": run.info.status,
                                "start_time": run.info.start_time, "end_time": run.info.end_time}

@@ -151,11 +151,14 @@ def _arm_table(arm_runs: pd.DataFrame, ranked: set[str]) -> pd.DataFrame:
         "space": _col(arm_runs, "tag.space").to_numpy()})
     for name in ("optimizer", "trials", "max_t", "preset", "split_hash"):
         out[name] = _col(arm_runs, name).to_numpy()
+    if "tag.trials" in arm_runs:  # a tag, not a param: a grown search raises it
+        tagged = pd.to_numeric(arm_runs["tag.trials"], errors="coerce").to_numpy()
+        out["trials"] = pd.Series(tagged).fillna(pd.Series(out["trials"])).to_numpy()
     for name in metrics:
         out[name] = pd.to_numeric(_col(arm_runs, f"metric.{name}"), errors="coerce").to_numpy()
     out["kind"] = [arm_kind(s, r in ranked) for s, r in zip(out["space"], out["run_id"])]
     for name in ("trials", "max_t"):
-        out[name] = out[name].astype("Int64")
+        out[name] = pd.to_numeric(out[name], errors="coerce").astype("Int64")
     return out.sort_values(["task", "arm"]).reset_index(drop=True)
 
 

@@ -28,8 +28,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
         from study.plan import plan_text
         print(plan_text(cfg))
         return 0
+    if args.add_trials is not None and args.add_trials < 1:
+        raise StudyError(f"--add-trials {args.add_trials}: give a number of trials >= 1")
+    if args.arm and args.add_trials is None:
+        raise StudyError("--arm only selects where --add-trials go: add --add-trials N")
+    add = {arm: args.add_trials for arm in (args.arm or [a.name for a in cfg.arms])} if (
+        args.add_trials) else None
     from study.runner import run_study
-    run_study(cfg, address=args.address)
+    try:
+        run_study(cfg, address=args.address, resume=args.resume or bool(add), add_trials=add)
+    except KeyboardInterrupt:
+        print(f"cxr-study: interrupted; the study is saved. Continue it with: cxr-study run "
+              f"{args.study} --resume", file=sys.stderr)
+        return 130
     return 0
 
 
@@ -88,7 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a study file")
     run.add_argument("study", help="study file (TOML)")
     run.add_argument("--dry-run", action="store_true", help="print the plan and exit")
-    run.add_argument("--address", default=None, help="join a running Ray cluster")
+    run.add_argument("--address", default=None,
+                     help="join a running Ray cluster: auto, HOST:PORT or ray://HOST:PORT")
+    run.add_argument("--resume", action="store_true",
+                     help="continue a stopped or killed study, or grow a finished one")
+    run.add_argument("--add-trials", type=int, default=None, metavar="N",
+                     help="N more search trials per task for each arm (implies --resume)")
+    run.add_argument("--arm", action="append", default=None,
+                     help="with --add-trials: only this arm (repeatable)")
     run.set_defaults(func=_cmd_run)
     best = sub.add_parser("best", help="best config per task and arm, from MLflow")
     best.add_argument("--tracking-uri", required=True)

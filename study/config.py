@@ -160,6 +160,7 @@ class StudyConfig:
     final: FinalSpec
     tracking: TrackingSpec
     cache_dir: Path
+    checkpoints_to_keep: int = 2
     source: Path | None = field(default=None, compare=False)
 
 
@@ -202,13 +203,18 @@ def parse_study(data: dict[str, Any], base: Path, source: Path | None = None) ->
     """Validate a parsed TOML document. `base` anchors relative paths."""
     _known(data, _SECTIONS, "study file")
     head = data.get("study", {})
-    _known(head, {"name", "storage", "cache_dir"}, "[study]")
+    _known(head, {"name", "storage", "cache_dir", "checkpoints_to_keep"}, "[study]")
     name = _typed(head.get("name", "study"), str, "study.name")
     storage = Path(_path(base, _typed(head.get("storage", "."), str, "study.storage")))
     # The image cache: under the study by default; on a cluster, any path every node can read
     # (shared storage), or a node-local path that each node fills once under the same key.
     cache_dir = Path(_path(storage, _typed(head.get("cache_dir", "cache"), str,
                                            "study.cache_dir")))
+
+    # Ray Train keeps this many checkpoints per trial (the newest and, by default, one to fall
+    # back on if the newest is damaged); a trial's best weights travel inside each of them.
+    keep = _typed(head.get("checkpoints_to_keep", 2), int, "study.checkpoints_to_keep")
+    _check(keep >= 1, "study.checkpoints_to_keep", "must be >= 1 (2 keeps a fallback)")
 
     tasks_table = data.get("tasks")
     _check(isinstance(tasks_table, dict), "[tasks]", "missing: give foundations, datasets and "
@@ -258,7 +264,7 @@ def parse_study(data: dict[str, Any], base: Path, source: Path | None = None) ->
         resources=_build(ResourceSpec, data.get("resources", {}), "[resources]"),
         final=_build(FinalSpec, data.get("final", {}), "[final]"),
         tracking=TrackingSpec(uri, tracking.get("experiment", name)), cache_dir=cache_dir,
-        source=source)
+        checkpoints_to_keep=keep, source=source)
 
 
 def load_study(path: Path) -> StudyConfig:

@@ -80,7 +80,7 @@ def run_demo(directory: Path, emit: Callable[[str], None] = print) -> pd.DataFra
 def _fresh_tracking(cfg: StudyConfig) -> None:
     """A rerun of the demo starts a new study: old MLflow/Optuna/Tune state is moved aside."""
     for name in ("mlflow.db", "optuna.db", "tune", "train", "predictions", "mlartifacts",
-                 "report"):
+                 "report", "study_state.json", "tracking_backlog"):
         path = cfg.storage / name
         if path.is_dir():
             shutil.rmtree(path)

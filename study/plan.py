@@ -13,7 +13,6 @@ from trainables.foundation import get_foundation
 from trainables.lora import TARGETS, LoraSpec, apply_lora, count_parameters
 from trainables.models import build_backbone
 
-CHECKPOINTS_KEPT = 2  # Ray Train keeps the latest two per trial (trainables/ray_train.py)
 BYTES = 4  # float32
 
 
@@ -49,8 +48,8 @@ def plan_text(cfg: StudyConfig) -> str:
         for task in cfg.tasks:
             optimizer = arm.optimizer or default_optimizer(task.foundation.name)
             runs = arm.trials + cfg.final.seeds
-            disk += runs * CHECKPOINTS_KEPT * checkpoint_bytes(cfg, arm, task.foundation.name,
-                                                               optimizer)
+            disk += runs * cfg.checkpoints_to_keep * checkpoint_bytes(
+                cfg, arm, task.foundation.name, optimizer)
     epochs = len(cfg.tasks) * sum(a.trials + cfg.final.seeds for a in cfg.arms) * (
         cfg.search.max_t)
     res = cfg.resources
@@ -58,5 +57,5 @@ def plan_text(cfg: StudyConfig) -> str:
                  f"early); each trial uses {res.num_workers} worker(s) x "
                  f"{res.cpus_per_worker:g} CPU, {res.gpus_per_worker:g} GPU")
     lines.append(f"  disk: at most {disk / 1e9:.1f} GB of trial checkpoints "
-                 f"({CHECKPOINTS_KEPT} kept per trial, largest sampled config)")
+                 f"({cfg.checkpoints_to_keep} kept per trial, largest sampled config)")
     return "\n".join(lines)

@@ -5,8 +5,11 @@ score it on test. MLflow gets the whole hierarchy through `study.tracking`.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,21 +17,37 @@ from typing import Any
 
 import optuna
 import ray
+import torch
+from mlflow.entities import RunTag
 from ray import tune
-from ray.tune import Callback, FailureConfig, RunConfig, TuneConfig, Tuner
+from ray.tune import Callback, FailureConfig, ResultGrid, RunConfig, TuneConfig, Tuner
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 from ray.util.placement_group import PlacementGroup, remove_placement_group
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from search_spaces import default_optimizer, fft_recipe, get_space, lora_recipe, preset_point
 from search_spaces.presets import Recipe, demo_recipes
 from study.config import ArmSpec, StudyConfig, TaskSpec
-from study.tracking import MlflowTrialTracker, connect, end_run, provenance, start_run
+from study.state import Segment, StudyState, config_hash
+from study.tracking import (
+    PARENT_TAG,
+    MlflowTrialTracker,
+    connect,
+    end_open_runs,
+    end_run,
+    find_run,
+    provenance,
+    reopen_run,
+    start_run,
+)
 from trainables.cache import build_cache, label_names
-from trainables.datasets import load_splits
+from trainables.config import parse_targets
+from trainables.datasets import DatasetSplits, load_splits
 from trainables.errors import ConfigError
-from trainables.foundation import get_foundation
-from trainables.models import get_backbone
+from trainables.foundation import get_foundation, load_foundation
+from trainables.lora import LoraSpec, apply_lora
+from trainables.models import build_backbone, get_backbone
 from trainables.ray_train import tune_trial
 
 # Train polls its workers this often; Ray's default of 2 s adds up to 2 s to every report.
@@ -49,6 +68,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     kwargs: dict[str, Any] = {"runtime_env": {"env_vars": RAY_ENV}, "log_to_driver": False,
                               "configure_logging": False}
     if address:
+        _check_reachable(address)
         try:
             ray.init(address=address, **kwargs)
         except Exception as exc:  # noqa: BLE001 - any failure to join is the user's to fix
@@ -57,6 +77,22 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         return
     ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=True,
              dashboard_host="127.0.0.1", object_store_memory=1_000_000_000, **kwargs)
+
+
+def _check_reachable(address: str) -> None:
+    """A HOST:PORT (or ray://HOST:PORT) that nothing answers on fails in seconds, not after
+    Ray's own reconnect timeout."""
+    if address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--address {address}: use auto, HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as exc:
+        raise ConfigError(f"--address {address}: nothing answers there ({exc.strerror or exc}):"
+                          " start the head node with `ray start --head` or fix the address"
+                          ) from exc
 
 
 def concurrency(cfg: StudyConfig) -> int:
@@ -68,12 +104,24 @@ def concurrency(cfg: StudyConfig) -> int:
     fits_gpu = int(gpus // (res.num_workers * res.gpus_per_worker)) if res.gpus_per_worker else (
         fits_cpu)
     fits = min(fits_cpu, fits_gpu)
+    per_node = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    if per_node and not any(r.get("CPU", 0) >= res.cpus_per_worker and r.get("GPU", 0) >= (
+            res.gpus_per_worker) for r in per_node):
+        fits = 0
     if fits < 1:
         raise ConfigError(
-            f"resources: a trial needs {res.cpus_per_trial:g} CPUs and "
-            f"{res.num_workers * res.gpus_per_worker:g} GPUs but the cluster has {cpus:g} CPUs "
-            f"and {gpus:g} GPUs: lower num_workers/cpus_per_worker/gpus_per_worker")
+            f"resources: a trial needs {res.num_workers} worker(s) of {res.cpus_per_worker:g} CPU "
+            f"and {res.gpus_per_worker:g} GPU but the cluster has {cpus:g} CPUs and {gpus:g} "
+            f"GPUs (most on one node: {_largest_node(per_node)}): lower num_workers, "
+            "cpus_per_worker or gpus_per_worker")
     return min(fits, res.max_concurrent_trials) if res.max_concurrent_trials else fits
+
+
+def _largest_node(nodes: list[dict]) -> str:
+    if not nodes:
+        return "none"
+    best = max(nodes, key=lambda r: (r.get("CPU", 0), r.get("GPU", 0)))
+    return f"{best.get('CPU', 0):g} CPU, {best.get('GPU', 0):g} GPU"
 
 
 class PlacementGroupReaper(Callback):
@@ -118,7 +166,7 @@ class TrialPrinter(Callback):
 
     def _line(self, trial, status: str) -> None:
         self.done += 1
-        res = self.last.get(trial.trial_id, {})
+        res = self.last.get(trial.trial_id) or trial.last_result or {}
         elapsed = time.monotonic() - self.start
         eta = elapsed / self.done * (self.total - self.done)
         searched = ("rank", "alpha", "targets", "lr") if trial.config.get("rank") else (
@@ -215,9 +263,10 @@ class TaskData:
     content_hash: str
 
 
-def prepare_task_data(task: TaskSpec, cache_root: Path) -> TaskData:
+def prepare_task_data(task: TaskSpec, cache_root: Path, splits: DatasetSplits | None = None
+                      ) -> TaskData:
     """Load the task's splits and build (or reuse) the shared image cache at the model's size."""
-    splits = load_splits(task.data_spec())
+    splits = splits or load_splits(task.data_spec())
     size = get_backbone(get_foundation(task.foundation.name).backbone).img_size
     cache = build_cache(splits, size, cache_root)
     return TaskData(cache, len(label_names(cache)), splits.content_hash)
@@ -239,7 +288,7 @@ def base_config(cfg: StudyConfig, task: TaskSpec, arm: ArmSpec, data: TaskData,
         "weight_decay": recipe.weight_decay if recipe else 0.05,
         "layer_decay": 1.0, "phase": "search", "storage_path": str(cfg.storage / "train"),
         "num_workers": res.num_workers, "cpus_per_worker": res.cpus_per_worker,
-        "gpus_per_worker": res.gpus_per_worker,
+        "gpus_per_worker": res.gpus_per_worker, "checkpoints_to_keep": cfg.checkpoints_to_keep,
     }
     base.update(dict(cfg.train))
     if arm.kind == "fft" and recipe is not None and optimizer == recipe.optimizer:
@@ -247,63 +296,182 @@ def base_config(cfg: StudyConfig, task: TaskSpec, arm: ArmSpec, data: TaskData,
     return base
 
 
-def search_arm(cfg: StudyConfig, task: TaskSpec, arm: ArmSpec, data: TaskData,
-               client, exp_id: str, parent: str, max_concurrent: int) -> ArmOutcome:
-    """One Tuner, one Optuna study, one ASHA scheduler for this task x arm."""
+TRAINABLE = tune.with_resources(tune_trial, TRIAL_RESOURCES)
+
+
+class StudyInterrupted(KeyboardInterrupt):
+    """Ctrl-C reached a search: Tune saved its state, the study can be resumed."""
+
+
+@dataclass
+class Session:
+    """What every search of one `run_study` call shares."""
+
+    cfg: StudyConfig
+    client: Any
+    exp_id: str
+    parent: str
+    max_concurrent: int
+    state: StudyState
+    emit: Callable[[str], None]
+
+    def save(self) -> None:
+        self.state.save(self.cfg.storage)
+
+    def backlog(self, name: str) -> Path:
+        return self.cfg.storage / "tracking_backlog" / f"{name}.jsonl"
+
+
+# Experiment folder -> whether its last fit ended with trials neither finished nor failed.
+_UNFINISHED: dict[str, bool] = {}
+
+
+class InterruptWatch(Callback):
+    """Tells an interrupted fit from a finished one.
+
+    On Ctrl-C Tune saves its state (trials RUNNING), then stops the trials, which then look
+    TERMINATED in the ResultGrid; only trials Tune reported complete or errored (or that were
+    already over when a restored fit started) have really ended.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.key, self.before = str(path), None
+        self.ended: set[str] = set()
+
+    def on_step_begin(self, iteration, trials, **info) -> None:
+        if self.before is None:
+            self.before = {t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")}
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self.ended.add(trial.trial_id)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self.ended.add(trial.trial_id)
+
+    def on_experiment_end(self, trials, **info) -> None:
+        over = self.ended | (self.before or set())
+        _UNFINISHED[self.key] = any(t.trial_id not in over for t in trials)
+
+
+class ResumableOptunaSearch(OptunaSearch):
+    """OptunaSearch that survives a resume racing its storage.
+
+    A driver killed after Optuna was told a trial's outcome but before Tune saved that the trial
+    ended restores the trial as running; its next report would hit a finished Optuna trial.
+    The outcome is already recorded, so those calls are skipped.
+    """
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+            super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None,
+                          error: bool = False) -> None:
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+            super().on_trial_complete(trial_id, result, error)
+
+
+def _fit(path: Path, make: Callable[[], Tuner], expected: int, emit) -> ResultGrid:
+    """Fit a Tune experiment, continuing it from its folder if it already started.
+
+    A finished experiment comes back at once with its results; unfinished trials continue
+    from their last checkpoint (Ray Train finds it under the same run name). Trials that
+    errored stay errored: the searcher was told, and rerunning them would count them twice.
+    """
+    if Tuner.can_restore(str(path)):
+        emit(f"  continuing {path.name}")
+        tuner = Tuner.restore(str(path), trainable=TRAINABLE, resume_unfinished=True)
+    else:
+        tuner = make()
+    _UNFINISHED.pop(str(path), None)
+    grid = tuner.fit()
+    if len(grid) < expected or _UNFINISHED.pop(str(path), True):
+        raise StudyInterrupted(path.name)
+    return grid
+
+
+def search_arm(session: Session, task: TaskSpec, arm: ArmSpec, data: TaskData) -> ArmOutcome:
+    """One Optuna study and ASHA scheduler for this task x arm, over one or more Tune
+    experiments: the first runs the study file's trials; `--add-trials` and a raised trial
+    count append more, asked from the same Optuna study (the sampler sees every past trial)."""
+    cfg, client, state = session.cfg, session.client, session.state
+    key = f"{task.key}/{arm.name}"
     space = get_space(arm.space)
     lora_r, fft_r = recipes(task)
     recipe = lora_r if space.kind == "lora" else fft_r
     base = base_config(cfg, task, arm, data, recipe)
     fixed = dict(arm.fixed)
     optimizer = base["optimizer"]
-
     define_by_run = DefineByRun(arm.space, base, fixed, optimizer, recipe)
-
     preset = preset_point(space, recipe, optimizer)
-    points = [{k: v for k, v in preset.items() if k not in fixed}] if preset else None
-    run_id = start_run(client, exp_id, f"{task.key}/{arm.name}",
-                       {"arm": arm.name, "task": task.key, "phase": "search",
-                        "level": "arm", "space": arm.space},
-                       parent, {"space": arm.space, "trials": arm.trials,
-                                "max_t": cfg.search.max_t, "optimizer": optimizer,
-                                "preset": preset or {}, "split_hash": data.content_hash})
-    storage = optuna.storages.RDBStorage(f"sqlite:///{cfg.storage / 'optuna.db'}")
-    searcher = OptunaSearch(space=define_by_run, metric="val_auroc", mode="max",
-                            sampler=_sampler(cfg.search.sampler, cfg.search.seed),
-                            points_to_evaluate=points, storage=storage,
-                            study_name=f"{cfg.name}/{task.key}/{arm.name}")
-    scheduler = ASHAScheduler(time_attr="epoch", metric="val_auroc", mode="max",
-                              max_t=cfg.search.max_t, grace_period=cfg.search.grace_period,
-                              reduction_factor=cfg.search.reduction_factor)
-    tracker = MlflowTrialTracker(client, exp_id, run_id,
-                                 {"arm": arm.name, "task": task.key, "phase": "search"},
-                                 cfg.search.max_t)
+
+    run_id = find_run(client, session.exp_id, state.arm_runs.get(key))
+    if run_id:
+        reopen_run(client, run_id)
+    else:
+        run_id = start_run(client, session.exp_id, key,
+                           {"arm": arm.name, "task": task.key, "phase": "search",
+                            "level": "arm", "space": arm.space},
+                           session.parent, {"space": arm.space, "max_t": cfg.search.max_t,
+                                            "optimizer": optimizer, "preset": preset or {},
+                                            "split_hash": data.content_hash})
+        state.arm_runs[key] = run_id
+        session.save()
+    planned = state.planned(arm.name, arm.trials)
+    segments = state.segments.setdefault(key, [])
+    if state.done_trials(key) < planned:
+        suffix = f"-add{len(segments)}" if segments else ""
+        segments.append(Segment(f"{task.key}-{arm.name}{suffix}",
+                                planned - state.done_trials(key)))
+        session.save()
+    client.set_tag(run_id, "trials", str(state.done_trials(key)))
+
     start = time.monotonic()
-    grid = Tuner(
-        tune.with_resources(tune_trial, TRIAL_RESOURCES),
-        tune_config=TuneConfig(search_alg=searcher, scheduler=scheduler,
-                               num_samples=arm.trials, max_concurrent_trials=max_concurrent,
-                               trial_dirname_creator=trial_dirname),
-        run_config=RunConfig(
-            name=f"{task.key}-{arm.name}", storage_path=str(cfg.storage / "tune"), verbose=0,
-            failure_config=FailureConfig(max_failures=1),
-            callbacks=[tracker, PlacementGroupReaper(),
-                       TrialPrinter(f"{task.key} {arm.name}", arm.trials, cfg.search.max_t)]),
-    ).fit()
+    results, failed, offset = [], 0, 0
+    for number, segment in enumerate(segments):
+        storage = optuna.storages.RDBStorage(f"sqlite:///{cfg.storage / 'optuna.db'}")
+        points = [{k: v for k, v in preset.items() if k not in fixed}] if (
+            preset and number == 0) else None
+        tracker = MlflowTrialTracker(client, session.exp_id, run_id,
+                                     {"arm": arm.name, "task": task.key, "phase": "search"},
+                                     cfg.search.max_t, session.backlog(segment.name), offset)
+        path = cfg.storage / "tune" / segment.name
+
+        def make(segment=segment, points=points, storage=storage, tracker=tracker,
+                 path=path) -> Tuner:
+            searcher = ResumableOptunaSearch(space=define_by_run, metric="val_auroc", mode="max",
+                                    sampler=_sampler(cfg.search.sampler, cfg.search.seed),
+                                    points_to_evaluate=points, storage=storage,
+                                    study_name=f"{cfg.name}/{key}")
+            scheduler = ASHAScheduler(time_attr="epoch", metric="val_auroc", mode="max",
+                                      max_t=cfg.search.max_t,
+                                      grace_period=cfg.search.grace_period,
+                                      reduction_factor=cfg.search.reduction_factor)
+            return Tuner(TRAINABLE, tune_config=TuneConfig(
+                search_alg=searcher, scheduler=scheduler, num_samples=segment.trials,
+                max_concurrent_trials=session.max_concurrent,
+                trial_dirname_creator=trial_dirname),
+                run_config=_run_config(cfg, segment.name, [
+                    tracker, PlacementGroupReaper(), InterruptWatch(path),
+                    TrialPrinter(f"{task.key} {arm.name}", segment.trials, cfg.search.max_t)]))
+        grid = _fit(path, make, segment.trials, session.emit)
+        tracker.drain()
+        fail_orphans(storage, f"{cfg.name}/{key}")
+        results += [r for r in grid if r.metrics and "best_val_auroc" in r.metrics]
+        failed += grid.num_errors
+        offset += segment.trials
     wall = time.monotonic() - start
-    results = [r for r in grid if r.metrics and "best_val_auroc" in r.metrics]
-    failed = sum(1 for r in grid if r.error is not None)
     if not results:
         end_run(client, run_id, "FAILED", tags={"error": "every trial failed"})
-        raise ConfigError(f"{task.key}/{arm.name}: every trial failed; see the MLflow runs' "
-                          "'error' tags and fix the config")
+        raise ArmFailed(f"{key}: every trial failed; see the 'error' tag of its MLflow trial "
+                        "runs and fix the config")
     best = max(results, key=lambda r: r.metrics["best_val_auroc"])
     epochs = sum(int(r.metrics.get("epoch", 0)) for r in results)
     stopped = sum(1 for r in results if int(r.metrics.get("epoch", 0)) < cfg.search.max_t)
     outcome = ArmOutcome(arm.name, task.key, run_id, dict(best.config),
-                         float(best.metrics["best_val_auroc"]), len(grid), stopped, failed, epochs,
-                         wall)
-    full = arm.trials * cfg.search.max_t
+                         float(best.metrics["best_val_auroc"]), len(results) + failed, stopped,
+                         failed, epochs, wall)
+    full = state.done_trials(key) * cfg.search.max_t
     end_run(client, run_id, metrics={
         "best_val_auroc": outcome.best_val, "epochs_spent": epochs,
         "epochs_saved": full - epochs, "trials_stopped_early": stopped, "trials_failed": failed,
@@ -312,32 +480,79 @@ def search_arm(cfg: StudyConfig, task: TaskSpec, arm: ArmSpec, data: TaskData,
     return outcome
 
 
-def final_arm(cfg: StudyConfig, outcome: ArmOutcome, client, exp_id: str,
-              max_concurrent: int) -> None:
-    """Retrain the arm's best config with the final seeds; score the best-val epoch on test."""
+class ArmFailed(ConfigError):
+    """Every trial of an arm failed; the study goes on with its other arms."""
+
+
+def fail_orphans(storage: optuna.storages.BaseStorage, study_name: str) -> int:
+    """Optuna trials still RUNNING after their search ended were asked by a driver that died
+    before Tune saved them: no Tune trial will ever report them, so they are marked FAIL (Tune
+    asks new ones to reach the planned count)."""
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:
+        return 0
+    orphans = [t for t in study.get_trials(deepcopy=False)
+               if t.state == optuna.trial.TrialState.RUNNING]
+    for trial in orphans:
+        storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+    return len(orphans)
+
+
+def _run_config(cfg: StudyConfig, name: str, callbacks: list[Callback]) -> RunConfig:
+    return RunConfig(name=name, storage_path=str(cfg.storage / "tune"), verbose=0,
+                     failure_config=FailureConfig(max_failures=1), callbacks=callbacks)
+
+
+def final_arm(session: Session, outcome: ArmOutcome) -> None:
+    """Retrain the arm's best config with the final seeds; score the best-val epoch on test.
+
+    The final runs belong to a config: when a grown search finds a better one, the earlier
+    final runs are tagged `superseded` and the new config is retrained.
+    """
+    cfg, client, state = session.cfg, session.client, session.state
+    key = f"{outcome.task}/{outcome.arm}"
+    digest = config_hash(outcome.best_config)
+    if state.finals.get(key) not in (None, digest):
+        _supersede(client, session.exp_id, outcome.run_id, state.finals[key])
+    state.finals[key] = digest
+    session.save()
     seeds = list(range(cfg.final.seeds))
-    pred_dir = cfg.storage / "predictions" / outcome.task / outcome.arm
+    pred_dir = cfg.storage / "predictions" / outcome.task / outcome.arm / digest
     config = {**outcome.best_config, "phase": "final", "seed": tune.grid_search(seeds),
               "predictions_path": str(pred_dir / "seed{seed}.parquet"),
               "patient_salt": cfg.name}
-    tracker = MlflowTrialTracker(client, exp_id, outcome.run_id,
-                                 {"arm": outcome.arm, "task": outcome.task, "phase": "final"},
-                                 cfg.search.max_t)
-    grid = Tuner(
-        tune.with_resources(tune_trial, TRIAL_RESOURCES), param_space=config,
-        tune_config=TuneConfig(max_concurrent_trials=max_concurrent,
-                               trial_dirname_creator=trial_dirname),
-        run_config=RunConfig(name=f"{outcome.task}-{outcome.arm}-final",
-                             storage_path=str(cfg.storage / "tune"), verbose=0,
-                             failure_config=FailureConfig(max_failures=1),
-                             callbacks=[tracker, PlacementGroupReaper()]),
-    ).fit()
+    name = f"{outcome.task}-{outcome.arm}-final-{digest}"
+    tracker = MlflowTrialTracker(client, session.exp_id, outcome.run_id,
+                                 {"arm": outcome.arm, "task": outcome.task, "phase": "final",
+                                  "final_config": digest},
+                                 cfg.search.max_t, session.backlog(name))
+
+    path = cfg.storage / "tune" / name
+
+    def make() -> Tuner:
+        return Tuner(TRAINABLE, param_space=config,
+                     tune_config=TuneConfig(max_concurrent_trials=session.max_concurrent,
+                                            trial_dirname_creator=trial_dirname),
+                     run_config=_run_config(cfg, name, [tracker, PlacementGroupReaper(),
+                                                        InterruptWatch(path)]))
+    reopen_run(client, outcome.run_id)
+    grid = _fit(path, make, len(seeds), session.emit)
+    tracker.drain()
     for result in grid:
         if result.metrics and "test_auroc" in result.metrics:
             outcome.final_test.append(float(result.metrics["test_auroc"]))
             seed = result.config["seed"]
-            tracker.log_artifact(result.metrics["trial_id"],
-                                 pred_dir / f"seed{seed}.parquet")
+            tracker.log_artifact(result.metrics["trial_id"], pred_dir / f"seed{seed}.parquet")
+    end_run(client, outcome.run_id)
+
+
+def _supersede(client, exp_id: str, arm_run: str, digest: str) -> None:
+    runs = client.search_runs([exp_id], filter_string=(
+        f"tags.`{PARENT_TAG}` = '{arm_run}' and tags.phase = 'final' and "
+        f"tags.final_config = '{digest}'"), max_results=10000)
+    for run in runs:
+        client.set_tag(run.info.run_id, "superseded", "true")
 
 
 def _sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
@@ -347,38 +562,145 @@ def _sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
             "qmc": lambda: optuna.samplers.QMCSampler(seed=seed)}[name]()
 
 
+def preflight(cfg: StudyConfig, emit: Callable[[str], None]) -> dict[str, TaskData]:
+    """Everything that can be wrong with the inputs, found before Ray, MLflow or any training:
+    every task's splits, every foundation checkpoint against its architecture, every fixed
+    LoRA setting; then each task's image cache (built once, reused by later runs)."""
+    for ref in {t.foundation for t in cfg.tasks}:
+        check_foundation(ref.name, ref.checkpoint)
+    for arm in cfg.arms:
+        for name in {t.foundation.name for t in cfg.tasks}:
+            check_arm(arm, name)
+    splits = {task.key: load_splits(task.data_spec()) for task in cfg.tasks}
+    data = {}
+    for task in cfg.tasks:
+        emit(f"task {task.key}: preparing data")
+        data[task.key] = prepare_task_data(task, cfg.cache_dir, splits[task.key])
+    return data
+
+
+def check_foundation(name: str, checkpoint: str | None) -> None:
+    """The checkpoint loads into the foundation's architecture (weights only, real shapes)."""
+    if not checkpoint:
+        return
+    model = build_backbone(get_foundation(name).backbone, 2)
+    load_foundation(model, Path(checkpoint))
+
+
+def check_arm(arm: ArmSpec, foundation: str) -> None:
+    """Fixed LoRA settings fit the model (rank <= width, targets that exist): on meta tensors."""
+    if arm.kind != "lora":
+        return
+    fixed = dict(arm.fixed)
+    targets = parse_targets(fixed["targets"]) if "targets" in fixed else ("q", "v")
+    rank = int(fixed.get("rank", 1))
+    with torch.device("meta"):
+        model = build_backbone(get_foundation(foundation).backbone, 2)
+        try:
+            apply_lora(model, LoraSpec(rank, float(rank), 0.0, targets))
+        except ConfigError as exc:
+            raise ConfigError(f"arms.{arm.name}.fixed: {exc}") from exc
+
+
 def run_study(cfg: StudyConfig, emit: Callable[[str], None] = print,
-              address: str | None = None) -> list[ArmOutcome]:
-    """Run every task and arm of the study; returns what each arm found."""
-    cfg.storage.mkdir(parents=True, exist_ok=True)
-    client, exp_id = connect(cfg.tracking.uri, cfg.tracking.experiment, cfg.storage)
+              address: str | None = None, resume: bool = False,
+              add_trials: dict[str, int] | None = None) -> list[ArmOutcome]:
+    """Run (or, with `resume`, continue and grow) every task and arm of the study."""
+    state = StudyState.load(cfg.storage)
+    if state is not None and not resume:
+        raise ConfigError(f"{cfg.storage} already holds study {state.name!r}: pass --resume to "
+                          "continue or grow it, or set a new [study] storage")
+    if state is not None and state.name != cfg.name:
+        raise ConfigError(f"{cfg.storage} holds study {state.name!r}, the file says "
+                          f"{cfg.name!r}: use the study's own name or a new storage")
+    unknown = sorted(set(add_trials or {}) - {a.name for a in cfg.arms})
+    if unknown:
+        raise ConfigError(f"--add-trials: unknown arm(s) {unknown}; the study's arms are "
+                          f"{[a.name for a in cfg.arms]}")
+    data = preflight(cfg, emit)
     init_ray(address)
     max_concurrent = concurrency(cfg)
+    check_shared_storage(cfg)
+    client, exp_id = connect(cfg.tracking.uri, cfg.tracking.experiment, cfg.storage)
+    state = state or StudyState(cfg.name)
+    for arm_name, extra in (add_trials or {}).items():
+        state.added[arm_name] = state.added.get(arm_name, 0) + extra
     checkpoints = {f"sha256_{t.foundation.name}": Path(t.foundation.checkpoint)
                    for t in cfg.tasks if t.foundation.checkpoint}
     lock = Path(__file__).resolve().parents[1] / "requirements.lock"
     tags = provenance({"study_file_sha256": cfg.source, "lock_sha256": lock, **checkpoints})
-    parent = start_run(client, exp_id, cfg.name, {**tags, "level": "study"},
-                       params={"tasks": len(cfg.tasks), "arms": [a.name for a in cfg.arms],
-                               "max_t": cfg.search.max_t, "final_seeds": cfg.final.seeds})
+    parent = find_run(client, exp_id, state.study_run)
+    if parent:
+        reopen_run(client, parent)
+        client.log_batch(parent, tags=[RunTag(k, v) for k, v in tags.items()])
+    else:
+        parent = start_run(client, exp_id, cfg.name, {**tags, "level": "study"},
+                           params={"arms": [a.name for a in cfg.arms],
+                                   "max_t": cfg.search.max_t, "final_seeds": cfg.final.seeds})
+        state.study_run = parent
+    state.save(cfg.storage)
+    client.set_tag(parent, "tasks", str(len(cfg.tasks)))
+    session = Session(cfg, client, exp_id, parent, max_concurrent, state, emit)
     outcomes: list[ArmOutcome] = []
+    failed: list[str] = []
     status = "FAILED"
     try:
         for task in cfg.tasks:
-            emit(f"task {task.key}: preparing data")
-            data = prepare_task_data(task, cfg.cache_dir)
-            task_outcomes = [search_arm(cfg, task, arm, data, client, exp_id, parent,
-                                        max_concurrent) for arm in cfg.arms]
-            if cfg.final.seeds:
+            task_outcomes = []
+            for arm in cfg.arms:
+                try:
+                    task_outcomes.append(search_arm(session, task, arm, data[task.key]))
+                except ArmFailed as exc:
+                    emit(f"  {exc}")
+                    failed.append(f"{task.key}/{arm.name}")
+            if cfg.final.seeds and task_outcomes:
                 emit(f"task {task.key}: final evaluation, {cfg.final.seeds} seed(s) per arm")
                 for outcome in task_outcomes:
-                    final_arm(cfg, outcome, client, exp_id, max_concurrent)
+                    final_arm(session, outcome)
             outcomes += task_outcomes
         status = "FINISHED"
+        if failed:
+            raise ConfigError(f"every trial failed in {failed} (the other arms completed); "
+                              "see the runs' 'error' tags, fix the arm and run with --resume")
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
-        end_run(client, parent, status)
+        if status != "FINISHED" or failed:
+            end_open_runs(client, exp_id, parent, "KILLED" if status == "KILLED" else "FAILED")
+        end_run(client, parent, status if not failed else "FAILED")
     return outcomes
 
+
+def check_shared_storage(cfg: StudyConfig) -> None:
+    """On a cluster of several nodes, every node must see the study directory, the image cache
+    and the foundation checkpoints: written here, looked for from a task pinned to each node."""
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) < 2:
+        return
+    token = uuid.uuid4().hex
+    markers = []
+    for folder in (cfg.storage, cfg.cache_dir):
+        folder.mkdir(parents=True, exist_ok=True)
+        marker = folder / f".visible-{token}"
+        marker.write_text("cxr-study storage check\n")
+        markers.append(str(marker))
+    needed = markers + [t.foundation.checkpoint for t in cfg.tasks if t.foundation.checkpoint]
+    try:
+        missing = ray.get([
+            _missing_paths.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+                n["NodeID"], soft=False)).remote(needed) for n in nodes], timeout=120)
+    finally:
+        for marker in markers:
+            Path(marker).unlink(missing_ok=True)
+    for node, paths in zip(nodes, missing):
+        if paths:
+            shown = str(Path(paths[0]).parent) if ".visible-" in paths[0] else paths[0]
+            raise ConfigError(f"{shown} is not visible from node {node['NodeManagerAddress']}: "
+                              "on a cluster of several nodes put the study storage, cache_dir "
+                              "and checkpoints on storage every node mounts at the same path")
+
+
+@ray.remote(num_cpus=0)
+def _missing_paths(paths: list[str]) -> list[str]:
+    return [p for p in paths if not os.path.exists(p)]

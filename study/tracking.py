@@ -11,17 +11,22 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import mlflow
+import requests
+import sqlalchemy.exc
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
-from trainables.errors import ConfigError
+from trainables.errors import ConfigError, StudyError
 
 PARENT_TAG = "mlflow.parentRunId"
 # Metrics reported per epoch that are not worth a time series of their own.
@@ -36,9 +41,15 @@ def connect(uri: str, experiment: str, storage: Path) -> tuple[MlflowClient, str
     (MLflow's default would be `./mlruns` of whatever folder the command ran in); a tracking
     server decides for itself.
     """
+    local = uri.startswith(("sqlite:", "file:")) or "://" not in uri
+    if not local:
+        # A study must not stall for minutes inside MLflow's retry loop when a server is away:
+        # the tracker keeps what it could not write and says so (the user may set these).
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+        _check_server(uri)
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
-    local = uri.startswith(("sqlite:", "file:")) or "://" not in uri
     artifacts = (storage / "mlartifacts").resolve().as_uri() if local else None
     try:
         found = client.get_experiment_by_name(experiment)
@@ -48,6 +59,21 @@ def connect(uri: str, experiment: str, storage: Path) -> tuple[MlflowClient, str
         raise ConfigError(f"tracking.uri {uri}: MLflow is not reachable ({type(exc).__name__}): "
                           "start the server or fix the URI") from exc
     return client, exp_id
+
+
+def _check_server(uri: str) -> None:
+    """A tracking server must answer its health check before anything is trained."""
+    try:
+        reply = requests.get(uri.rstrip("/") + "/health", timeout=5)
+    except requests.RequestException as exc:
+        raise ConfigError(f"tracking.uri {uri}: no MLflow server answers ({type(exc).__name__})"
+                          ": start it (see the README's team section) or fix the URI") from exc
+    if reply.status_code == 401:
+        raise ConfigError(f"tracking.uri {uri}: the server wants credentials: set "
+                          "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
+    if reply.status_code >= 400:
+        raise ConfigError(f"tracking.uri {uri}: /health answered HTTP {reply.status_code}: "
+                          "is this an MLflow server?")
 
 
 def provenance(files: dict[str, Path | None]) -> dict[str, str]:
@@ -93,74 +119,220 @@ def numeric_metrics(result: dict[str, Any]) -> dict[str, float]:
             and math.isfinite(float(v))}
 
 
+class TrackingUnavailable(StudyError):
+    """MLflow could not be written; what was not written is kept in a backlog file."""
+
+
+# Anything a tracking call can raise when the store or server is away (or a sqlite store is
+# locked by another study): the record stays in the backlog and is written on the next try.
+_TRANSIENT = (MlflowException, OSError, requests.RequestException, sqlalchemy.exc.SQLAlchemyError)
+
+
 class MlflowTrialTracker(Callback):
-    """Creates one run per Tune trial under `parent_run_id` and logs each epoch once."""
+    """Creates one run per Tune trial under `parent_run_id` and logs each epoch once.
+
+    Nothing is kept only in memory: a trial's run is found again by its `trial_id` tag, its
+    logged epochs by its metric history, so a restored Tune experiment (whose callbacks come
+    back from Ray's saved state) or a resumed study picks up the same runs without duplicates.
+    Records that cannot be written (server away, store locked) wait in a JSON-lines backlog in
+    the study directory and are written, in order, at the next chance; `drain` empties it or
+    raises `TrackingUnavailable` naming the file.
+    """
 
     def __init__(self, client: MlflowClient, exp_id: str, parent_run_id: str,
-                 tags: dict[str, str], max_t: int) -> None:
+                 tags: dict[str, str], max_t: int, backlog: Path, index_offset: int = 0) -> None:
         self.client, self.exp_id, self.parent = client, exp_id, parent_run_id
-        self.tags, self.max_t = tags, max_t
+        self.tags, self.max_t, self.backlog = tags, max_t, backlog
+        self.index_offset = index_offset
         self.runs: dict[str, str] = {}
         self.logged_steps: dict[str, set[int]] = {}
         self.last: dict[str, dict[str, Any]] = {}
+        self.warned = False
 
-    def _run(self, trial) -> str:
-        if trial.trial_id not in self.runs:
-            params = {k: v for k, v in trial.config.items()
-                      if k not in ("storage_path", "cache_dir", "predictions_path",
-                                   "patient_salt")}
-            name = f"{self.tags.get('arm', 'trial')}-{trial.trial_id}"
-            # Tune's experiment tag starts with the trial's creation counter ("3_lr=..."):
-            # the order the searcher suggested it in, so presets are trial_index 1.
-            index = str(trial.experiment_tag).split("_", 1)[0]
-            tags = dict(self.tags, trial_id=trial.trial_id, trial_index=index)
-            self.runs[trial.trial_id] = start_run(self.client, self.exp_id, name, tags,
-                                                  self.parent, params)
-            self.client.log_dict(self.runs[trial.trial_id], dict(trial.config), "config.json")
-            self.logged_steps[trial.trial_id] = set()
-        return self.runs[trial.trial_id]
+    # -- records ----------------------------------------------------------------------------
+    def _queue(self, record: dict[str, Any]) -> None:
+        pending = self._read_backlog()
+        pending.append(record)
+        self._flush(pending)
+
+    def _read_backlog(self) -> list[dict[str, Any]]:
+        if not self.backlog.is_file():
+            return []
+        return [json.loads(line) for line in self.backlog.read_text().splitlines() if line]
+
+    def _write_backlog(self, pending: list[dict[str, Any]]) -> None:
+        if not pending:
+            self.backlog.unlink(missing_ok=True)
+            return
+        self.backlog.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.backlog.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in pending))
+        os.replace(tmp, self.backlog)
+
+    def _flush(self, pending: list[dict[str, Any]]) -> Exception | None:
+        done = 0
+        error: Exception | None = None
+        try:
+            for record in pending:
+                self._apply(record)
+                done += 1
+        except _TRANSIENT as exc:
+            error = exc
+            if not self.warned:
+                print(f"warning: MLflow write failed ({type(exc).__name__}); keeping "
+                      f"{len(pending) - done} record(s) in {self.backlog} and retrying",
+                      file=sys.stderr, flush=True)
+                self.warned = True
+        if done or error or self.backlog.exists():
+            self._write_backlog(pending[done:])
+        return error
+
+    def drain(self) -> None:
+        """Write whatever waits in the backlog; a clear error if MLflow is still away."""
+        pending = self._read_backlog()
+        error = self._flush(pending) if pending else None
+        if error is not None:
+            raise TrackingUnavailable(
+                f"MLflow is not writable ({type(error).__name__}); {len(self._read_backlog())} "
+                f"record(s) are kept in {self.backlog}: bring the tracking store back and run "
+                "again with --resume to write them")
+
+    # -- applying records (idempotent: a record may be applied again after a crash) ---------
+    def _apply(self, record: dict[str, Any]) -> None:
+        run_id = self._run(record["trial_id"], record.get("config"), record.get("index"))
+        kind = record["kind"]
+        if kind == "metrics":
+            step = int(record["step"])
+            if step in self.logged_steps[record["trial_id"]]:
+                return  # a restored trial may report an epoch again: log each epoch once
+            metrics = [Metric(k, v, record["time"], step) for k, v in record["metrics"].items()]
+            tags = [RunTag(k, v) for k, v in record.get("tags", {}).items()]
+            self.client.log_batch(run_id, metrics=metrics, tags=tags)
+            self.logged_steps[record["trial_id"]].add(step)
+        elif kind == "finish":
+            self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in record["tags"].items()])
+            self.client.set_terminated(run_id, record["status"])
+
+    def _run(self, trial_id: str, config: dict[str, Any] | None = None,
+             index: str | None = None) -> str:
+        if trial_id in self.runs:
+            return self.runs[trial_id]
+        found = self.client.search_runs(
+            [self.exp_id], filter_string=f"tags.trial_id = '{trial_id}' and "
+            f"tags.`{PARENT_TAG}` = '{self.parent}'", max_results=2)
+        if found:
+            run_id = found[0].info.run_id
+            if found[0].info.status != "RUNNING":  # a killed or interrupted trial goes on
+                self.client.update_run(run_id, status="RUNNING")
+            history = self.client.get_metric_history(run_id, "val_auroc")
+            self.logged_steps[trial_id] = {m.step for m in history}
+        else:
+            config = config or {}
+            params = {k: v for k, v in config.items() if k not in _NOT_PARAMS}
+            name = f"{self.tags.get('arm', 'trial')}-{trial_id}"
+            tags = dict(self.tags, trial_id=trial_id, trial_index=str(index))
+            run_id = start_run(self.client, self.exp_id, name, tags, self.parent, params)
+            self.client.log_dict(run_id, config, "config.json")
+            self.logged_steps[trial_id] = set()
+        self.runs[trial_id] = run_id
+        return run_id
+
+    # -- Tune callbacks ---------------------------------------------------------------------
+    def _start_record(self, trial) -> dict[str, Any]:
+        # Tune's experiment tag starts with the trial's creation counter ("3_lr=..."): the order
+        # the searcher suggested it in, so presets are trial_index 1; later segments of a grown
+        # search continue the count.
+        counter = str(trial.experiment_tag).split("_", 1)[0]
+        index = str(int(counter) + self.index_offset) if counter.isdigit() else counter
+        return {"trial_id": trial.trial_id, "config": _jsonable(dict(trial.config)),
+                "index": index}
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        self._run(trial)
+        self._queue({**self._start_record(trial), "kind": "start"})
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        run_id = self._run(trial)
         step = int(result.get("epoch", result.get("training_iteration", 0)))
         self.last[trial.trial_id] = result
-        if step in self.logged_steps[trial.trial_id]:
-            return  # a restored trial may report an epoch again: log each epoch once
-        self.logged_steps[trial.trial_id].add(step)
-        now = int(time.time() * 1000)
-        metrics = [Metric(k, v, now, step) for k, v in numeric_metrics(result).items()]
         # Where Ray Train stored this epoch's checkpoint: `cxr-study export` starts from it.
-        tags = [RunTag("checkpoint_path", str(result["checkpoint_path"]))] if result.get(
-            "checkpoint_path") else []
-        self.client.log_batch(run_id, metrics=metrics, tags=tags)
+        tags = {"checkpoint_path": str(result["checkpoint_path"])} if result.get(
+            "checkpoint_path") else {}
+        now = int(time.time() * 1000)
+        # A resumed trial reports its earlier epochs again: log any that were missed.
+        for past in json.loads(result.get("replay") or "[]"):
+            self._queue({**self._start_record(trial), "kind": "metrics", "time": now,
+                         "step": int(past.get("epoch", 0)), "metrics": numeric_metrics(past)})
+        self._queue({**self._start_record(trial), "kind": "metrics", "step": step,
+                     "time": now, "metrics": numeric_metrics(result), "tags": tags})
 
     def _finish(self, trial, status: str, extra: dict[str, str]) -> None:
-        run_id = self._run(trial)
-        last = self.last.get(trial.trial_id, {})
+        last = self.last.get(trial.trial_id) or trial.last_result or {}
         epochs = int(last.get("epoch", 0))
         tags = {"epochs_run": str(epochs), **extra}
         if status == "FINISHED":
             tags["stopped_early"] = str(epochs < self.max_t).lower()
-        self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-        self.client.set_terminated(run_id, status)
+        self._queue({**self._start_record(trial), "kind": "finish", "status": status,
+                     "tags": tags})
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self._finish(trial, "FINISHED", {})
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        error = ""
-        if trial.error_file and Path(trial.error_file).exists():
-            lines = Path(trial.error_file).read_text().strip().splitlines()
-            error = next((ln for ln in reversed(lines) if "Error" in ln), lines[-1] if lines
-                         else "")
-        self._finish(trial, "FAILED", {"error": error[:4000], "stopped_early": "false"})
+        self._finish(trial, "FAILED", {"error": trial_error(trial), "stopped_early": "false"})
 
     def log_artifact(self, trial_id: str, path: Path) -> None:
-        if trial_id in self.runs and path.exists():
-            self.client.log_artifact(self.runs[trial_id], str(path))
+        if path.exists():
+            self.client.log_artifact(self._run(trial_id), str(path))
+
+
+_NOT_PARAMS = ("storage_path", "cache_dir", "predictions_path", "patient_salt",
+               "checkpoints_to_keep")
+
+
+def _jsonable(config: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(config, default=str))
+
+
+def trial_error(trial) -> str:
+    """The most telling line of a failed trial's error file (the exception, not the frames)."""
+    if not (trial.error_file and Path(trial.error_file).exists()):
+        return ""
+    lines = Path(trial.error_file).read_text().strip().splitlines()
+    ours = [ln for ln in lines if "DivergenceError" in ln or "StudyError" in ln]
+    error = next((ln for ln in reversed(ours or lines) if "Error" in ln),
+                 lines[-1] if lines else "")
+    return error[:4000]
+
+
+def end_open_runs(client: MlflowClient, exp_id: str, parent_run_id: str,
+                  status: str = "KILLED") -> int:
+    """End every RUNNING run below `parent_run_id` (children and grandchildren) with `status`."""
+    ended = 0
+    parents = [parent_run_id]
+    while parents:
+        current = parents.pop()
+        children = client.search_runs(
+            [exp_id], filter_string=f"tags.`{PARENT_TAG}` = '{current}'", max_results=50000)
+        for run in children:
+            parents.append(run.info.run_id)
+            if run.info.status == "RUNNING":
+                client.set_terminated(run.info.run_id, status)
+                ended += 1
+    return ended
+
+
+def find_run(client: MlflowClient, exp_id: str, run_id: str | None) -> str | None:
+    """`run_id` if it still exists in the experiment (a resumed study reuses its runs)."""
+    if not run_id:
+        return None
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        return None
+    return run_id if run.info.experiment_id == exp_id else None
+
+
+def reopen_run(client: MlflowClient, run_id: str) -> None:
+    client.update_run(run_id, status="RUNNING")
 
 
 def end_run(client: MlflowClient, run_id: str, status: str = "FINISHED",

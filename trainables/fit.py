@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import math
 import random
 import tempfile
@@ -25,6 +26,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler
@@ -182,6 +184,9 @@ class TrainState:
     best_epoch: int = -1
     history: list[float] = field(default_factory=list)
     best_weights: dict[str, torch.Tensor] | None = None
+    # Every epoch's reported metrics: a resumed trial reports them again so that a tracker
+    # which missed one (the driver died between the checkpoint and the log) can fill it in.
+    epoch_metrics: list[dict[str, float]] = field(default_factory=list)
 
     def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
         save_file(trainable_state_dict(_unwrap(model)), str(directory / "trainable.safetensors"))
@@ -189,7 +194,8 @@ class TrainState:
             save_file(self.best_weights, str(directory / "best.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "epoch": self.epoch,
                     "best_val": self.best_val, "best_epoch": self.best_epoch,
-                    "history": self.history, "torch_rng": torch.get_rng_state(),
+                    "history": self.history, "epoch_metrics": self.epoch_metrics,
+                    "torch_rng": torch.get_rng_state(),
                     "python_rng": list(random.getstate()[1])}, directory / "state.pt")
 
     @classmethod
@@ -205,7 +211,24 @@ class TrainState:
         best = directory / "best.safetensors"
         return cls(epoch=raw["epoch"], best_val=raw["best_val"], best_epoch=raw["best_epoch"],
                    history=list(raw["history"]),
+                   epoch_metrics=list(raw.get("epoch_metrics", [])),
                    best_weights=load_file(str(best)) if best.exists() else None)
+
+
+def checkpoint_problem(directory: Path) -> str | None:
+    """Why a checkpoint folder cannot be resumed from (missing or truncated files), or None."""
+    try:
+        for name in ("trainable.safetensors", "best.safetensors"):
+            path = directory / name
+            if name == "trainable.safetensors" or path.exists():
+                with safe_open(str(path), framework="pt"):  # checks the header against the size
+                    pass
+        torch.load(directory / "state.pt", map_location="cpu", weights_only=True)
+    except FileNotFoundError as exc:
+        return f"missing {Path(exc.filename or '').name or 'file'}"
+    except Exception as exc:  # noqa: BLE001 - any decoding failure means "damaged"
+        return f"damaged ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+    return None
 
 
 class Reporter(Protocol):
@@ -263,8 +286,13 @@ def fit(cfg: TrialConfig, reporter: Reporter,
     scheduler = build_scheduler(optimizer, cfg.train, len(loader))
     state = TrainState()
     restored = reporter.latest_checkpoint()
+    resumed: dict[str, object] = {}
     if restored is not None:
         state = TrainState.load(model, optimizer, restored)
+        # Reported once, with the next epoch: where it resumed and what came before.
+        # (JSON text: Tune's loggers would warn about a list of dicts.)
+        resumed = {"resumed_from_epoch": state.epoch,
+                   "replay": json.dumps(state.epoch_metrics)}
     params = [p for p in model.parameters() if p.requires_grad]
     device = next(model.parameters()).device
     start, seen = time.perf_counter(), 0
@@ -302,6 +330,9 @@ def fit(cfg: TrialConfig, reporter: Reporter,
         last = epoch + 1 == cfg.train.epochs
         if last and cfg.run.phase == "final":
             metrics.update(_final_test(model, state, cache, names, mean, std, cfg, rank))
+        state.epoch_metrics.append({k: float(v) for k, v in metrics.items()})
+        metrics.update(resumed)
+        resumed = {}
         every = cfg.run.checkpoint_every
         if every and ((epoch + 1) % every == 0 or last):
             with tempfile.TemporaryDirectory() as tmp:

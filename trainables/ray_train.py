@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +26,11 @@ from ray.train.torch import TorchConfig, TorchTrainer, prepare_data_loader, prep
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from trainables.config import TrialConfig
-from trainables.fit import fit
+from trainables.fit import DivergenceError, checkpoint_problem, fit
 
-RESOURCE_KEYS = ("num_workers", "cpus_per_worker", "gpus_per_worker", "storage_path")
+RESOURCE_KEYS = ("num_workers", "cpus_per_worker", "gpus_per_worker", "storage_path",
+                 "checkpoints_to_keep")
+DIVERGED = "diverged.txt"
 
 
 class RayReporter:
@@ -50,6 +53,9 @@ class RayReporter:
         ckpt = ray.train.get_checkpoint()
         if ckpt is None:
             return None
+        latest = Path(ckpt.path)
+        if ckpt.filesystem.type_name == "local" and latest.parent.is_dir():
+            return usable_checkpoint(latest)
         self._restored_dir = tempfile.mkdtemp(prefix="cxr-restore-")
         return Path(ckpt.to_directory(self._restored_dir))
 
@@ -58,14 +64,48 @@ class RayReporter:
             shutil.rmtree(self._restored_dir, ignore_errors=True)
 
 
+def usable_checkpoint(latest: Path) -> Path | None:
+    """The newest checkpoint of the run that loads, starting with `latest`.
+
+    A checkpoint folder deleted or truncated (a full disk, a crash during a copy) must not cost
+    the whole trial: its older siblings (Ray Train keeps `checkpoints_to_keep`) are tried next,
+    with a warning. None when none is usable: the trial then starts again from epoch 0.
+    """
+    siblings = sorted((p for p in latest.parent.glob("checkpoint_*") if p != latest),
+                      key=lambda p: p.name, reverse=True)
+    for candidate in [latest, *siblings]:
+        problem = checkpoint_problem(candidate)
+        if problem is None:
+            if candidate != latest:
+                warnings.warn(f"checkpoint {latest} is unusable; resuming from {candidate}",
+                              stacklevel=2)
+            return candidate
+        warnings.warn(f"skipping checkpoint {candidate}: {problem}", stacklevel=2)
+    return None
+
+
+def _marker(config: dict[str, Any]) -> Path:
+    """Where a diverged trial leaves its reason, next to its Ray Train run."""
+    return Path(str(config.get("storage_path") or tempfile.gettempdir())) / (
+        f"train-{config['trial_id']}") / DIVERGED
+
+
 def worker_loop(config: dict[str, Any]) -> None:
     """Runs on every Train worker: typed config, DDP-prepared model and loader, then fit."""
-    trial = {k: v for k, v in config.items() if k not in RESOURCE_KEYS}
+    trial = {k: v for k, v in config.items() if k not in RESOURCE_KEYS and k != "trial_id"}
     cfg = TrialConfig.from_flat(trial)
     torch.set_num_threads(max(1, int(config.get("cpus_per_worker", 1))))
+    marker = _marker(config)
+    if marker.is_file():  # a retry of a diverged trial: the same config diverges again
+        raise DivergenceError(marker.read_text())
     reporter = RayReporter()
     try:
         fit(cfg, reporter, wrap_model=prepare_model, wrap_loader=prepare_data_loader)
+    except DivergenceError as exc:
+        if reporter.rank == 0 and config.get("storage_path"):
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(str(exc))
+        raise
     finally:
         reporter.close()
 
@@ -78,9 +118,16 @@ def tune_trial(config: dict[str, Any]) -> None:
     if gpus:
         resources["GPU"] = gpus
     context = ray.tune.get_context()
+    loop_config = {**config, "trial_id": context.get_trial_id()}
+    marker = _marker(loop_config)
+    # A failed trial is retried by Tune (FailureConfig in study/runner.py): a new TorchTrainer
+    # under the same run name, which resumes from the run's latest checkpoint. Retrying a
+    # diverged trial would only diverge again: it ends at once, with the reason.
+    if marker.is_file():
+        raise DivergenceError(marker.read_text())
     trainer = TorchTrainer(
         worker_loop,
-        train_loop_config=dict(config),
+        train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=bool(gpus),
                                      resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if gpus else "gloo"),
@@ -89,9 +136,10 @@ def tune_trial(config: dict[str, Any]) -> None:
             storage_path=str(config.get("storage_path") or os.path.join(
                 tempfile.gettempdir(), "cxr-train")),
             callbacks=[TuneReportCallback()],
-            # The latest two are enough to resume (and to survive one truncated checkpoint);
+            # Two (the default) are enough to resume and to survive one truncated checkpoint;
             # final runs carry their best-validation weights inside every checkpoint.
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=int(config.get("checkpoints_to_keep", 2))),
         ),
     )
     trainer.fit()

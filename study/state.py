@@ -1,0 +1,82 @@
+"""What a study has done so far, in one small JSON file in its storage directory.
+
+Ray Tune keeps each search's own state (trials, searcher, scheduler) in its experiment folder;
+this file ties those folders to the study: the MLflow run ids of the study and of each
+task x arm, the Tune experiments ("segments") each search consists of, the trials added with
+`--add-trials`, and which config each arm's final runs retrained. It is written atomically
+before the step it records, so a killed driver leaves a state that `--resume` can continue.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trainables.errors import ConfigError
+
+STATE_FILE = "study_state.json"
+STATE_VERSION = 1
+
+
+@dataclass
+class Segment:
+    """One Tune experiment of a search: its folder name and how many trials it runs."""
+
+    name: str
+    trials: int
+
+
+@dataclass
+class StudyState:
+    name: str
+    version: int = STATE_VERSION
+    study_run: str | None = None
+    arm_runs: dict[str, str] = field(default_factory=dict)
+    segments: dict[str, list[Segment]] = field(default_factory=dict)
+    added: dict[str, int] = field(default_factory=dict)
+    finals: dict[str, str] = field(default_factory=dict)  # task/arm -> config hash retrained
+
+    @staticmethod
+    def path(storage: Path) -> Path:
+        return storage / STATE_FILE
+
+    @classmethod
+    def load(cls, storage: Path) -> StudyState | None:
+        path = cls.path(storage)
+        if not path.is_file():
+            return None
+        try:
+            raw = json.loads(path.read_text())
+            raw["segments"] = {k: [Segment(**s) for s in v]
+                               for k, v in raw.get("segments", {}).items()}
+            state = cls(**raw)
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise ConfigError(f"{path} is damaged ({exc}): restore it from a backup, or move "
+                              "the study directory aside and start again") from exc
+        if state.version != STATE_VERSION:
+            raise ConfigError(f"{path} has version {state.version}, this code reads "
+                              f"{STATE_VERSION}: use the code version that wrote it")
+        return state
+
+    def save(self, storage: Path) -> None:
+        path = self.path(storage)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=1, sort_keys=True))
+        os.replace(tmp, path)
+
+    def planned(self, arm: str, trials: int) -> int:
+        """Trials the arm should have: the study file's count plus what was added later."""
+        return trials + self.added.get(arm, 0)
+
+    def done_trials(self, key: str) -> int:
+        return sum(s.trials for s in self.segments.get(key, []))
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """A short stable id of a trial config (which best config an arm's final runs used)."""
+    text = json.dumps({k: config[k] for k in sorted(config) if k != "seed"}, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
