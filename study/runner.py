@@ -32,7 +32,9 @@ from study.config import ArmSpec, StudyConfig, TaskSpec
 from study.state import Segment, StudyState, config_hash
 from study.tracking import (
     PARENT_TAG,
+    TRANSIENT,
     MlflowTrialTracker,
+    TrackingUnavailable,
     connect,
     end_open_runs,
     end_run,
@@ -620,7 +622,8 @@ def run_study(cfg: StudyConfig, emit: Callable[[str], None] = print,
     data = preflight(cfg, emit)
     init_ray(address)
     max_concurrent = concurrency(cfg)
-    check_shared_storage(cfg)
+    if (nodes := check_shared_storage(cfg)) > 1:
+        emit(f"cluster of {nodes} nodes: storage, cache and checkpoints visible from every node")
     client, exp_id = connect(cfg.tracking.uri, cfg.tracking.experiment, cfg.storage)
     state = state or StudyState(cfg.name)
     for arm_name, extra in (add_trials or {}).items():
@@ -658,26 +661,42 @@ def run_study(cfg: StudyConfig, emit: Callable[[str], None] = print,
                 for outcome in task_outcomes:
                     final_arm(session, outcome)
             outcomes += task_outcomes
-        status = "FINISHED"
-        if failed:
-            raise ConfigError(f"every trial failed in {failed} (the other arms completed); "
-                              "see the runs' 'error' tags, fix the arm and run with --resume")
+        status = "FINISHED" if not failed else "FAILED"
     except KeyboardInterrupt:
         status = "KILLED"
         raise
+    except TRANSIENT as exc:  # MLflow went away outside a trial callback
+        raise TrackingUnavailable(
+            f"tracking store {cfg.tracking.uri} failed ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200] if str(exc) else ''}): the study state is "
+            "saved; bring the store back and run again with --resume") from exc
     finally:
-        if status != "FINISHED" or failed:
-            end_open_runs(client, exp_id, parent, "KILLED" if status == "KILLED" else "FAILED")
-        end_run(client, parent, status if not failed else "FAILED")
+        with contextlib.suppress(*TRANSIENT):  # best effort: the store may be the problem
+            if status != "FINISHED":
+                end_open_runs(client, exp_id, parent, "KILLED" if status == "KILLED" else
+                              "FAILED")
+            end_run(client, parent, status)
+    if failed:
+        raise ConfigError(f"every trial failed in {failed} (the other arms completed); see "
+                          "the trial runs' 'error' tags, and retry under a new arm name")
     return outcomes
 
 
-def check_shared_storage(cfg: StudyConfig) -> None:
+def _probe_nodes(nodes: list[dict], paths: list[str]) -> list[list[str]]:
+    """Per node, which of `paths` it cannot see (a zero-CPU task pinned to each node)."""
+    return ray.get([
+        _missing_paths.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+            n["NodeID"], soft=False)).remote(paths) for n in nodes], timeout=120)
+
+
+def check_shared_storage(cfg: StudyConfig, nodes: list[dict] | None = None,
+                         probe: Callable[[list[dict], list[str]], list[list[str]]] = _probe_nodes
+                         ) -> int:
     """On a cluster of several nodes, every node must see the study directory, the image cache
     and the foundation checkpoints: written here, looked for from a task pinned to each node."""
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    nodes = [n for n in (ray.nodes() if nodes is None else nodes) if n.get("Alive")]
     if len(nodes) < 2:
-        return
+        return len(nodes)
     token = uuid.uuid4().hex
     markers = []
     for folder in (cfg.storage, cfg.cache_dir):
@@ -687,18 +706,17 @@ def check_shared_storage(cfg: StudyConfig) -> None:
         markers.append(str(marker))
     needed = markers + [t.foundation.checkpoint for t in cfg.tasks if t.foundation.checkpoint]
     try:
-        missing = ray.get([
-            _missing_paths.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
-                n["NodeID"], soft=False)).remote(needed) for n in nodes], timeout=120)
+        missing = probe(nodes, needed)
     finally:
         for marker in markers:
             Path(marker).unlink(missing_ok=True)
-    for node, paths in zip(nodes, missing):
+    for node, paths in zip(nodes, missing, strict=True):
         if paths:
             shown = str(Path(paths[0]).parent) if ".visible-" in paths[0] else paths[0]
             raise ConfigError(f"{shown} is not visible from node {node['NodeManagerAddress']}: "
                               "on a cluster of several nodes put the study storage, cache_dir "
                               "and checkpoints on storage every node mounts at the same path")
+    return len(nodes)
 
 
 @ray.remote(num_cpus=0)

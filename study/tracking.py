@@ -125,7 +125,10 @@ class TrackingUnavailable(StudyError):
 
 # Anything a tracking call can raise when the store or server is away (or a sqlite store is
 # locked by another study): the record stays in the backlog and is written on the next try.
-_TRANSIENT = (MlflowException, OSError, requests.RequestException, sqlalchemy.exc.SQLAlchemyError)
+TRANSIENT = (MlflowException, OSError, requests.RequestException, sqlalchemy.exc.SQLAlchemyError)
+
+
+RETRY_AFTER_S = 20.0
 
 
 class MlflowTrialTracker(Callback):
@@ -148,11 +151,15 @@ class MlflowTrialTracker(Callback):
         self.logged_steps: dict[str, set[int]] = {}
         self.last: dict[str, dict[str, Any]] = {}
         self.warned = False
+        self.retry_at = 0.0  # after a failure, records only queue up until then
 
     # -- records ----------------------------------------------------------------------------
     def _queue(self, record: dict[str, Any]) -> None:
         pending = self._read_backlog()
         pending.append(record)
+        if time.monotonic() < getattr(self, "retry_at", 0.0):
+            self._write_backlog(pending)  # MLflow failed a moment ago: do not stall Tune
+            return
         self._flush(pending)
 
     def _read_backlog(self) -> list[dict[str, Any]]:
@@ -176,8 +183,9 @@ class MlflowTrialTracker(Callback):
             for record in pending:
                 self._apply(record)
                 done += 1
-        except _TRANSIENT as exc:
+        except TRANSIENT as exc:
             error = exc
+            self.retry_at = time.monotonic() + RETRY_AFTER_S
             if not self.warned:
                 print(f"warning: MLflow write failed ({type(exc).__name__}); keeping "
                       f"{len(pending) - done} record(s) in {self.backlog} and retrying",
@@ -252,10 +260,11 @@ class MlflowTrialTracker(Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         step = int(result.get("epoch", result.get("training_iteration", 0)))
-        self.last[trial.trial_id] = result
         # Where Ray Train stored this epoch's checkpoint: `cxr-study export` starts from it.
         tags = {"checkpoint_path": str(result["checkpoint_path"])} if result.get(
             "checkpoint_path") else {}
+        if result.get("worker_node") and self.last.get(trial.trial_id) is None:
+            tags["node"] = str(result["worker_node"])  # the Ray node its rank-0 worker ran on
         now = int(time.time() * 1000)
         # A resumed trial reports its earlier epochs again: log any that were missed.
         for past in json.loads(result.get("replay") or "[]"):
@@ -263,6 +272,7 @@ class MlflowTrialTracker(Callback):
                          "step": int(past.get("epoch", 0)), "metrics": numeric_metrics(past)})
         self._queue({**self._start_record(trial), "kind": "metrics", "step": step,
                      "time": now, "metrics": numeric_metrics(result), "tags": tags})
+        self.last[trial.trial_id] = result
 
     def _finish(self, trial, status: str, extra: dict[str, str]) -> None:
         last = self.last.get(trial.trial_id) or trial.last_result or {}

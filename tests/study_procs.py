@@ -29,7 +29,7 @@ trials = {trials}
 {extra_arms}
 [search]
 max_t = {max_t}
-grace_period = 1
+grace_period = {grace}
 reduction_factor = 2
 [train]
 batch_size = 32
@@ -42,11 +42,14 @@ seeds = {seeds}
 
 def write_study(folder: Path, root: Path, name: str = "tiny", trials: int = 3, max_t: int = 3,
                 seeds: int = 1, fractions: str = "[1.0]", extra_arms: str = "",
-                tracking: str = "") -> Path:
+                tracking: str = "", grace: int = 1) -> Path:
+    """A study of the demo foundation on phantom NIH data; `grace = max_t` turns ASHA's
+    early stopping off (every trial runs to max_t)."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "study.toml"
     path.write_text(TINY.format(name=name, root=root, trials=trials, max_t=max_t, seeds=seeds,
-                                fractions=fractions, extra_arms=extra_arms, tracking=tracking))
+                                fractions=fractions, extra_arms=extra_arms, tracking=tracking,
+                                grace=grace))
     return path
 
 
@@ -113,14 +116,17 @@ def epochs_logged(uri: str, run_id: str) -> list[int]:
     return sorted(m.step for m in MlflowClient(uri).get_metric_history(run_id, "val_auroc"))
 
 
-def mid_search(uri: str, experiment: str) -> Callable[[], bool]:
-    """True once a search trial has logged an epoch while another search trial is running."""
+def running_after_epoch(uri: str, experiment: str, phase: str = "search"
+                        ) -> Callable[[], bool]:
+    """True once a trial that is still running has logged at least one epoch: stopping the
+    driver now leaves a trial that must continue from a checkpoint."""
     def check() -> bool:
-        runs = [r for r in trial_runs(uri, experiment) if r.data.tags.get("phase") == "search"]
-        logged = [r for r in runs if "val_auroc" in r.data.metrics]
-        return bool(logged) and any(r.info.status == "RUNNING" for r in runs) and len(runs) >= 2
+        return any(r.info.status == "RUNNING" and "val_auroc" in r.data.metrics
+                   and r.data.tags.get("phase") == phase
+                   for r in trial_runs(uri, experiment))
     return check
 
 
-def sigint(proc: subprocess.Popen) -> None:
-    os.kill(proc.pid, signal.SIGINT)
+def ctrl_c(proc: subprocess.Popen) -> None:
+    """What a terminal does on Ctrl-C: SIGINT to the driver's whole process group."""
+    os.killpg(proc.pid, signal.SIGINT)

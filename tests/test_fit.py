@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -69,6 +70,21 @@ def test_resume_continues_bit_identically(phantom_cache, tmp_path, arm):
     assert [m["epoch"] for m in resumed.metrics] == [2, 3]
     for a, b in zip(full.metrics[1:], resumed.metrics):
         assert a["train_loss"] == b["train_loss"] and a["val_auroc"] == b["val_auroc"]
+    # The first report after a resume says where it resumed and repeats what came before.
+    assert resumed.metrics[0]["resumed_from_epoch"] == 1
+    assert [m["epoch"] for m in json.loads(resumed.metrics[0]["replay"])] == [1]
+    assert "replay" not in resumed.metrics[1]
+
+
+def test_resume_after_the_last_epoch_reports_it_again(phantom_cache, tmp_path):
+    flat = _flat(phantom_cache)
+    full = ListReporter(tmp_path / "full")
+    fit(TrialConfig.from_flat(flat), full)
+    again = ListReporter(tmp_path / "again", resume_from=full.checkpoints[-1])
+    fit(TrialConfig.from_flat(flat), again)
+    assert len(again.metrics) == 1 and not again.checkpoints
+    assert again.metrics[0]["epoch"] == 3
+    assert again.metrics[0]["val_auroc"] == full.metrics[-1]["val_auroc"]
 
 
 def test_final_phase_scores_test_and_writes_predictions(phantom_cache, tmp_path):

@@ -217,15 +217,15 @@ class TrainState:
 
 def checkpoint_problem(directory: Path) -> str | None:
     """Why a checkpoint folder cannot be resumed from (missing or truncated files), or None."""
+    for name in ("trainable.safetensors", "state.pt"):
+        if not (directory / name).is_file():
+            return f"missing {name}"
     try:
         for name in ("trainable.safetensors", "best.safetensors"):
-            path = directory / name
-            if name == "trainable.safetensors" or path.exists():
-                with safe_open(str(path), framework="pt"):  # checks the header against the size
+            if (directory / name).exists():  # safe_open checks the header against the size
+                with safe_open(str(directory / name), framework="pt"):
                     pass
         torch.load(directory / "state.pt", map_location="cpu", weights_only=True)
-    except FileNotFoundError as exc:
-        return f"missing {Path(exc.filename or '').name or 'file'}"
     except Exception as exc:  # noqa: BLE001 - any decoding failure means "damaged"
         return f"damaged ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
     return None
@@ -293,6 +293,10 @@ def fit(cfg: TrialConfig, reporter: Reporter,
         # (JSON text: Tune's loggers would warn about a list of dicts.)
         resumed = {"resumed_from_epoch": state.epoch,
                    "replay": json.dumps(state.epoch_metrics)}
+    if resumed and state.epoch >= cfg.train.epochs and state.epoch_metrics:
+        # Every epoch was done before the stop, but the last report may never have reached
+        # the driver: say it again (trackers log each epoch once).
+        reporter.report({**state.epoch_metrics[-1], **resumed}, None)
     params = [p for p in model.parameters() if p.requires_grad]
     device = next(model.parameters()).device
     start, seen = time.perf_counter(), 0

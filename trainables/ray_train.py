@@ -39,7 +39,9 @@ class RayReporter:
     def __init__(self) -> None:
         self.rank = ray.train.get_context().get_world_rank()
         pg = ray.util.get_current_placement_group()
+        # Once per worker process: its placement group (for the driver's reaper) and its node.
         self._first = {"worker_pg": pg.id.hex()} if pg is not None else {}
+        self._first["worker_node"] = ray.get_runtime_context().get_node_id()
         self._restored_dir: str | None = None
 
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:

@@ -1,0 +1,186 @@
+"""Studies stopped the hard way and continued: a SIGKILLed driver (everything it started killed
+too, as a reboot would), Ctrl-C, then `--resume`; and a finished study grown by a new task and
+by `--add-trials`. Each driver is a real `cxr-study` process; MLflow and Optuna are read back.
+
+The studies turn ASHA's early stopping off (grace = max_t) so that every trial has a fixed
+length and the counts below are exact.
+"""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.study_procs import (
+    ctrl_c,
+    epochs_logged,
+    kill_tree,
+    run_cli,
+    running_after_epoch,
+    start_cli,
+    trial_runs,
+    wait_for,
+    write_study,
+)
+
+pytestmark = pytest.mark.slow
+
+MAX_T = 3
+TRIALS = 3
+
+
+def _stop_midway(folder, root, name: str, stop) -> dict:
+    """Run a study, stop its driver while a trial is between epochs, then `--resume` it."""
+    study = write_study(folder, root, name=name, trials=TRIALS, max_t=MAX_T, grace=MAX_T)
+    uri = f"sqlite:///{folder / 'run' / 'mlflow.db'}"
+    log = folder / "driver.log"
+    proc = start_cli("run", str(study), log=log)
+    try:
+        wait_for(running_after_epoch(uri, name), proc, log)
+        first_rc = stop(proc)
+    finally:
+        kill_tree(proc)
+    before = {r.data.tags["trial_id"]: (r.info.status, epochs_logged(uri, r.info.run_id))
+              for r in trial_runs(uri, name)}
+    everything_before = _all_runs(uri, name)
+    rc = run_cli("run", str(study), "--resume", log=log)
+    return {"folder": folder, "study": study, "uri": uri, "name": name, "log": log,
+            "first_rc": first_rc, "before": before, "runs_before": everything_before, "rc": rc}
+
+
+def _sigkill(proc) -> int:
+    kill_tree(proc)
+    return proc.returncode
+
+
+def _ctrl_c(proc) -> int:
+    ctrl_c(proc)
+    return proc.wait(timeout=180)
+
+
+@pytest.fixture(scope="module")
+def killed(phantom_root, tmp_path_factory):
+    return _stop_midway(tmp_path_factory.mktemp("killed"), phantom_root, "killed", _sigkill)
+
+
+@pytest.fixture(scope="module")
+def interrupted(phantom_root, tmp_path_factory):
+    return _stop_midway(tmp_path_factory.mktemp("interrupted"), phantom_root, "interrupted",
+                        _ctrl_c)
+
+
+def _all_runs(uri: str, name: str) -> list:
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(name)
+    return client.search_runs([exp.experiment_id], max_results=10000)
+
+
+def _search_runs(study: dict) -> list:
+    return [r for r in trial_runs(study["uri"], study["name"])
+            if r.data.tags["phase"] == "search"]
+
+
+def _optuna_trials(study: dict, task: str = "demo-nih-1-s0") -> list:
+    storage = f"sqlite:///{study['folder'] / 'run' / 'optuna.db'}"
+    return optuna.load_study(study_name=f"{study['name']}/{task}/lora",
+                             storage=storage).trials
+
+
+def _assert_complete_and_exact(study: dict) -> None:
+    assert study["rc"] == 0, study["log"].read_text()[-3000:]
+    runs = _all_runs(study["uri"], study["name"])
+    assert all(r.info.status == "FINISHED" for r in runs), [
+        (r.info.run_name, r.info.status) for r in runs]
+    search = _search_runs(study)
+    ids = [r.data.tags["trial_id"] for r in search]
+    assert len(search) == TRIALS and len(set(ids)) == TRIALS, ids
+    assert sorted(int(r.data.tags["trial_index"]) for r in search) == [1, 2, 3]
+    levels = [r.data.tags.get("level") for r in runs]
+    assert levels.count("study") == 1 and levels.count("arm") == 1
+    finals = [r for r in trial_runs(study["uri"], study["name"])
+              if r.data.tags["phase"] == "final"]
+    assert len(finals) == 1
+    for run in search + finals:  # every epoch exactly once, none missing
+        assert epochs_logged(study["uri"], run.info.run_id) == list(range(1, MAX_T + 1))
+
+
+def test_killed_driver_resumes_to_exactly_the_planned_trials(killed):
+    assert any(status == "RUNNING" and epochs for status, epochs in killed["before"].values())
+    _assert_complete_and_exact(killed)
+
+
+def test_trials_running_at_the_kill_continue_from_their_checkpoint(killed):
+    by_id = {r.data.tags["trial_id"]: r for r in _search_runs(killed)}
+    cut = [tid for tid, (status, epochs) in killed["before"].items()
+           if status == "RUNNING" and epochs and len(epochs) < MAX_T]
+    assert cut
+    for tid in cut:
+        resumed = by_id[tid].data.metrics.get("resumed_from_epoch")
+        assert resumed is not None and resumed >= max(killed["before"][tid][1]), tid
+
+
+def test_optuna_agrees_with_mlflow_after_the_kill(killed):
+    trials = _optuna_trials(killed)
+    states = [t.state for t in trials]
+    assert optuna.trial.TrialState.RUNNING not in states
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == TRIALS  # orphans asked by the dead driver, if any, are FAIL
+    search = _search_runs(killed)
+    for trial in complete:
+        matches = [r for r in search
+                   if float(r.data.params["lr"]) == pytest.approx(trial.params["lr"])
+                   and int(r.data.params["rank"]) == trial.params["rank"]]
+        assert len(matches) == 1, trial.params
+        assert matches[0].data.metrics["val_auroc"] == pytest.approx(trial.value)
+
+
+def test_ctrl_c_ends_runs_killed_then_resumes(interrupted):
+    assert interrupted["first_rc"] == 130
+    assert "--resume" in interrupted["log"].read_text()
+    statuses = {r.data.tags.get("level", "trial"): r.info.status
+                for r in interrupted["runs_before"]}
+    assert statuses["study"] == "KILLED" and statuses["arm"] == "KILLED"
+    assert "RUNNING" not in {r.info.status for r in interrupted["runs_before"]}
+    assert "KILLED" in {status for status, _ in interrupted["before"].values()}
+    _assert_complete_and_exact(interrupted)
+
+
+@pytest.fixture(scope="module")
+def grown(killed):
+    """The resumed study grown twice: a new task in the study file, then one more trial."""
+    end_times = {r.info.run_id: r.info.end_time for r in trial_runs(killed["uri"], "killed")}
+    text = killed["study"].read_text().replace("label_fractions = [1.0]",
+                                               "label_fractions = [1.0, 0.5]")
+    killed["study"].write_text(text)
+    new_task_rc = run_cli("run", str(killed["study"]), "--resume", log=killed["log"])
+    add_rc = run_cli("run", str(killed["study"]), "--add-trials", "1", "--arm", "lora",
+                     log=killed["log"])
+    return {**killed, "end_times": end_times, "new_task_rc": new_task_rc, "add_rc": add_rc}
+
+
+def test_grown_study_reuses_everything_done(grown):
+    assert grown["new_task_rc"] == 0 and grown["add_rc"] == 0, grown["log"].read_text()[-3000:]
+    runs = trial_runs(grown["uri"], "killed")
+    after = {r.info.run_id: r.info.end_time for r in runs}
+    for run_id, end in grown["end_times"].items():  # nothing done before was run again
+        assert after[run_id] == end
+    search = [r for r in runs if r.data.tags["phase"] == "search"]
+    for task in ("demo-nih-1-s0", "demo-nih-0.5-s0"):
+        mine = [r for r in search if r.data.tags["task"] == task]
+        assert sorted(int(r.data.tags["trial_index"]) for r in mine) == [1, 2, 3, 4], task
+        complete = [t for t in _optuna_trials(grown, task)
+                    if t.state == optuna.trial.TrialState.COMPLETE]
+        assert len(complete) == TRIALS + 1
+    assert all(r.info.status == "FINISHED" for r in _all_runs(grown["uri"], "killed"))
+
+
+def test_grown_study_keeps_one_current_final_per_arm(grown):
+    from analysis.runs import load_runs
+    runs = load_runs(grown["uri"], "killed")
+    finals = runs[runs["tag.phase"] == "final"]
+    assert sorted(finals["tag.task"]) == ["demo-nih-0.5-s0", "demo-nih-1-s0"]
+    everything = load_runs(grown["uri"], "killed", include_superseded=True)
+    old = everything[everything.get("tag.superseded", "") == "true"]
+    # An earlier final run is only ever superseded by one of a different config.
+    assert set(old["tag.final_config"]).isdisjoint(set(finals["tag.final_config"]))

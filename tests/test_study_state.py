@@ -1,0 +1,199 @@
+"""The pieces that make a study resumable, without Ray: the state file, the MLflow tracker's
+backlog and dedupe, orphaned Optuna trials, interrupt detection, the checkpoint fallback and
+the shared-storage check."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import optuna
+import pytest
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from study.runner import _UNFINISHED, InterruptWatch, check_shared_storage, fail_orphans
+from study.state import Segment, StudyState, config_hash
+from study.tracking import MlflowTrialTracker, TrackingUnavailable, end_open_runs, start_run
+from trainables.errors import ConfigError
+from trainables.fit import TrainState
+from trainables.ray_train import usable_checkpoint
+
+
+def test_state_round_trip_and_counts(tmp_path):
+    state = StudyState("s", study_run="r", segments={"t/lora": [Segment("a", 3),
+                                                                Segment("b", 2)]},
+                       added={"lora": 2})
+    state.save(tmp_path)
+    back = StudyState.load(tmp_path)
+    assert back == state
+    assert back.done_trials("t/lora") == 5 and back.planned("lora", 3) == 5
+    assert back.planned("fft", 3) == 3 and not list(tmp_path.glob("*.tmp"))
+
+
+def test_damaged_state_is_a_config_error_naming_the_file(tmp_path):
+    StudyState.path(tmp_path).write_text("{not json")
+    with pytest.raises(ConfigError, match="study_state.json is damaged"):
+        StudyState.load(tmp_path)
+
+
+def test_config_hash_ignores_the_seed_only():
+    assert config_hash({"lr": 1e-3, "seed": 0}) == config_hash({"lr": 1e-3, "seed": 4})
+    assert config_hash({"lr": 1e-3}) != config_hash({"lr": 2e-3})
+
+
+def test_orphaned_optuna_trials_become_fail(tmp_path):
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'o.db'}")
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    done, orphan = study.ask(), study.ask()
+    study.tell(done, 0.7)
+    assert fail_orphans(storage, "s") == 1
+    states = {t.number: t.state for t in optuna.load_study(study_name="s",
+                                                           storage=storage).trials}
+    assert states == {done.number: optuna.trial.TrialState.COMPLETE,
+                      orphan.number: optuna.trial.TrialState.FAIL}
+    assert fail_orphans(storage, "missing") == 0
+
+
+def _trial(trial_id: str, counter: int = 1, **config) -> SimpleNamespace:
+    return SimpleNamespace(trial_id=trial_id, config={"lr": 0.1, **config},
+                           experiment_tag=f"{counter}_lr=0.1", last_result={}, error_file=None,
+                           status="RUNNING")
+
+
+@pytest.fixture
+def store(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("e", artifact_location=(tmp_path / "a").as_uri())
+    parent = start_run(client, exp, "arm", {"level": "arm"})
+    return client, exp, parent, tmp_path / "backlog" / "seg.jsonl"
+
+
+def _tracker(store, offset: int = 0) -> MlflowTrialTracker:
+    client, exp, parent, backlog = store
+    return MlflowTrialTracker(client, exp, parent, {"arm": "lora", "phase": "search"}, 3,
+                              backlog, offset)
+
+
+def _result(epoch: int, **extra) -> dict:
+    return {"epoch": epoch, "val_auroc": 0.5 + epoch / 10, **extra}
+
+
+def test_tracker_buffers_when_mlflow_fails_and_writes_in_order_later(store, monkeypatch):
+    tracker, trial = _tracker(store), _trial("t1")
+    tracker.on_trial_start(0, [], trial)
+    real = tracker.client.log_batch
+
+    def down(*args, **kwargs):
+        raise MlflowException("server went away")
+    monkeypatch.setattr(tracker.client, "log_batch", down)
+    tracker.on_trial_result(0, [], trial, _result(1))
+    tracker.on_trial_result(0, [], trial, _result(2))
+    kept = [json.loads(line) for line in tracker.backlog.read_text().splitlines()]
+    assert [r["step"] for r in kept] == [1, 2]  # nothing dropped, order kept
+    with pytest.raises(TrackingUnavailable, match=r"2 record\(s\) are kept in .*seg\.jsonl"):
+        tracker.drain()
+    monkeypatch.setattr(tracker.client, "log_batch", real)
+    tracker.on_trial_result(0, [], trial, _result(3))
+    assert not tracker.backlog.exists()
+    run_id = tracker.runs["t1"]
+    history = tracker.client.get_metric_history(run_id, "val_auroc")
+    assert sorted(m.step for m in history) == [1, 2, 3]
+
+
+def test_a_new_tracker_finds_the_run_and_logs_each_epoch_once(store):
+    first, trial = _tracker(store), _trial("t1", counter=2)
+    first.on_trial_result(0, [], trial, _result(1))
+    first.on_trial_result(0, [], trial, _result(2))
+    # The driver dies; a restored experiment's tracker knows nothing in memory.
+    second = _tracker(store)
+    replay = json.dumps([_result(1), _result(2), _result(3)])
+    second.on_trial_result(0, [], trial, _result(4, resumed_from_epoch=3, replay=replay))
+    second.on_trial_complete(0, [], trial)
+    client, exp, parent, _ = store
+    runs = client.search_runs([exp], filter_string="tags.trial_id = 't1'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "val_auroc")]
+    assert sorted(steps) == [1, 2, 3, 4]  # epoch 3 filled in from the replay, none twice
+    assert runs[0].data.tags["trial_index"] == "2"
+
+
+def test_grown_segments_continue_the_trial_index(store):
+    tracker = _tracker(store, offset=3)
+    tracker.on_trial_start(0, [], _trial("t9", counter=1))
+    client, exp, _, _ = store
+    run = client.search_runs([exp], filter_string="tags.trial_id = 't9'")[0]
+    assert run.data.tags["trial_index"] == "4"
+
+
+def test_end_open_runs_reaches_grandchildren(store):
+    client, exp, parent, _ = store
+    study = start_run(client, exp, "study", {"level": "study"})
+    arm = start_run(client, exp, "arm", {"level": "arm"}, study)
+    trial = start_run(client, exp, "trial", {"trial_id": "x"}, arm)
+    client.set_terminated(parent, "FINISHED")
+    assert end_open_runs(client, exp, study, "KILLED") == 2
+    assert client.get_run(trial).info.status == "KILLED"
+    assert client.get_run(study).info.status == "RUNNING"  # the caller ends its own run
+
+
+def test_interrupt_watch_tells_stopped_from_finished(tmp_path):
+    done, old, cut = (SimpleNamespace(trial_id=i, status=s) for i, s in
+                      (("a", "RUNNING"), ("b", "TERMINATED"), ("c", "RUNNING")))
+    watch = InterruptWatch(tmp_path)
+    watch.on_step_begin(0, [done, old, cut])
+    watch.on_trial_complete(0, [], done)
+    done.status = cut.status = "TERMINATED"  # Tune stops trials on Ctrl-C: they look ended
+    watch.on_experiment_end([done, old, cut])
+    assert _UNFINISHED.pop(str(tmp_path)) is True
+    watch.on_trial_complete(0, [], cut)
+    watch.on_experiment_end([done, old, cut])
+    assert _UNFINISHED.pop(str(tmp_path)) is False
+
+
+def _checkpoint(folder: Path, epoch: int) -> Path:
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    folder.mkdir(parents=True)
+    TrainState(epoch=epoch).save(model, optimizer, folder)
+    return folder
+
+
+def test_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path):
+    older = _checkpoint(tmp_path / "checkpoint_2026-01-01_00-00-01", 1)
+    newest = _checkpoint(tmp_path / "checkpoint_2026-01-01_00-00-02", 2)
+    assert usable_checkpoint(newest) == newest
+    data = (newest / "trainable.safetensors").read_bytes()
+    (newest / "trainable.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.warns(UserWarning, match="resuming from .*00-00-01"):
+        assert usable_checkpoint(newest) == older
+    (newest / "trainable.safetensors").unlink()
+    with pytest.warns(UserWarning, match="missing trainable.safetensors"):
+        assert usable_checkpoint(newest) == older
+    (older / "state.pt").write_bytes(b"PK\x03\x04truncated")
+    with pytest.warns(UserWarning):
+        assert usable_checkpoint(newest) is None
+
+
+def test_local_only_storage_is_refused_on_a_multi_node_cluster(tmp_path):
+    from study.config import parse_study
+    cfg = parse_study({"study": {"name": "s", "storage": str(tmp_path / "run")},
+                       "tasks": {"foundations": [{"name": "demo"}],
+                                 "datasets": [{"name": "nih", "root": str(tmp_path)}]},
+                       "arms": {"lora": {"space": "lora"}}}, tmp_path)
+    nodes = [{"Alive": True, "NodeID": "a", "NodeManagerAddress": "10.0.0.1"},
+             {"Alive": True, "NodeID": "b", "NodeManagerAddress": "10.0.0.2"}]
+    seen: list[list[str]] = []
+
+    def second_node_is_blind(nodes, paths):
+        seen.append(paths)
+        return [[], list(paths)]
+    with pytest.raises(ConfigError, match=r"run is not visible from node 10\.0\.0\.2"):
+        check_shared_storage(cfg, nodes, second_node_is_blind)
+    assert not list((tmp_path / "run").glob(".visible-*"))  # markers cleaned up
+    check_shared_storage(cfg, nodes[:1], second_node_is_blind)  # one node: nothing to check
+    assert len(seen) == 1
+    check_shared_storage(cfg, nodes, lambda nodes, paths: [[], []])
