@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-fast lint bench clean
+.PHONY: venv demo test test-fast lint bench audit clean
 
 venv: $(STAMP)
 
@@ -33,6 +33,15 @@ lint: venv
 
 bench: venv
 	@for script in benchmarks/*.py; do echo "== $$script"; $(BIN)/python $$script --quick || exit 1; done
+
+# Known vulnerabilities in the locked set (pip-audit in its own small venv; needs a reachable
+# vulnerability source: PyPI's JSON API or OSV). --strict: a package it could not check fails.
+audit:
+	test -x .venv-audit/bin/pip-audit || { $(PY) -m venv .venv-audit && \
+		.venv-audit/bin/pip install -q pip-audit; }
+	grep -v '^-e ' requirements.lock > .venv-audit/requirements.txt
+	.venv-audit/bin/pip-audit -r .venv-audit/requirements.txt --no-deps --disable-pip --strict \
+		$(AUDIT_ARGS)
 
 clean:
 	rm -rf demo_run .pytest_cache

@@ -46,7 +46,8 @@ def load_runs(tracking_uri: str, experiment: str,
     if tracking_uri.startswith("sqlite:///"):
         db = Path(tracking_uri.removeprefix("sqlite:///"))
         if not db.is_file():  # reading must never create an empty store
-            raise ConfigError(f"tracking store {db} does not exist: check --tracking-uri")
+            raise ConfigError(f"tracking store {db} does not exist: check --tracking-uri, "
+                              "or run the study first")
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:

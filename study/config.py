@@ -1,7 +1,8 @@
 """The study file: TOML in, frozen dataclasses out, validated before Ray starts.
 
 Every table and key is checked: an unknown key is a typo until proven otherwise, so it is refused
-with the list of known keys. Relative paths resolve against the study file's folder.
+with the list of known keys, and a value of the wrong type is refused by its field's name (never
+left to fail later inside a comparison). Relative paths resolve against the study file's folder.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from search_spaces import get_space
-from trainables.config import TrainSpec
+from trainables.config import TrainSpec, parse_targets
 from trainables.datasets import DataSpec
 from trainables.errors import ConfigError
 from trainables.foundation import get_foundation
@@ -34,7 +35,10 @@ class FoundationRef:
     checkpoint: str | None = None
 
     def __post_init__(self) -> None:
-        get_foundation(self.name)
+        try:
+            get_foundation(self.name)
+        except ConfigError as exc:
+            raise ConfigError(f"tasks.foundations.name: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -85,7 +89,10 @@ class ArmSpec:
     optimizer: str | None = None
 
     def __post_init__(self) -> None:
-        get_space(self.space)
+        try:
+            get_space(self.space)
+        except ConfigError as exc:
+            raise ConfigError(f"arms.{self.name}.space: {exc}") from None
         _check(self.trials >= 1, f"arms.{self.name}.trials", "must be >= 1")
         _check(self.optimizer in (None, "sgd", "adamw"), f"arms.{self.name}.optimizer",
                "use 'sgd' or 'adamw' (or leave it out to follow the reference recipe)")
@@ -168,6 +175,18 @@ _SECTIONS = {"study", "tasks", "arms", "search", "train", "resources", "final", 
 _TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainSpec)} - {"lr", "seed"}
 _FIXABLE = _TRAIN_KEYS | {"lr", "rank", "alpha", "alpha_ratio", "targets", "lora_dropout",
                           "weight_decay", "layer_decay"}
+# TOML value types per annotation; TOML has no null, so `X | None` means X.
+_KINDS: dict[str, tuple[type, ...]] = {"str": (str,), "int": (int,), "float": (int, float)}
+
+
+def _kinds(annotation: Any) -> tuple[type, ...]:
+    text = str(getattr(annotation, "__name__", annotation))  # "int", or int itself
+    return tuple(k for part in text.split("|") for k in _KINDS.get(part.strip(), ()))
+
+
+_FIELD_KINDS = {f.name: _kinds(f.type) for f in dataclasses.fields(TrainSpec)}
+_FIXED_KINDS = {**_FIELD_KINDS, "rank": (int,), "alpha": (int, float),
+                "alpha_ratio": (int, float), "lora_dropout": (int, float), "targets": (str,)}
 
 
 def _known(table: dict, known: set[str], where: str) -> None:
@@ -175,10 +194,29 @@ def _known(table: dict, known: set[str], where: str) -> None:
     _check(not unknown, where, f"unknown keys {unknown}; known keys: {sorted(known)}")
 
 
+def _table(value: Any, where: str) -> dict:
+    _check(isinstance(value, dict), where, f"expected a table, got {value!r}")
+    return value
+
+
+def _list(value: Any, where: str) -> list:
+    _check(isinstance(value, list), where, f"expected a list, got {value!r}")
+    return value
+
+
+def _typed_fields(kinds: dict[str, tuple[type, ...]], table: dict, where: str) -> None:
+    """Each value of `table` has its key's type; `where` is the dotted prefix of the names."""
+    for key, value in table.items():
+        if kinds.get(key):
+            _typed(value, kinds[key], f"{where}.{key}")
+
+
 def _build(cls, table: dict, where: str):
     """Construct a dataclass from a TOML table, refusing unknown keys and wrong types."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    _known(table, names, where)
+    _table(table, where)
+    fields = dataclasses.fields(cls)
+    _known(table, {f.name for f in fields}, where)
+    _typed_fields({f.name: _kinds(f.type) for f in fields}, table, where.strip("[]"))
     try:
         return cls(**table)
     except TypeError as exc:
@@ -199,10 +237,36 @@ def _path(base: Path, value: str | None) -> str | None:
     return str(path if path.is_absolute() else (base / path).resolve())
 
 
+def _check_recipe(train: dict[str, Any], max_t: int, where: str) -> None:
+    """`train` (the [train] table, with an arm's fixed values) makes a valid recipe."""
+    try:
+        TrainSpec(**{**train, "epochs": max_t})
+    except ConfigError as exc:
+        raise ConfigError(f"{where}.{exc}") from None  # TrainSpec says "field: problem"
+
+
+def _parse_arm(name: str, arm: Any, train: dict[str, Any], max_t: int) -> ArmSpec:
+    where = f"arms.{name}"
+    _known(_table(arm, where), {"space", "trials", "fixed", "optimizer"}, f"[{where}]")
+    fixed = _table(arm.get("fixed", {}), f"{where}.fixed")
+    _known(fixed, _FIXABLE, f"{where}.fixed")
+    _typed_fields(_FIXED_KINDS, fixed, f"{where}.fixed")
+    if "targets" in fixed:
+        try:
+            parse_targets(fixed["targets"])
+        except ConfigError as exc:
+            raise ConfigError(f"{where}.fixed.{exc}") from None  # "targets: problem"
+    _check_recipe({**train, **{k: v for k, v in fixed.items() if k in _FIELD_KINDS}}, max_t,
+                  f"{where}.fixed")
+    return ArmSpec(name, _typed(arm.get("space", name), str, f"{where}.space"),
+                   _typed(arm.get("trials", 4), int, f"{where}.trials"),
+                   tuple(sorted(fixed.items())), arm.get("optimizer"))
+
+
 def parse_study(data: dict[str, Any], base: Path, source: Path | None = None) -> StudyConfig:
     """Validate a parsed TOML document. `base` anchors relative paths."""
     _known(data, _SECTIONS, "study file")
-    head = data.get("study", {})
+    head = _table(data.get("study", {}), "[study]")
     _known(head, {"name", "storage", "cache_dir", "checkpoints_to_keep"}, "[study]")
     name = _typed(head.get("name", "study"), str, "study.name")
     storage = Path(_path(base, _typed(head.get("storage", "."), str, "study.storage")))
@@ -220,43 +284,39 @@ def parse_study(data: dict[str, Any], base: Path, source: Path | None = None) ->
     _check(isinstance(tasks_table, dict), "[tasks]", "missing: give foundations, datasets and "
            "label_fractions")
     _known(tasks_table, {"foundations", "datasets", "label_fractions", "split_seeds"}, "[tasks]")
-    foundations = [_build(FoundationRef, dict(f), "tasks.foundations")
-                   for f in tasks_table.get("foundations", [])]
+    foundations = [_build(FoundationRef, f, "tasks.foundations")
+                   for f in _list(tasks_table.get("foundations", []), "tasks.foundations")]
     foundations = [dataclasses.replace(f, checkpoint=_path(base, f.checkpoint))
                    for f in foundations]
     datasets = []
-    for d in tasks_table.get("datasets", []):
-        ref = _build(DatasetRef, dict(d), "tasks.datasets")
+    for d in _list(tasks_table.get("datasets", []), "tasks.datasets"):
+        ref = _build(DatasetRef, d, "tasks.datasets")
         datasets.append(dataclasses.replace(ref, root=_path(base, ref.root),
                                             list_dir=_path(base, ref.list_dir)))
     fractions = [float(_typed(f, (int, float), "tasks.label_fractions"))
-                 for f in tasks_table.get("label_fractions", [1.0])]
-    seeds = [_typed(s, int, "tasks.split_seeds") for s in tasks_table.get("split_seeds", [0])]
+                 for f in _list(tasks_table.get("label_fractions", [1.0]),
+                                "tasks.label_fractions")]
+    seeds = [_typed(s, int, "tasks.split_seeds")
+             for s in _list(tasks_table.get("split_seeds", [0]), "tasks.split_seeds")]
     _check(bool(foundations) and bool(datasets), "[tasks]",
            "needs at least one foundation and one dataset")
     tasks = tuple(TaskSpec(f, d, fr, s)
                   for f, d, fr, s in itertools.product(foundations, datasets, fractions, seeds))
 
-    arms_table = data.get("arms", {})
+    arms_table = _table(data.get("arms", {}), "[arms]")
     _check(bool(arms_table), "[arms]", "define at least one arm, e.g. [arms.lora] space='lora'")
-    arms = []
-    for arm_name, arm in arms_table.items():
-        _known(arm, {"space", "trials", "fixed", "optimizer"}, f"[arms.{arm_name}]")
-        fixed = arm.get("fixed", {})
-        _known(fixed, _FIXABLE, f"arms.{arm_name}.fixed")
-        arms.append(ArmSpec(arm_name, _typed(arm.get("space", arm_name), str,
-                                             f"arms.{arm_name}.space"),
-                            _typed(arm.get("trials", 4), int, f"arms.{arm_name}.trials"),
-                            tuple(sorted(fixed.items())), arm.get("optimizer")))
 
-    train = data.get("train", {})
+    train = _table(data.get("train", {}), "[train]")
     _known(train, _TRAIN_KEYS, "[train]")
+    _typed_fields(_FIELD_KINDS, train, "train")
     search = _build(SearchSpec, data.get("search", {}), "[search]")
-    TrainSpec(**{**train, "epochs": search.max_t})  # defaults must make a valid recipe
+    _check_recipe(train, search.max_t, "train")  # defaults must make a valid recipe
     _check(search.grace_period >= train.get("warmup_epochs", 1), "search.grace_period",
            "must be >= train.warmup_epochs: ASHA must not judge trials still warming up")
-    tracking = data.get("tracking", {})
+    arms = [_parse_arm(name, arm, train, search.max_t) for name, arm in arms_table.items()]
+    tracking = _table(data.get("tracking", {}), "[tracking]")
     _known(tracking, {"uri", "experiment"}, "[tracking]")
+    _typed_fields({"uri": (str,), "experiment": (str,)}, tracking, "tracking")
     uri = tracking.get("uri") or f"sqlite:///{storage / 'mlflow.db'}"
     return StudyConfig(
         name=name, storage=storage, tasks=tasks, arms=tuple(arms),

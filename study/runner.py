@@ -35,6 +35,7 @@ from study.tracking import (
     TRANSIENT,
     MlflowTrialTracker,
     TrackingUnavailable,
+    check_reachable,
     connect,
     end_open_runs,
     end_run,
@@ -70,7 +71,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     kwargs: dict[str, Any] = {"runtime_env": {"env_vars": RAY_ENV}, "log_to_driver": False,
                               "configure_logging": False}
     if address:
-        _check_reachable(address)
+        check_address(address)
         try:
             ray.init(address=address, **kwargs)
         except Exception as exc:  # noqa: BLE001 - any failure to join is the user's to fix
@@ -81,7 +82,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
              dashboard_host="127.0.0.1", object_store_memory=1_000_000_000, **kwargs)
 
 
-def _check_reachable(address: str) -> None:
+def check_address(address: str) -> None:
     """A HOST:PORT (or ray://HOST:PORT) that nothing answers on fails in seconds, not after
     Ray's own reconnect timeout."""
     if address == "auto":
@@ -351,7 +352,9 @@ class InterruptWatch(Callback):
         self.ended.add(trial.trial_id)
 
     def on_experiment_end(self, trials, **info) -> None:
-        over = self.ended | (self.before or set())
+        if self.before is None:  # no step ran: a restored experiment that had already ended
+            self.before = {t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")}
+        over = self.ended | self.before
         _UNFINISHED[self.key] = any(t.trial_id not in over for t in trials)
 
 
@@ -387,7 +390,10 @@ def _fit(path: Path, make: Callable[[], Tuner], expected: int, emit) -> ResultGr
         tuner = make()
     _UNFINISHED.pop(str(path), None)
     grid = tuner.fit()
-    if len(grid) < expected or _UNFINISHED.pop(str(path), True):
+    unfinished = _UNFINISHED.pop(str(path), None)
+    if unfinished is None:  # the watch never heard the end: judge by the saved statuses
+        unfinished = grid.num_terminated + grid.num_errors < len(grid)
+    if len(grid) < expected or unfinished:
         raise StudyInterrupted(path.name)
     return grid
 
@@ -564,16 +570,21 @@ def _sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
             "qmc": lambda: optuna.samplers.QMCSampler(seed=seed)}[name]()
 
 
-def preflight(cfg: StudyConfig, emit: Callable[[str], None]) -> dict[str, TaskData]:
-    """Everything that can be wrong with the inputs, found before Ray, MLflow or any training:
-    every task's splits, every foundation checkpoint against its architecture, every fixed
-    LoRA setting; then each task's image cache (built once, reused by later runs)."""
+def preflight(cfg: StudyConfig) -> dict[str, DatasetSplits]:
+    """Everything that can be wrong with the inputs, found before Ray, MLflow or any training,
+    and without writing anything: every task's splits, every foundation checkpoint against its
+    architecture, every fixed LoRA setting."""
     for ref in {t.foundation for t in cfg.tasks}:
         check_foundation(ref.name, ref.checkpoint)
     for arm in cfg.arms:
         for name in {t.foundation.name for t in cfg.tasks}:
             check_arm(arm, name)
-    splits = {task.key: load_splits(task.data_spec()) for task in cfg.tasks}
+    return {task.key: load_splits(task.data_spec()) for task in cfg.tasks}
+
+
+def prepare_caches(cfg: StudyConfig, splits: dict[str, DatasetSplits],
+                   emit: Callable[[str], None]) -> dict[str, TaskData]:
+    """Each task's image cache (built once, reused by later runs and other studies)."""
     data = {}
     for task in cfg.tasks:
         emit(f"task {task.key}: preparing data")
@@ -619,9 +630,11 @@ def run_study(cfg: StudyConfig, emit: Callable[[str], None] = print,
     if unknown:
         raise ConfigError(f"--add-trials: unknown arm(s) {unknown}; the study's arms are "
                           f"{[a.name for a in cfg.arms]}")
-    data = preflight(cfg, emit)
+    check_reachable(cfg.tracking.uri)
+    splits = preflight(cfg)
     init_ray(address)
     max_concurrent = concurrency(cfg)
+    data = prepare_caches(cfg, splits, emit)
     if (nodes := check_shared_storage(cfg)) > 1:
         emit(f"cluster of {nodes} nodes: storage, cache and checkpoints visible from every node")
     client, exp_id = connect(cfg.tracking.uri, cfg.tracking.experiment, cfg.storage)

@@ -54,7 +54,7 @@ class StudyState:
             raw["segments"] = {k: [Segment(**s) for s in v]
                                for k, v in raw.get("segments", {}).items()}
             state = cls(**raw)
-        except (json.JSONDecodeError, TypeError) as exc:
+        except (ValueError, TypeError, AttributeError) as exc:  # not UTF-8, not JSON, wrong shape
             raise ConfigError(f"{path} is damaged ({exc}): restore it from a backup, or move "
                               "the study directory aside and start again") from exc
         if state.version != STATE_VERSION:

@@ -14,6 +14,7 @@ import math
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,7 @@ def connect(uri: str, experiment: str, storage: Path) -> tuple[MlflowClient, str
     (MLflow's default would be `./mlruns` of whatever folder the command ran in); a tracking
     server decides for itself.
     """
-    local = uri.startswith(("sqlite:", "file:")) or "://" not in uri
+    local = is_local(uri)
     if not local:
         # A study must not stall for minutes inside MLflow's retry loop when a server is away:
         # the tracker keeps what it could not write and says so (the user may set these).
@@ -51,14 +52,32 @@ def connect(uri: str, experiment: str, storage: Path) -> tuple[MlflowClient, str
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(uri)
     artifacts = (storage / "mlartifacts").resolve().as_uri() if local else None
-    try:
-        found = client.get_experiment_by_name(experiment)
-        exp_id = found.experiment_id if found else client.create_experiment(
-            experiment, artifact_location=artifacts)
-    except Exception as exc:  # noqa: BLE001 - any transport failure means "cannot track"
-        raise ConfigError(f"tracking.uri {uri}: MLflow is not reachable ({type(exc).__name__}): "
-                          "start the server or fix the URI") from exc
-    return client, exp_id
+    # Two studies starting at once on one sqlite store race to create its tables and their
+    # experiments ("database is locked", "already exists"): a few quick retries settle it.
+    for attempt in range(5):
+        try:
+            found = client.get_experiment_by_name(experiment)
+            exp_id = found.experiment_id if found else client.create_experiment(
+                experiment, artifact_location=artifacts)
+            return client, exp_id
+        except Exception as exc:  # noqa: BLE001 - any transport failure means "cannot track"
+            if attempt == 4 or not (local and isinstance(exc, TRANSIENT)):
+                raise ConfigError(f"tracking.uri {uri}: MLflow is not reachable "
+                                  f"({type(exc).__name__}): start the server or fix the URI"
+                                  ) from exc
+            time.sleep(0.5 * (attempt + 1))
+            client = MlflowClient(uri)
+    raise AssertionError("unreachable")
+
+
+def is_local(uri: str) -> bool:
+    return uri.startswith(("sqlite:", "file:")) or "://" not in uri
+
+
+def check_reachable(uri: str) -> None:
+    """Before anything is written or trained: a tracking server must answer."""
+    if not is_local(uri):
+        _check_server(uri)
 
 
 def _check_server(uri: str) -> None:
@@ -137,68 +156,100 @@ class MlflowTrialTracker(Callback):
     Nothing is kept only in memory: a trial's run is found again by its `trial_id` tag, its
     logged epochs by its metric history, so a restored Tune experiment (whose callbacks come
     back from Ray's saved state) or a resumed study picks up the same runs without duplicates.
-    Records that cannot be written (server away, store locked) wait in a JSON-lines backlog in
-    the study directory and are written, in order, at the next chance; `drain` empties it or
-    raises `TrackingUnavailable` naming the file.
+
+    Tune's callbacks only append records to a JSON-lines backlog in the study directory (fast,
+    never blocked by the network); a writer thread applies them to MLflow in order and drops
+    what it wrote. Records that cannot be written (server away, store locked) stay and are
+    retried; `drain` writes the rest or raises `TrackingUnavailable` naming the file.
     """
 
     def __init__(self, client: MlflowClient, exp_id: str, parent_run_id: str,
-                 tags: dict[str, str], max_t: int, backlog: Path, index_offset: int = 0) -> None:
+                 tags: dict[str, str], max_t: int, backlog: Path, index_offset: int = 0,
+                 background: bool = True) -> None:
         self.client, self.exp_id, self.parent = client, exp_id, parent_run_id
         self.tags, self.max_t, self.backlog = tags, max_t, backlog
-        self.index_offset = index_offset
+        self.index_offset, self.background = index_offset, background
         self.runs: dict[str, str] = {}
         self.logged_steps: dict[str, set[int]] = {}
         self.last: dict[str, dict[str, Any]] = {}
         self.warned = False
-        self.retry_at = 0.0  # after a failure, records only queue up until then
+        self._threads()
+
+    def _threads(self) -> None:
+        self._lock = threading.Lock()  # guards the backlog file
+        self._wake, self._stop = threading.Event(), threading.Event()
+        self._writer: threading.Thread | None = None
+
+    def __getstate__(self) -> dict[str, Any]:  # Tune saves its callbacks with the experiment
+        return {k: v for k, v in self.__dict__.items()
+                if k not in ("_lock", "_wake", "_stop", "_writer")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._threads()
 
     # -- records ----------------------------------------------------------------------------
     def _queue(self, record: dict[str, Any]) -> None:
-        pending = self._read_backlog()
-        pending.append(record)
-        if time.monotonic() < getattr(self, "retry_at", 0.0):
-            self._write_backlog(pending)  # MLflow failed a moment ago: do not stall Tune
+        with self._lock:
+            self.backlog.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.backlog, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+        if not self.background:
+            self._flush()
             return
-        self._flush(pending)
+        if self._writer is None or not self._writer.is_alive():
+            self._writer = threading.Thread(target=self._write_loop, daemon=True,
+                                            name="mlflow-writer")
+            self._writer.start()
+        self._wake.set()
+
+    def _write_loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(timeout=RETRY_AFTER_S)
+            self._wake.clear()
+            if self._flush() is not None:
+                self._stop.wait(RETRY_AFTER_S)  # MLflow failed a moment ago: back off
 
     def _read_backlog(self) -> list[dict[str, Any]]:
         if not self.backlog.is_file():
             return []
         return [json.loads(line) for line in self.backlog.read_text().splitlines() if line]
 
-    def _write_backlog(self, pending: list[dict[str, Any]]) -> None:
-        if not pending:
-            self.backlog.unlink(missing_ok=True)
-            return
-        self.backlog.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.backlog.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in pending))
-        os.replace(tmp, self.backlog)
-
-    def _flush(self, pending: list[dict[str, Any]]) -> Exception | None:
-        done = 0
-        error: Exception | None = None
+    def _flush(self) -> Exception | None:
+        """Apply the backlog's records in order; keep the rest and whatever arrived meanwhile."""
+        with self._lock:
+            pending = self._read_backlog()
+        done, error = 0, None
         try:
             for record in pending:
                 self._apply(record)
                 done += 1
         except TRANSIENT as exc:
             error = exc
-            self.retry_at = time.monotonic() + RETRY_AFTER_S
             if not self.warned:
                 print(f"warning: MLflow write failed ({type(exc).__name__}); keeping "
                       f"{len(pending) - done} record(s) in {self.backlog} and retrying",
                       file=sys.stderr, flush=True)
                 self.warned = True
-        if done or error or self.backlog.exists():
-            self._write_backlog(pending[done:])
+        if done:
+            with self._lock:
+                rest = self._read_backlog()[done:]
+                if rest:
+                    tmp = self.backlog.with_suffix(".tmp")
+                    tmp.write_text("".join(json.dumps(r) + "\n" for r in rest))
+                    os.replace(tmp, self.backlog)
+                else:
+                    self.backlog.unlink(missing_ok=True)
         return error
 
     def drain(self) -> None:
-        """Write whatever waits in the backlog; a clear error if MLflow is still away."""
-        pending = self._read_backlog()
-        error = self._flush(pending) if pending else None
+        """Stop the writer, write whatever waits; a clear error if MLflow is still away."""
+        if self._writer is not None:
+            self._stop.set()
+            self._wake.set()
+            self._writer.join()
+            self._threads()
+        error = self._flush() if self._read_backlog() else None
         if error is not None:
             raise TrackingUnavailable(
                 f"MLflow is not writable ({type(error).__name__}); {len(self._read_backlog())} "

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -53,20 +54,39 @@ def write_study(folder: Path, root: Path, name: str = "tiny", trials: int = 3, m
     return path
 
 
-def start_cli(*args: str, log: Path) -> subprocess.Popen:
+def start_cli(*args: str, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     """`cxr-study ARGS` as its own process group, output to `log`."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(env or os.environ, PYTHONUNBUFFERED="1")
     with open(log, "ab") as out:
         return subprocess.Popen([sys.executable, "-m", "study", *args], stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True, env=env)
 
 
-def run_cli(*args: str, log: Path, timeout: float = 600) -> int:
-    proc = start_cli(*args, log=log)
+def run_cli(*args: str, log: Path, timeout: float = 600,
+            env: dict[str, str] | None = None) -> int:
+    proc = start_cli(*args, log=log, env=env)
     try:
         return proc.wait(timeout=timeout)
     finally:
         kill_tree(proc)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def kill_matching(text: str) -> None:
+    """Kill every process whose command line mentions `text` (e.g. a Ray temp dir)."""
+    victims = [p for p in psutil.process_iter(["cmdline"])
+               if any(text in part for part in (p.info["cmdline"] or []))]
+    for p in victims:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(victims, timeout=30)
 
 
 def kill_tree(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:

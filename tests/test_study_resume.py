@@ -151,7 +151,7 @@ def grown(killed):
     """The resumed study grown twice: a new task in the study file, then one more trial."""
     end_times = {r.info.run_id: r.info.end_time for r in trial_runs(killed["uri"], "killed")}
     text = killed["study"].read_text().replace("label_fractions = [1.0]",
-                                               "label_fractions = [1.0, 0.5]")
+                                               "label_fractions = [1.0, 0.1]")
     killed["study"].write_text(text)
     new_task_rc = run_cli("run", str(killed["study"]), "--resume", log=killed["log"])
     add_rc = run_cli("run", str(killed["study"]), "--add-trials", "1", "--arm", "lora",
@@ -166,7 +166,7 @@ def test_grown_study_reuses_everything_done(grown):
     for run_id, end in grown["end_times"].items():  # nothing done before was run again
         assert after[run_id] == end
     search = [r for r in runs if r.data.tags["phase"] == "search"]
-    for task in ("demo-nih-1-s0", "demo-nih-0.5-s0"):
+    for task in ("demo-nih-1-s0", "demo-nih-0.1-s0"):
         mine = [r for r in search if r.data.tags["task"] == task]
         assert sorted(int(r.data.tags["trial_index"]) for r in mine) == [1, 2, 3, 4], task
         complete = [t for t in _optuna_trials(grown, task)
@@ -179,7 +179,7 @@ def test_grown_study_keeps_one_current_final_per_arm(grown):
     from analysis.runs import load_runs
     runs = load_runs(grown["uri"], "killed")
     finals = runs[runs["tag.phase"] == "final"]
-    assert sorted(finals["tag.task"]) == ["demo-nih-0.5-s0", "demo-nih-1-s0"]
+    assert sorted(finals["tag.task"]) == ["demo-nih-0.1-s0", "demo-nih-1-s0"]
     everything = load_runs(grown["uri"], "killed", include_superseded=True)
     old = everything[everything.get("tag.superseded", "") == "true"]
     # An earlier final run is only ever superseded by one of a different config.

@@ -72,10 +72,28 @@ def store(tmp_path):
     return client, exp, parent, tmp_path / "backlog" / "seg.jsonl"
 
 
-def _tracker(store, offset: int = 0) -> MlflowTrialTracker:
+def _tracker(store, offset: int = 0, background: bool = False) -> MlflowTrialTracker:
     client, exp, parent, backlog = store
     return MlflowTrialTracker(client, exp, parent, {"arm": "lora", "phase": "search"}, 3,
-                              backlog, offset)
+                              backlog, offset, background)
+
+
+def test_background_writer_keeps_tune_unblocked_and_drains_everything(store):
+    tracker, trial = _tracker(store, background=True), _trial("bg")
+    tracker.on_trial_start(0, [], trial)
+    for epoch in (1, 2, 3):
+        tracker.on_trial_result(0, [], trial, _result(epoch))
+    tracker.on_trial_complete(0, [], trial)
+    tracker.drain()
+    assert not tracker.backlog.exists()
+    client, exp, _, _ = store
+    (run,) = client.search_runs([exp], filter_string="tags.trial_id = 'bg'")
+    assert run.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_auroc")]
+    assert sorted(steps) == [1, 2, 3]
+    import pickle  # Tune saves callbacks with the experiment: the tracker must survive it
+    again = pickle.loads(pickle.dumps(tracker))
+    assert again.backlog == tracker.backlog and again._writer is None
 
 
 def _result(epoch: int, **extra) -> dict:
@@ -152,6 +170,13 @@ def test_interrupt_watch_tells_stopped_from_finished(tmp_path):
     watch.on_trial_complete(0, [], cut)
     watch.on_experiment_end([done, old, cut])
     assert _UNFINISHED.pop(str(tmp_path)) is False
+    restored = InterruptWatch(tmp_path)  # a finished experiment restored: no step runs
+    restored.on_experiment_end([done, old, cut])
+    assert _UNFINISHED.pop(str(tmp_path)) is False
+    cut.status = "RUNNING"
+    restored = InterruptWatch(tmp_path)
+    restored.on_experiment_end([done, old, cut])
+    assert _UNFINISHED.pop(str(tmp_path)) is True
 
 
 def _checkpoint(folder: Path, epoch: int) -> Path:

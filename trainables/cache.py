@@ -11,6 +11,7 @@ removes it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -99,12 +100,31 @@ def _needed_bytes(splits: DatasetSplits, size: int) -> int:
 
 def build_cache(splits: DatasetSplits, img_size: int, cache_root: Path,
                 workers: int | None = None) -> Path:
-    """Return the cache directory for these splits at this size, building it if missing."""
+    """Return the cache directory for these splits at this size, building it if missing.
+
+    A first build that fails (an unreadable image) removes the folders it created, so a study
+    refused for its data leaves no storage folder behind that looks started.
+    """
+    created = [p for p in (cache_root, *cache_root.parents) if not p.exists()]
     cache_root.mkdir(parents=True, exist_ok=True)
     final = cache_root / cache_key(splits, img_size)
     if (final / "meta.json").exists():
         return final
-    with open(cache_root / f".{final.name}.lock", "w") as lock:
+    lock_path = cache_root / f".{final.name}.lock"
+    try:
+        return _build_locked(splits, img_size, cache_root, final, lock_path, workers)
+    except BaseException:
+        if created:
+            lock_path.unlink(missing_ok=True)
+            for folder in created:  # deepest first; a folder another builder uses is not empty
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+        raise
+
+
+def _build_locked(splits: DatasetSplits, img_size: int, cache_root: Path, final: Path,
+                  lock_path: Path, workers: int | None) -> Path:
+    with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a second builder waits here, then finds it built
         if (final / "meta.json").exists():
             return final

@@ -143,7 +143,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Tensor]:
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"checkpoint {path} does not exist: check the path")
     if path.suffix == ".safetensors":
         try:
             return safetensors.torch.load_file(str(path), device="cpu")

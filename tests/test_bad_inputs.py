@@ -1,0 +1,322 @@
+"""Every kind of bad input is refused by the CLI the same way: one line on stderr naming the
+offending field, file, key or name and the fix, exit status 2, no traceback, and nothing
+written (no study storage appears; an existing one is left byte for byte as it was).
+
+Each case starts from one valid study on the session's phantom NIH data and breaks one thing.
+The checks that need no cluster run before Ray starts, so only the resources case starts Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from study.cli import main
+from study.state import STATE_FILE, StudyState
+from tests.test_cli import _assert_one_line_error
+from trainables.models import build_backbone
+
+# A valid study: the demo foundation on the phantom (DATA), one LoRA arm, a two-epoch search.
+VALID = """\
+[study]
+name = "bad"
+storage = "store"
+
+[tasks]
+foundations = [{ name = "demo" }]
+datasets = [{ name = "nih", root = DATA, splits = "lists", list_dir = DATA }]
+label_fractions = [1.0]
+
+[arms.lora]
+space = "lora"
+trials = 2
+
+[search]
+max_t = 2
+grace_period = 1
+"""
+STORAGE = "store"
+
+
+class Evil:
+    """Not a tensor: a checkpoint holding it must be refused, never unpickled."""
+
+
+@dataclass(frozen=True)
+class Bad:
+    """One bad input: text edits of the valid study, the command, and what the error names.
+
+    `prepare(tmp_path, phantom_root)` writes the files the case needs (checkpoints, damaged
+    data, an existing study) and returns the data root to use, or None for the phantom.
+    `command` replaces `run <study> *args`; `{tmp}` in it is the test's folder.
+    """
+
+    needles: tuple[str, ...]
+    edits: dict[str, str] = field(default_factory=dict)
+    args: tuple[str, ...] = ()
+    prepare: Callable[[Path, Path], Path | None] | None = None
+    command: tuple[str, ...] | None = None
+
+
+def _study_text(data: Path, edits: dict[str, str]) -> str:
+    text = VALID
+    for old, new in edits.items():
+        assert old in text, old
+        text = text.replace(old, new)
+    return text.replace("DATA", json.dumps(str(data)))
+
+
+def _snapshot(root: Path) -> dict[str, bytes | None]:
+    """Every file (its bytes) and folder (None) under `root`."""
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None)
+            for p in sorted(root.rglob("*"))}
+
+
+# --- what the cases prepare ------------------------------------------------------------------
+
+def _wide_checkpoint(tmp: Path, phantom: Path) -> None:
+    """A real timm ViT of width 32 (the demo foundation is 64 wide), saved the MAE way."""
+    narrow = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=48,
+                               patch_size=8, embed_dim=32, depth=4, num_heads=4, mlp_ratio=2.0)
+    torch.save({"model": narrow.state_dict()}, tmp / "other.pth")
+
+
+def _pickled_checkpoint(tmp: Path, phantom: Path) -> None:
+    weights = build_backbone("vit_demo", 2).state_dict()
+    torch.save({"model": weights, "evil": Evil()}, tmp / "evil.pth")
+
+
+def _copy(phantom: Path, tmp: Path) -> Path:
+    return Path(shutil.copytree(phantom, tmp / "data"))
+
+
+def _corrupt_image(tmp: Path, phantom: Path) -> Path:
+    data = _copy(phantom, tmp)
+    first = (data / "val_list.txt").read_text().split()[0]
+    png = data / "images" / first
+    png.write_bytes(png.read_bytes()[:100])  # a truncated PNG
+    return data
+
+
+def _escaping_path(tmp: Path, phantom: Path) -> Path:
+    data = _copy(phantom, tmp)
+    train = data / "train_list.txt"
+    train.write_text("../x.png" + " 0" * 14 + "\n" + train.read_text())
+    return data
+
+
+def _no_root(tmp: Path, phantom: Path) -> Path:
+    return tmp / "nowhere"
+
+
+def _state(name: str) -> Callable[[Path, Path], None]:
+    def prepare(tmp: Path, phantom: Path) -> None:
+        (tmp / STORAGE).mkdir()
+        StudyState(name=name).save(tmp / STORAGE)
+    return prepare
+
+
+def _damaged_state(content: bytes) -> Callable[[Path, Path], None]:
+    def prepare(tmp: Path, phantom: Path) -> None:
+        (tmp / STORAGE).mkdir()
+        (tmp / STORAGE / STATE_FILE).write_bytes(content)
+    return prepare
+
+
+def _empty_folder(tmp: Path, phantom: Path) -> None:
+    (tmp / "nostudy").mkdir()
+
+
+LORA = 'space = "lora"\ntrials = 2'
+DEMO = '{ name = "demo" }'
+
+CASES = [
+    # the study file itself
+    pytest.param(Bad(("nope.toml", "does not exist", "pass the path"),
+                     command=("run", "{tmp}/nope.toml")), id="study-file-missing"),
+    pytest.param(Bad(("study.toml", "is not valid TOML", "line"),
+                     edits={"[search]": "[search"}), id="toml-invalid"),
+    # wrong types
+    pytest.param(Bad(("arms.lora.trials", "expected int", "'four'"),
+                     edits={"trials = 2": 'trials = "four"'}), id="type-trials-string"),
+    pytest.param(Bad(("search.max_t", "expected int", "'ten'"),
+                     edits={"max_t = 2": 'max_t = "ten"'}), id="type-max-t-string"),
+    pytest.param(Bad(("train.batch_size", "expected int", "'big'"),
+                     edits={"[search]": '[train]\nbatch_size = "big"\n[search]'}),
+                 id="type-train-value-string"),
+    pytest.param(Bad(("resources.num_workers", "expected int", "'two'"),
+                     edits={"[search]": '[resources]\nnum_workers = "two"\n[search]'}),
+                 id="type-resources-string"),
+    pytest.param(Bad(("tasks.foundations", "expected a table", "'demo'"),
+                     edits={DEMO: '"demo"'}), id="type-foundation-not-a-table"),
+    pytest.param(Bad(("tasks.datasets.root", "expected str", "3"),
+                     edits={"root = DATA": "root = 3"}), id="type-data-root-number"),
+    pytest.param(Bad(("tasks.label_fractions", "expected a list", "'all'"),
+                     edits={"label_fractions = [1.0]": 'label_fractions = "all"'}),
+                 id="type-label-fractions-not-a-list"),
+    pytest.param(Bad(("arms.lora", "expected a table", "3"),
+                     edits={"[arms.lora]\n" + LORA: "[arms]\nlora = 3"}),
+                 id="type-arm-not-a-table"),
+    pytest.param(Bad(("arms.lora.fixed.rank", "expected int", "'big'"),
+                     edits={LORA: LORA + '\nfixed = { rank = "big" }'}),
+                 id="type-fixed-rank-string"),
+    pytest.param(Bad(("tracking.experiment", "expected str", "3"),
+                     edits={"[search]": "[tracking]\nexperiment = 3\n[search]"}),
+                 id="type-experiment-number"),
+    # out of range
+    pytest.param(Bad(("search.max_t", "must be >= 1"), edits={"max_t = 2": "max_t = 0"}),
+                 id="range-max-t-zero"),
+    pytest.param(Bad(("tasks.label_fractions", "1.5", "must be in (0, 1]"),
+                     edits={"[1.0]": "[1.5]"}), id="range-label-fraction"),
+    pytest.param(Bad(("search.grace_period", "between 1 and max_t"),
+                     edits={"grace_period = 1": "grace_period = 3"}),
+                 id="range-grace-period-over-max-t"),
+    pytest.param(Bad(("arms.lora.fixed", "lr", "must be > 0"),
+                     edits={LORA: LORA + "\nfixed = { lr = -0.1 }"}),
+                 id="range-fixed-lr-negative"),
+    # unknown names and keys
+    pytest.param(Bad(("[search]", "unknown keys ['max_epochs']", "known keys"),
+                     edits={"max_t = 2": "max_t = 2\nmax_epochs = 2"}), id="unknown-key"),
+    pytest.param(Bad(("study file", "unknown keys ['serach']", "known keys"),
+                     edits={"[search]": "[serach]\nmax_t = 2\n[search]"}),
+                 id="unknown-section"),
+    pytest.param(Bad(("tasks.foundations.name", "'mae_huge'", "known foundations"),
+                     edits={DEMO: '{ name = "mae_huge" }'}), id="unknown-foundation"),
+    pytest.param(Bad(("tasks.datasets.name", "'mimic'", "use one of"),
+                     edits={'name = "nih"': 'name = "mimic"'}), id="unknown-dataset"),
+    pytest.param(Bad(("arms.lora.space", "'lora_xl'", "use one of"),
+                     edits={'space = "lora"': 'space = "lora_xl"'}), id="unknown-space"),
+    pytest.param(Bad(("search.sampler", "use one of"),
+                     edits={"max_t = 2": 'max_t = 2\nsampler = "grid"'}), id="unknown-sampler"),
+    # arms and LoRA settings that cannot work
+    pytest.param(Bad(("[arms]", "define at least one arm"),
+                     edits={"[arms.lora]\n" + LORA: "[arms]"}), id="arms-empty"),
+    pytest.param(Bad(("arms.mine.space", "'mine'", "use one of"),
+                     edits={"[arms.lora]\n" + LORA: "[arms.mine]\ntrials = 2"}),
+                 id="arm-without-space"),
+    pytest.param(Bad(("arms.lora.fixed", "rank 128", "choose rank <= 64"),
+                     edits={LORA: LORA + "\nfixed = { rank = 128 }"}),
+                 id="lora-rank-over-layer-width"),
+    pytest.param(Bad(("arms.lora.fixed", "targets", "'nope'", "subset of"),
+                     edits={LORA: LORA + '\nfixed = { targets = "nope" }'}),
+                 id="lora-targets-match-nothing"),
+    # foundation checkpoints
+    pytest.param(Bad(("other.pth", "(1, 1, 32)", "(1, 1, 64)", "another architecture"),
+                     edits={DEMO: '{ name = "demo", checkpoint = "other.pth" }'},
+                     prepare=_wide_checkpoint), id="checkpoint-wrong-architecture"),
+    pytest.param(Bad(("evil.pth", "Evil", "only weights are accepted", "cxr-study convert"),
+                     edits={DEMO: '{ name = "demo", checkpoint = "evil.pth" }'},
+                     prepare=_pickled_checkpoint), id="checkpoint-pickled-object"),
+    pytest.param(Bad(("absent.pth", "does not exist", "check the path"),
+                     edits={DEMO: '{ name = "demo", checkpoint = "absent.pth" }'}),
+                 id="checkpoint-missing"),
+    # data
+    pytest.param(Bad(("nowhere", "missing dataset root", "data.root"), prepare=_no_root),
+                 id="data-root-missing"),
+    pytest.param(Bad(("images/", "unreadable or truncated image", "re-download"),
+                     prepare=_corrupt_image), id="data-image-corrupt"),
+    pytest.param(Bad(("train_list.txt", "escaping path", "line 1: ../x.png", "without '..'"),
+                     prepare=_escaping_path), id="data-list-path-escapes-root"),
+    pytest.param(Bad(("class without a positive in train", "label_fraction = 0.01",
+                      "larger label_fraction"),
+                     edits={'splits = "lists", list_dir = DATA': 'splits = "patient"',
+                            "[1.0]": "[0.01]"}), id="data-fraction-without-positives"),
+    # the command line
+    pytest.param(Bad(("--address not-an-address", "HOST:PORT"), args=("--address",
+                                                                      "not-an-address")),
+                 id="address-invalid"),
+    pytest.param(Bad(("--address 127.0.0.1:1", "nothing answers there", "ray start --head"),
+                     args=("--address", "127.0.0.1:1")), id="address-unreachable"),
+    pytest.param(Bad(("--add-trials 0", ">= 1"), args=("--add-trials", "0")),
+                 id="add-trials-zero"),
+    pytest.param(Bad(("--arm", "add --add-trials N"), args=("--arm", "lora")),
+                 id="arm-without-add-trials"),
+    pytest.param(Bad(("--add-trials", "unknown arm(s) ['fft']", "['lora']"),
+                     args=("--add-trials", "1", "--arm", "fft")), id="add-trials-unknown-arm"),
+    # an existing storage
+    pytest.param(Bad(("store", "holds study 'other'", "'bad'", "new storage"),
+                     args=("--resume",), prepare=_state("other")), id="resume-other-study"),
+    pytest.param(Bad(("store", "already holds study 'bad'", "--resume"),
+                     prepare=_state("bad")), id="storage-taken-without-resume"),
+    pytest.param(Bad((STATE_FILE, "is damaged", "restore it"), args=("--resume",),
+                     prepare=_damaged_state(b'{"name": "bad", "segm')),
+                 id="state-file-truncated"),
+    pytest.param(Bad((STATE_FILE, "is damaged", "utf-8", "restore it"), args=("--resume",),
+                     prepare=_damaged_state(b"\xff\xfe\x00\x13")), id="state-file-binary"),
+    pytest.param(Bad((STATE_FILE, "is damaged", "restore it"), args=("--resume",),
+                     prepare=_damaged_state(b'{"name": "bad", "segments": []}')),
+                 id="state-file-wrong-shape"),
+    # stores to read from
+    pytest.param(Bad(("m.db does not exist", "check --tracking-uri"), command=(
+        "best", "--tracking-uri", "sqlite:///{tmp}/m.db", "--experiment", "bad")),
+        id="best-missing-store"),
+    pytest.param(Bad(("nostudy", "holds no study", "pass the study directory"),
+                     prepare=_empty_folder, command=("status", "{tmp}/nostudy")),
+                 id="status-folder-without-store"),
+    pytest.param(Bad(("store/mlflow.db does not exist", "run the study first"),
+                     command=("status", "{tmp}/study.toml")),
+                 id="status-study-never-run"),
+]
+
+
+def _refused_writing_nothing(capsys, tmp_path: Path, phantom: Path, case: Bad,
+                             cache_dir: Path | None = None) -> None:
+    data = (case.prepare(tmp_path, phantom) if case.prepare else None) or phantom
+    edits = dict(case.edits)
+    if cache_dir is not None:
+        edits['storage = "store"'] = f'storage = "store"\ncache_dir = {json.dumps(str(cache_dir))}'
+    study = tmp_path / "study.toml"
+    study.write_text(_study_text(data, edits))
+    argv = ([a.format(tmp=tmp_path) for a in case.command] if case.command
+            else ["run", str(study), *case.args])
+    storage_existed = (tmp_path / STORAGE).exists()
+    before = _snapshot(tmp_path)
+
+    code = main(argv)
+
+    _, err = capsys.readouterr()
+    _assert_one_line_error(code, err, *case.needles)
+    assert _snapshot(tmp_path) == before
+    assert (tmp_path / STORAGE).exists() == storage_existed
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_is_one_line_and_writes_nothing(case, capsys, tmp_path, phantom_root):
+    _refused_writing_nothing(capsys, tmp_path, phantom_root, case)
+
+
+@pytest.mark.slow
+def test_resources_the_cluster_can_never_satisfy(capsys, tmp_path, phantom_root, phantom_cache):
+    """More single-CPU workers than the local Ray has CPUs: refused once Ray reports its size.
+
+    The image cache is the session's (already built), so the check itself writes nothing.
+    """
+    import logging
+    import os
+
+    import ray
+
+    workers = (os.cpu_count() or 1) + 1
+    case = Bad(("resources", f"{workers} worker(s)", "lower num_workers"),
+               edits={"[search]": f"[resources]\nnum_workers = {workers}\ncpus_per_worker = 1"
+                                  "\n[search]"})
+    cache_before = _snapshot(phantom_cache.parent)
+    # Ray's own console log (a token-authentication notice when a local cluster starts) is not
+    # the CLI's output; only its warnings are held back, so a traceback would still show.
+    ray_log = logging.getLogger("ray")
+    level = ray_log.level
+    ray_log.setLevel(logging.ERROR)
+    try:
+        _refused_writing_nothing(capsys, tmp_path, phantom_root, case,
+                                 cache_dir=phantom_cache.parent)
+    finally:
+        ray_log.setLevel(level)
+        ray.shutdown()
+    assert _snapshot(phantom_cache.parent) == cache_before

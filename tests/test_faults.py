@@ -1,0 +1,109 @@
+"""Faults a long study meets on a shared machine, each survived or reported, never silent:
+a Train worker process killed mid-trial, a diverging trial, two studies writing one MLflow
+sqlite store at once. (The driver SIGKILL, Ctrl-C, damaged checkpoint, MLflow outage and full
+disk cases live in test_study_resume.py, test_study_state.py, test_tracking_server.py and
+test_cache.py.)"""
+
+from __future__ import annotations
+
+import sqlite3
+
+import optuna
+import psutil
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.study_procs import (
+    epochs_logged,
+    kill_tree,
+    run_cli,
+    running_after_epoch,
+    start_cli,
+    trial_runs,
+    wait_for,
+    write_study,
+)
+
+pytestmark = pytest.mark.slow
+
+
+def _train_workers(driver) -> list[psutil.Process]:
+    """The driver's Ray Train worker processes (Ray titles them after the actor class)."""
+    return [p for p in psutil.Process(driver.pid).children(recursive=True)
+            if "RayTrainWorker" in " ".join(p.cmdline())]
+
+
+def test_killed_train_worker_resumes_from_its_checkpoint(tmp_path, phantom_root):
+    max_t = 20  # long enough that the kill lands mid-trial
+    study = write_study(tmp_path, phantom_root, name="workerkill", trials=1, max_t=max_t,
+                        grace=max_t, seeds=0)
+    uri = f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}"
+    log = tmp_path / "driver.log"
+    driver = start_cli("run", str(study), log=log)
+    try:
+        wait_for(running_after_epoch(uri, "workerkill"), driver, log)
+        workers = _train_workers(driver)
+        assert len(workers) == 1
+        workers[0].kill()
+        rc = driver.wait(timeout=600)
+    finally:
+        kill_tree(driver)
+    assert rc == 0, log.read_text()[-3000:]
+    (run,) = trial_runs(uri, "workerkill")
+    assert run.info.status == "FINISHED" and "error" not in run.data.tags
+    assert epochs_logged(uri, run.info.run_id) == list(range(1, max_t + 1))
+    assert 1 <= run.data.metrics["resumed_from_epoch"] < max_t
+
+
+def test_diverging_trial_fails_at_once_and_the_study_goes_on(tmp_path, phantom_root, capsys):
+    boom = '[arms.boom]\nspace = "lora"\ntrials = 1\noptimizer = "sgd"\n' \
+           'fixed = { lr = 1e30 }\n'
+    study = write_study(tmp_path, phantom_root, name="diverge", trials=1, max_t=2, grace=2,
+                        extra_arms=boom)
+    uri = f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}"
+    log = tmp_path / "driver.log"
+    rc = run_cli("run", str(study), log=log)
+    errors = [ln for ln in log.read_text().splitlines() if ln.startswith("cxr-study: error")]
+    assert rc == 2 and len(errors) == 1 and "boom" in errors[0], log.read_text()[-3000:]
+    runs = trial_runs(uri, "diverge")
+    (failed,) = [r for r in runs if r.data.tags["arm"] == "boom"]
+    assert failed.info.status == "FAILED"
+    assert "loss became" in failed.data.tags["error"]
+    assert failed.data.tags["epochs_run"] == "0"  # stopped in its first epoch
+    assert epochs_logged(uri, failed.info.run_id) == []
+    ok = [r for r in runs if r.data.tags["arm"] == "lora"]
+    assert {r.data.tags["phase"] for r in ok} == {"search", "final"}
+    assert all(r.info.status == "FINISHED" for r in ok)
+    storage = f"sqlite:///{tmp_path / 'run' / 'optuna.db'}"
+    told = optuna.load_study(study_name="diverge/demo-nih-1-s0/boom", storage=storage).trials
+    assert [t.state for t in told] == [optuna.trial.TrialState.FAIL]  # the searcher knows
+    markers = list((tmp_path / "run" / "train").glob("train-*/diverged.txt"))
+    assert len(markers) == 1 and "loss became" in markers[0].read_text()
+
+
+def test_two_studies_share_one_sqlite_store(tmp_path, phantom_root):
+    store = tmp_path / "shared" / "mlflow.db"
+    store.parent.mkdir()
+    tracking = f'[tracking]\nuri = "sqlite:///{store}"\n'
+    drivers = []
+    for name in ("left", "right"):
+        study = write_study(tmp_path / name, phantom_root, name=name, trials=2, max_t=2,
+                            grace=2, seeds=0, tracking=tracking)
+        log = tmp_path / f"{name}.log"
+        drivers.append((start_cli("run", str(study), log=log), log))
+    try:
+        codes = [proc.wait(timeout=900) for proc, _ in drivers]
+    finally:
+        for proc, _ in drivers:
+            kill_tree(proc)
+    assert codes == [0, 0], [log.read_text()[-2000:] for _, log in drivers]
+    uri = f"sqlite:///{store}"
+    for name in ("left", "right"):
+        runs = trial_runs(uri, name)
+        assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+        for run in runs:
+            assert epochs_logged(uri, run.info.run_id) == [1, 2]
+        exp = MlflowClient(uri).get_experiment_by_name(name)
+        assert len(MlflowClient(uri).search_runs([exp.experiment_id])) == 4  # study, arm, 2
+    with sqlite3.connect(store) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
