@@ -258,8 +258,9 @@ class MlflowTrialTracker(Callback):
 
     # -- applying records (idempotent: a record may be applied again after a crash) ---------
     def _apply(self, record: dict[str, Any]) -> None:
-        run_id = self._run(record["trial_id"], record.get("config"), record.get("index"))
         kind = record["kind"]
+        run_id = self._run(record["trial_id"], record.get("config"), record.get("index"),
+                           reopen=kind != "finish")
         if kind == "metrics":
             step = int(record["step"])
             if step in self.logged_steps[record["trial_id"]]:
@@ -273,7 +274,9 @@ class MlflowTrialTracker(Callback):
             self.client.set_terminated(run_id, record["status"])
 
     def _run(self, trial_id: str, config: dict[str, Any] | None = None,
-             index: str | None = None) -> str:
+             index: str | None = None, reopen: bool = False) -> str:
+        """The trial's run, created if new; `reopen` marks a found run RUNNING again (a killed
+        or interrupted trial goes on)."""
         if trial_id in self.runs:
             return self.runs[trial_id]
         found = self.client.search_runs(
@@ -281,7 +284,7 @@ class MlflowTrialTracker(Callback):
             f"tags.`{PARENT_TAG}` = '{self.parent}'", max_results=2)
         if found:
             run_id = found[0].info.run_id
-            if found[0].info.status != "RUNNING":  # a killed or interrupted trial goes on
+            if reopen and found[0].info.status != "RUNNING":
                 self.client.update_run(run_id, status="RUNNING")
             history = self.client.get_metric_history(run_id, "val_auroc")
             self.logged_steps[trial_id] = {m.step for m in history}

@@ -222,3 +222,19 @@ def test_local_only_storage_is_refused_on_a_multi_node_cluster(tmp_path):
     check_shared_storage(cfg, nodes[:1], second_node_is_blind)  # one node: nothing to check
     assert len(seen) == 1
     check_shared_storage(cfg, nodes, lambda nodes, paths: [[], []])
+
+
+def test_superseded_final_runs_drop_out_of_the_analysis(store):
+    from analysis.runs import load_runs
+    from study.runner import _supersede
+    client, exp, arm, _ = store
+    for digest in ("old", "new"):
+        start_run(client, exp, f"final-{digest}", {"phase": "final", "final_config": digest,
+                                                   "trial_id": digest}, arm)
+    _supersede(client, exp, arm, "old")
+    uri = client.tracking_uri
+    shown = load_runs(uri, "e")
+    assert "old" not in set(shown["tag.trial_id"].dropna())
+    assert "new" in set(shown["tag.trial_id"].dropna())
+    everything = load_runs(uri, "e", include_superseded=True)
+    assert set(everything["tag.trial_id"].dropna()) == {"old", "new"}
