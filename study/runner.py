@@ -63,6 +63,8 @@ TRIAL_RESOURCES = {"CPU": 0, "memory": 1 << 20}
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Local Ray by default (dashboard on 127.0.0.1: Train inside Tune needs the state API)."""
+    if address:
+        check_address(address)  # even when this process already runs Ray
     if ray.is_initialized():
         return
     os.environ.update(RAY_ENV)
@@ -71,7 +73,6 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     kwargs: dict[str, Any] = {"runtime_env": {"env_vars": RAY_ENV}, "log_to_driver": False,
                               "configure_logging": False}
     if address:
-        check_address(address)
         try:
             ray.init(address=address, **kwargs)
         except Exception as exc:  # noqa: BLE001 - any failure to join is the user's to fix
@@ -98,16 +99,24 @@ def check_address(address: str) -> None:
                           ) from exc
 
 
-def concurrency(cfg: StudyConfig) -> int:
+def local_concurrency(cfg: StudyConfig) -> int:
+    """`concurrency` for the local Ray this machine would start, checked before starting it."""
+    node = {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
+    return concurrency(cfg, node, [node])
+
+
+def concurrency(cfg: StudyConfig, cluster: dict[str, float] | None = None,
+                per_node: list[dict[str, float]] | None = None) -> int:
     """How many trials fit at once; a trial that can never be placed is a ConfigError."""
-    cluster = ray.cluster_resources()
+    cluster = ray.cluster_resources() if cluster is None else cluster
     cpus, gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
     res = cfg.resources
     fits_cpu = int(cpus // res.cpus_per_trial)
     fits_gpu = int(gpus // (res.num_workers * res.gpus_per_worker)) if res.gpus_per_worker else (
         fits_cpu)
     fits = min(fits_cpu, fits_gpu)
-    per_node = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    if per_node is None:
+        per_node = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
     if per_node and not any(r.get("CPU", 0) >= res.cpus_per_worker and r.get("GPU", 0) >= (
             res.gpus_per_worker) for r in per_node):
         fits = 0
@@ -630,11 +639,17 @@ def run_study(cfg: StudyConfig, emit: Callable[[str], None] = print,
     if unknown:
         raise ConfigError(f"--add-trials: unknown arm(s) {unknown}; the study's arms are "
                           f"{[a.name for a in cfg.arms]}")
+    # Order: what can be checked without writing anything, then the image caches (valid and
+    # reusable whatever happens next), then Ray and the resources it reports, then MLflow.
+    if address:
+        check_address(address)
+    else:
+        local_concurrency(cfg)
     check_reachable(cfg.tracking.uri)
     splits = preflight(cfg)
+    data = prepare_caches(cfg, splits, emit)
     init_ray(address)
     max_concurrent = concurrency(cfg)
-    data = prepare_caches(cfg, splits, emit)
     if (nodes := check_shared_storage(cfg)) > 1:
         emit(f"cluster of {nodes} nodes: storage, cache and checkpoints visible from every node")
     client, exp_id = connect(cfg.tracking.uri, cfg.tracking.experiment, cfg.storage)

@@ -292,12 +292,9 @@ def test_bad_input_is_one_line_and_writes_nothing(case, capsys, tmp_path, phanto
     _refused_writing_nothing(capsys, tmp_path, phantom_root, case)
 
 
-@pytest.mark.slow
 def test_resources_the_cluster_can_never_satisfy(capsys, tmp_path, phantom_root, phantom_cache):
-    """More single-CPU workers than the local Ray has CPUs: refused once Ray reports its size.
-
-    The image cache is the session's (already built), so the check itself writes nothing.
-    """
+    """More single-CPU workers than this machine's local Ray would have CPUs: refused before
+    Ray starts or anything is written (the cache named is the session's, already built)."""
     import logging
     import os
 

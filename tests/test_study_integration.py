@@ -150,7 +150,7 @@ def test_final_runs_have_test_metrics_and_predictions(small_study):
 def test_arms_get_equal_budgets(small_study):
     runs = small_study["runs"]
     arms = runs[runs["tag.level"] == "arm"]
-    assert arms["max_t"].eq(3).all() and arms["trials"].eq(3).all()
+    assert arms["max_t"].eq(3).all() and arms["tag.trials"].astype(int).eq(3).all()
     trials = runs[runs["tag.trial_id"].notna() & (runs["tag.phase"] == "search")]
     assert trials.groupby("tag.arm")["epochs"].unique().map(list).to_dict() == {
         "fft": [3], "lora": [3]}
