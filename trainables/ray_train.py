@@ -86,10 +86,14 @@ def usable_checkpoint(latest: Path) -> Path | None:
     return None
 
 
+def _storage(config: dict[str, Any]) -> str:
+    """Where the trial's Ray Train runs live (the study's `train/` folder)."""
+    return str(config.get("storage_path") or os.path.join(tempfile.gettempdir(), "cxr-train"))
+
+
 def _marker(config: dict[str, Any]) -> Path:
     """Where a diverged trial leaves its reason, next to its Ray Train run."""
-    return Path(str(config.get("storage_path") or tempfile.gettempdir())) / (
-        f"train-{config['trial_id']}") / DIVERGED
+    return Path(_storage(config)) / f"train-{config['trial_id']}" / DIVERGED
 
 
 def worker_loop(config: dict[str, Any]) -> None:
@@ -104,7 +108,7 @@ def worker_loop(config: dict[str, Any]) -> None:
     try:
         fit(cfg, reporter, wrap_model=prepare_model, wrap_loader=prepare_data_loader)
     except DivergenceError as exc:
-        if reporter.rank == 0 and config.get("storage_path"):
+        if reporter.rank == 0:
             marker.parent.mkdir(parents=True, exist_ok=True)
             marker.write_text(str(exc))
         raise
@@ -135,8 +139,7 @@ def tune_trial(config: dict[str, Any]) -> None:
         torch_config=TorchConfig(backend="nccl" if gpus else "gloo"),
         run_config=RunConfig(
             name=f"train-{context.get_trial_id()}",
-            storage_path=str(config.get("storage_path") or os.path.join(
-                tempfile.gettempdir(), "cxr-train")),
+            storage_path=_storage(config),
             callbacks=[TuneReportCallback()],
             # Two (the default) are enough to resume and to survive one truncated checkpoint;
             # final runs carry their best-validation weights inside every checkpoint.
