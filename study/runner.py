@@ -20,7 +20,15 @@ import ray
 import torch
 from mlflow.entities import RunTag
 from ray import tune
-from ray.tune import Callback, FailureConfig, ResultGrid, RunConfig, TuneConfig, Tuner
+from ray.tune import (
+    Callback,
+    CheckpointConfig,
+    FailureConfig,
+    ResultGrid,
+    RunConfig,
+    TuneConfig,
+    Tuner,
+)
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 from ray.util.placement_group import PlacementGroup, remove_placement_group
@@ -51,14 +59,11 @@ from trainables.errors import ConfigError
 from trainables.foundation import get_foundation, load_foundation
 from trainables.lora import LoraSpec, apply_lora
 from trainables.models import build_backbone, get_backbone
-from trainables.ray_train import tune_trial
+from trainables.ray_train import trial_resources, tune_trial
 
-# Train polls its workers this often; Ray's default of 2 s adds up to 2 s to every report.
+# Train polls its workers this often; Ray's default of 2 s adds up to 2 s to every report
+# of a multi-worker trial.
 RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
-# The Tune trial only waits on its Train workers, which hold the CPUs; it reserves no CPU
-# itself (a bundle cannot be empty, so it asks for a token amount of memory) so that N
-# single-CPU workers give N concurrent trials instead of a deadlock.
-TRIAL_RESOURCES = {"CPU": 0, "memory": 1 << 20}
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -308,7 +313,11 @@ def base_config(cfg: StudyConfig, task: TaskSpec, arm: ArmSpec, data: TaskData,
     return base
 
 
-TRAINABLE = tune.with_resources(tune_trial, TRIAL_RESOURCES)
+def trainable(cfg: StudyConfig):
+    """The Tune trainable with what each trial reserves (see `trial_resources`)."""
+    res = cfg.resources
+    return tune.with_resources(tune_trial, trial_resources(
+        res.num_workers, res.cpus_per_worker, res.gpus_per_worker))
 
 
 class StudyInterrupted(KeyboardInterrupt):
@@ -385,7 +394,8 @@ class ResumableOptunaSearch(OptunaSearch):
             super().on_trial_complete(trial_id, result, error)
 
 
-def _fit(path: Path, make: Callable[[], Tuner], expected: int, emit) -> ResultGrid:
+def _fit(cfg: StudyConfig, path: Path, make: Callable[[], Tuner], expected: int, emit
+         ) -> ResultGrid:
     """Fit a Tune experiment, continuing it from its folder if it already started.
 
     A finished experiment comes back at once with its results; unfinished trials continue
@@ -394,7 +404,7 @@ def _fit(path: Path, make: Callable[[], Tuner], expected: int, emit) -> ResultGr
     """
     if Tuner.can_restore(str(path)):
         emit(f"  continuing {path.name}")
-        tuner = Tuner.restore(str(path), trainable=TRAINABLE, resume_unfinished=True)
+        tuner = Tuner.restore(str(path), trainable=trainable(cfg), resume_unfinished=True)
     else:
         tuner = make()
     _UNFINISHED.pop(str(path), None)
@@ -464,14 +474,14 @@ def search_arm(session: Session, task: TaskSpec, arm: ArmSpec, data: TaskData) -
                                       max_t=cfg.search.max_t,
                                       grace_period=cfg.search.grace_period,
                                       reduction_factor=cfg.search.reduction_factor)
-            return Tuner(TRAINABLE, tune_config=TuneConfig(
+            return Tuner(trainable(cfg), tune_config=TuneConfig(
                 search_alg=searcher, scheduler=scheduler, num_samples=segment.trials,
                 max_concurrent_trials=session.max_concurrent,
-                trial_dirname_creator=trial_dirname),
+                trial_dirname_creator=trial_dirname, reuse_actors=True),
                 run_config=_run_config(cfg, segment.name, [
                     tracker, PlacementGroupReaper(), InterruptWatch(path),
                     TrialPrinter(f"{task.key} {arm.name}", segment.trials, cfg.search.max_t)]))
-        grid = _fit(path, make, segment.trials, session.emit)
+        grid = _fit(cfg, path, make, segment.trials, session.emit)
         tracker.drain()
         fail_orphans(storage, f"{cfg.name}/{key}")
         results += [r for r in grid if r.metrics and "best_val_auroc" in r.metrics]
@@ -517,8 +527,11 @@ def fail_orphans(storage: optuna.storages.BaseStorage, study_name: str) -> int:
 
 
 def _run_config(cfg: StudyConfig, name: str, callbacks: list[Callback]) -> RunConfig:
+    # Trials that run in Ray Train's local mode hand their checkpoints to Tune, which keeps
+    # the newest `checkpoints_to_keep` in the trial's folder.
     return RunConfig(name=name, storage_path=str(cfg.storage / "tune"), verbose=0,
-                     failure_config=FailureConfig(max_failures=1), callbacks=callbacks)
+                     failure_config=FailureConfig(max_failures=1), callbacks=callbacks,
+                     checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoints_to_keep))
 
 
 def final_arm(session: Session, outcome: ArmOutcome) -> None:
@@ -548,13 +561,13 @@ def final_arm(session: Session, outcome: ArmOutcome) -> None:
     path = cfg.storage / "tune" / name
 
     def make() -> Tuner:
-        return Tuner(TRAINABLE, param_space=config,
+        return Tuner(trainable(cfg), param_space=config,
                      tune_config=TuneConfig(max_concurrent_trials=session.max_concurrent,
-                                            trial_dirname_creator=trial_dirname),
+                                            trial_dirname_creator=trial_dirname, reuse_actors=True),
                      run_config=_run_config(cfg, name, [tracker, PlacementGroupReaper(),
                                                         InterruptWatch(path)]))
     reopen_run(client, outcome.run_id)
-    grid = _fit(path, make, len(seeds), session.emit)
+    grid = _fit(cfg, path, make, len(seeds), session.emit)
     tracker.drain()
     for result in grid:
         if result.metrics and "test_auroc" in result.metrics:

@@ -1,12 +1,23 @@
 """The only bridge from a Ray Tune trial to Ray Train.
 
-A Tune function trial (`tune_trial`) builds a `TorchTrainer` whose workers run `fit`; Tune's
-`TuneReportCallback` passes the workers' reports up to the trial, where ASHA sees them. The trial
-config dict is turned into a `TrialConfig` on the first line of the worker loop.
+A Tune function trial (`tune_trial`) runs the fit loop through a `TorchTrainer` in one of two
+modes, and only the reporter knows which:
 
-Each worker reports the id of its Train placement group once (`worker_pg`): Ray Train's own cleanup
-of that group is racy when a trial is stopped from outside, and a leaked group holds a CPU forever.
-The driver-side callback in `study/` removes it when the trial ends.
+- **One worker: Ray Train's local mode** (`ScalingConfig(num_workers=0)`). The loop runs inside
+  the Tune trial's own process, which reserves the worker's CPUs and GPU itself. Reports and
+  checkpoints go straight to Tune (`ray.tune.report`; under Tune, local mode refuses
+  `ray.train.report`), so a trial's first epoch arrives about 2 s after it starts instead of
+  about 20 s (benchmarks/trial_overhead.py). Tune keeps the checkpoints in the trial's folder
+  and hands the latest back on a retry or a restore.
+- **N > 1 workers: DDP.** Train workers (their own placement group) run the loop; Tune's
+  `TuneReportCallback` passes rank 0's reports up to the trial, where ASHA sees them, and Ray
+  Train keeps the checkpoints under the study's `train/` folder. Each worker reports the id of
+  its placement group once (`worker_pg`): Ray Train's own cleanup of that group is racy when a
+  trial is stopped from outside, and a leaked group holds a CPU forever, so the driver-side
+  reaper in `study/` removes it when the trial ends.
+
+The fit loop and the checkpoint format are the same in both modes. The trial config dict is
+turned into a `TrialConfig` on the first line of the loop.
 """
 
 from __future__ import annotations
@@ -15,15 +26,19 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import ray.train
+import ray.tune
 import ray.util
 import torch
 from ray.train import Checkpoint, CheckpointConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer, prepare_data_loader, prepare_model
 from ray.tune.integration.ray_train import TuneReportCallback
+from torch import nn
+from torch.utils.data import DataLoader
 
 from trainables.config import TrialConfig
 from trainables.fit import DivergenceError, checkpoint_problem, fit
@@ -33,26 +48,47 @@ RESOURCE_KEYS = ("num_workers", "cpus_per_worker", "gpus_per_worker", "storage_p
 DIVERGED = "diverged.txt"
 
 
-class RayReporter:
-    """Reports through `ray.train.report`; rank 0 attaches the checkpoint directory."""
+def runs_locally(num_workers: int) -> bool:
+    """One worker needs no worker group: the loop runs in the Tune trial (Train's local mode)."""
+    return num_workers == 1
+
+
+def worker_resources(cpus_per_worker: float, gpus_per_worker: float) -> dict[str, float]:
+    resources = {"CPU": float(cpus_per_worker)}
+    if gpus_per_worker:
+        resources["GPU"] = float(gpus_per_worker)
+    return resources
+
+
+def trial_resources(num_workers: int, cpus_per_worker: float,
+                    gpus_per_worker: float) -> dict[str, float]:
+    """What the Tune trial itself reserves.
+
+    In local mode the trial is the worker, so it holds the worker's CPUs and GPU: two 1-CPU
+    trials run at once on 2 CPUs. With a worker group, the workers hold the resources and the
+    trial only waits on them, so it reserves no CPU (a bundle cannot be empty: a token amount
+    of memory), or N single-CPU workers would deadlock against their own trials.
+    """
+    if runs_locally(num_workers):
+        return worker_resources(cpus_per_worker, gpus_per_worker)
+    return {"CPU": 0, "memory": 1 << 20}
+
+
+class _Reporter:
+    """What both modes share: a reported checkpoint turned into a folder `fit` can read."""
+
+    rank = 0
 
     def __init__(self) -> None:
-        self.rank = ray.train.get_context().get_world_rank()
-        pg = ray.util.get_current_placement_group()
-        # Once per worker process: its placement group (for the driver's reaper) and its node.
-        self._first = {"worker_pg": pg.id.hex()} if pg is not None else {}
-        self._first["worker_node"] = ray.get_runtime_context().get_node_id()
         self._restored_dir: str | None = None
+        self._first: dict[str, str] = {"worker_node": ray.get_runtime_context().get_node_id()}
 
-    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+    def _payload(self, metrics: dict[str, float]) -> dict[str, Any]:
         payload = {**metrics, **self._first}
         self._first = {}
-        ckpt = Checkpoint.from_directory(str(checkpoint_dir)) if (
-            checkpoint_dir is not None and self.rank == 0) else None
-        ray.train.report(payload, checkpoint=ckpt)
+        return payload
 
-    def latest_checkpoint(self) -> Path | None:
-        ckpt = ray.train.get_checkpoint()
+    def _local_folder(self, ckpt: Checkpoint | None) -> Path | None:
         if ckpt is None:
             return None
         latest = Path(ckpt.path)
@@ -66,12 +102,60 @@ class RayReporter:
             shutil.rmtree(self._restored_dir, ignore_errors=True)
 
 
+class LocalReporter(_Reporter):
+    """Local mode: the loop runs in the Tune trial and talks to Tune directly."""
+
+    def __init__(self, use_gpu: bool) -> None:
+        super().__init__()
+        # Tune sets CUDA_VISIBLE_DEVICES to the trial's GPU, so it is always device 0 here.
+        self.device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
+
+    def wrap_model(self, model: nn.Module) -> nn.Module:
+        return model.to(self.device)
+
+    def wrap_loader(self, loader: DataLoader) -> DataLoader:
+        return loader
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+        ckpt = Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        ray.tune.report(self._payload(metrics), checkpoint=ckpt)  # Tune copies it at once
+
+    def latest_checkpoint(self) -> Path | None:
+        return self._local_folder(ray.tune.get_checkpoint())
+
+
+class WorkerReporter(_Reporter):
+    """A Train worker of a DDP group: reports through `ray.train.report`; rank 0 attaches the
+    checkpoint, and each worker names its placement group once for the driver's reaper."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rank = ray.train.get_context().get_world_rank()
+        pg = ray.util.get_current_placement_group()
+        if pg is not None:
+            self._first["worker_pg"] = pg.id.hex()
+
+    def wrap_model(self, model: nn.Module) -> nn.Module:
+        return prepare_model(model)
+
+    def wrap_loader(self, loader: DataLoader) -> DataLoader:
+        return prepare_data_loader(loader)
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
+        ckpt = Checkpoint.from_directory(str(checkpoint_dir)) if (
+            checkpoint_dir is not None and self.rank == 0) else None
+        ray.train.report(self._payload(metrics), checkpoint=ckpt)
+
+    def latest_checkpoint(self) -> Path | None:
+        return self._local_folder(ray.train.get_checkpoint())
+
+
 def usable_checkpoint(latest: Path) -> Path | None:
     """The newest checkpoint of the run that loads, starting with `latest`.
 
     A checkpoint folder deleted or truncated (a full disk, a crash during a copy) must not cost
-    the whole trial: its older siblings (Ray Train keeps `checkpoints_to_keep`) are tried next,
-    with a warning. None when none is usable: the trial then starts again from epoch 0.
+    the whole trial: its older siblings (Ray keeps `checkpoints_to_keep`) are tried next, with
+    a warning. None when none is usable: the trial then starts again from epoch 0.
     """
     siblings = sorted((p for p in latest.parent.glob("checkpoint_*") if p != latest),
                       key=lambda p: p.name, reverse=True)
@@ -92,21 +176,27 @@ def _storage(config: dict[str, Any]) -> str:
 
 
 def _marker(config: dict[str, Any]) -> Path:
-    """Where a diverged trial leaves its reason, next to its Ray Train run."""
+    """Where a diverged trial leaves its reason (in both modes: the study's `train/` folder)."""
     return Path(_storage(config)) / f"train-{config['trial_id']}" / DIVERGED
 
 
+def _reporter(config: dict[str, Any]) -> LocalReporter | WorkerReporter:
+    if runs_locally(int(config.get("num_workers", 1))):
+        return LocalReporter(use_gpu=float(config.get("gpus_per_worker", 0)) > 0)
+    return WorkerReporter()
+
+
 def worker_loop(config: dict[str, Any]) -> None:
-    """Runs on every Train worker: typed config, DDP-prepared model and loader, then fit."""
+    """Runs on every worker (or in the trial, in local mode): typed config, then fit."""
     trial = {k: v for k, v in config.items() if k not in RESOURCE_KEYS and k != "trial_id"}
     cfg = TrialConfig.from_flat(trial)
     torch.set_num_threads(max(1, int(config.get("cpus_per_worker", 1))))
     marker = _marker(config)
     if marker.is_file():  # a retry of a diverged trial: the same config diverges again
         raise DivergenceError(marker.read_text())
-    reporter = RayReporter()
+    reporter = _reporter(config)
     try:
-        fit(cfg, reporter, wrap_model=prepare_model, wrap_loader=prepare_data_loader)
+        fit(cfg, reporter, wrap_model=reporter.wrap_model, wrap_loader=reporter.wrap_loader)
     except DivergenceError as exc:
         if reporter.rank == 0:
             marker.parent.mkdir(parents=True, exist_ok=True)
@@ -116,29 +206,21 @@ def worker_loop(config: dict[str, Any]) -> None:
         reporter.close()
 
 
-def tune_trial(config: dict[str, Any]) -> None:
-    """A Tune function trial: one TorchTrainer run for this config."""
+def _trainer(loop: Callable[[dict[str, Any]], None], config: dict[str, Any]) -> TorchTrainer:
     workers = int(config.get("num_workers", 1))
+    if runs_locally(workers):
+        return TorchTrainer(loop, train_loop_config=config,
+                            scaling_config=ScalingConfig(num_workers=0))
     gpus = float(config.get("gpus_per_worker", 0))
-    resources = {"CPU": float(config.get("cpus_per_worker", 1))}
-    if gpus:
-        resources["GPU"] = gpus
-    context = ray.tune.get_context()
-    loop_config = {**config, "trial_id": context.get_trial_id()}
-    marker = _marker(loop_config)
-    # A failed trial is retried by Tune (FailureConfig in study/runner.py): a new TorchTrainer
-    # under the same run name, which resumes from the run's latest checkpoint. Retrying a
-    # diverged trial would only diverge again: it ends at once, with the reason.
-    if marker.is_file():
-        raise DivergenceError(marker.read_text())
-    trainer = TorchTrainer(
-        worker_loop,
-        train_loop_config=loop_config,
+    return TorchTrainer(
+        loop,
+        train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=bool(gpus),
-                                     resources_per_worker=resources),
+                                     resources_per_worker=worker_resources(
+                                         float(config.get("cpus_per_worker", 1)), gpus)),
         torch_config=TorchConfig(backend="nccl" if gpus else "gloo"),
         run_config=RunConfig(
-            name=f"train-{context.get_trial_id()}",
+            name=f"train-{config['trial_id']}",
             storage_path=_storage(config),
             callbacks=[TuneReportCallback()],
             # Two (the default) are enough to resume and to survive one truncated checkpoint;
@@ -147,4 +229,15 @@ def tune_trial(config: dict[str, Any]) -> None:
                 num_to_keep=int(config.get("checkpoints_to_keep", 2))),
         ),
     )
-    trainer.fit()
+
+
+def tune_trial(config: dict[str, Any]) -> None:
+    """A Tune function trial: one Ray Train run (local mode or a worker group) of this config."""
+    loop_config = {**config, "trial_id": ray.tune.get_context().get_trial_id()}
+    marker = _marker(loop_config)
+    # A failed trial is retried by Tune (FailureConfig in study/runner.py) from its latest
+    # checkpoint: Tune's own in local mode, Ray Train's (same run name) with workers. Retrying a
+    # diverged trial would only diverge again: it ends at once, with the reason.
+    if marker.is_file():
+        raise DivergenceError(marker.read_text())
+    _trainer(worker_loop, loop_config).fit()
