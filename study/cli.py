@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import warnings
 from pathlib import Path
 
 from trainables.errors import StudyError
@@ -35,12 +37,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
     add = {arm: args.add_trials for arm in (args.arm or [a.name for a in cfg.arms])} if (
         args.add_trials) else None
     from study.runner import run_study
+    from study.summary import finish, look_further
     try:
-        run_study(cfg, address=args.address, resume=args.resume or bool(add), add_trials=add)
+        outcomes = run_study(cfg, address=args.address, resume=args.resume or bool(add),
+                             add_trials=add)
     except KeyboardInterrupt:
         print(f"cxr-study: interrupted; the study is saved. Continue it with: cxr-study run "
               f"{args.study} --resume", file=sys.stderr)
         return 130
+    uri, experiment = cfg.tracking.uri, cfg.tracking.experiment
+    finish(uri, experiment, cfg.storage, {f"{o.task} {o.arm}": o.wall_s for o in outcomes})
+    print("Look further with:")
+    print("\n".join(look_further(uri, experiment, cfg.storage)))
     return 0
 
 
@@ -131,9 +139,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line_warnings() -> None:
+    """Every warning is one readable line, printed once: no source line under it, no repeats
+    (the same advice for every task of a study is still one line)."""
+    seen: set[str] = set()
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        text = " ".join(str(message).split()) or category.__name__
+        if text not in seen:
+            seen.add(text)
+            print(f"cxr-study: warning: {text}", file=file or sys.stderr, flush=True)
+    warnings.showwarning = show
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.getLogger("mlflow").setLevel(logging.WARNING)  # no store-migration chatter
+    one_line_warnings()
+    # No store-migration chatter (MLflow sets its own level when it is imported).
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
     try:
         return args.func(args)
     except StudyError as exc:

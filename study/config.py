@@ -49,6 +49,8 @@ class DatasetRef:
     list_dir: str | None = None
     uncertainty: str = "ones"
     views: str = "all"
+    val_fraction: float | None = None  # `patient` splits: share of non-test patients for val
+    official_test: bool = True  # `patient` splits: the dataset's own test list where it has one
 
     def __post_init__(self) -> None:
         _check(self.name in DATASETS, "tasks.datasets.name",
@@ -71,7 +73,8 @@ class TaskSpec:
         ds = self.dataset
         return DataSpec(dataset=ds.name, root=ds.root, splits=ds.splits,
                         label_fraction=self.label_fraction, split_seed=self.split_seed,
-                        list_dir=ds.list_dir, uncertainty=ds.uncertainty, views=ds.views)
+                        list_dir=ds.list_dir, uncertainty=ds.uncertainty, views=ds.views,
+                        val_fraction=ds.val_fraction, official_test=ds.official_test)
 
     @property
     def key(self) -> str:
@@ -128,6 +131,9 @@ class ResourceSpec:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     max_concurrent_trials: int = 0  # 0: as many as the cluster can place at once
+    # One-worker trials run in Ray Train's local mode inside the Tune trial; False runs them as
+    # a one-worker Train worker group, as trials with several workers run (about 20 s slower).
+    local_mode: bool = True
 
     def __post_init__(self) -> None:
         _check(self.num_workers >= 1, "resources.num_workers", "must be >= 1")
@@ -176,7 +182,8 @@ _TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainSpec)} - {"lr", "seed"}
 _FIXABLE = _TRAIN_KEYS | {"lr", "rank", "alpha", "alpha_ratio", "targets", "lora_dropout",
                           "weight_decay", "layer_decay"}
 # TOML value types per annotation; TOML has no null, so `X | None` means X.
-_KINDS: dict[str, tuple[type, ...]] = {"str": (str,), "int": (int,), "float": (int, float)}
+_KINDS: dict[str, tuple[type, ...]] = {"str": (str,), "int": (int,), "float": (int, float),
+                                       "bool": (bool,)}
 
 
 def _kinds(annotation: Any) -> tuple[type, ...]:
@@ -224,7 +231,8 @@ def _build(cls, table: dict, where: str):
 
 
 def _typed(value: Any, kind: type | tuple[type, ...], where: str) -> Any:
-    ok = isinstance(value, kind) and not isinstance(value, bool)
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    ok = isinstance(value, kinds) and (bool in kinds or not isinstance(value, bool))
     names = "/".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
     _check(ok, where, f"expected {names}, got {value!r}")
     return value

@@ -13,12 +13,9 @@ from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
-import pandas as pd
-
-from analysis.report import write_report
-from analysis.runs import best_configs, load_runs
 from study.config import StudyConfig, load_study
 from study.runner import run_study
+from study.summary import finish, look_further
 from trainables.phantom import write_nih_phantom
 from trainables.pretrain import pretrain_demo_foundation
 
@@ -43,38 +40,19 @@ def prepare_demo_dir(directory: Path, emit: Callable[[str], None] = print) -> Pa
     return study_file
 
 
-def summary_table(cfg: StudyConfig, wall_s: dict[str, float]) -> pd.DataFrame:
-    """Per arm: best val AUROC, test AUROC of the best config, trainable share, trial counts."""
-    best = best_configs(load_runs(cfg.tracking.uri, cfg.tracking.experiment))
-    return pd.DataFrame({
-        "task": best["task"],
-        "arm": best["arm"],
-        "best val AUROC": best["val_auroc"].round(4),
-        "test AUROC (best config)": best["test_auroc"].round(4),
-        "trainable params": best["trainable_params"],
-        "trainable %": best["trainable_pct"].round(2),
-        "trials (stopped early)": [f"{t} ({s})" for t, s in zip(best["trials"],
-                                                                best["stopped_early"])],
-        "search wall s": [round(wall_s.get(a, float("nan")), 1) for a in best["arm"]],
-    })
-
-
-def run_demo(directory: Path, emit: Callable[[str], None] = print) -> pd.DataFrame:
+def run_demo(directory: Path, emit: Callable[[str], None] = print) -> Path | None:
+    """Data, foundation, the study, then its summary and report; returns the report's path."""
     start = time.monotonic()
     study_file = prepare_demo_dir(directory, emit)
     cfg = load_study(study_file)
     _fresh_tracking(cfg)
     outcomes = run_study(cfg, emit)
-    table = summary_table(cfg, {o.arm: o.wall_s for o in outcomes})
-    emit("")
-    emit(table.to_string(index=False))
-    report = write_report(cfg.tracking.uri, cfg.tracking.experiment, cfg.storage / "report")
-    emit(f"\nreport: {report}")
+    uri, experiment = cfg.tracking.uri, cfg.tracking.experiment
+    report = finish(uri, experiment, cfg.storage, {o.arm: o.wall_s for o in outcomes}, emit)
     emit(f"demo finished in {time.monotonic() - start:.0f}s. Look further with:")
-    emit(f"  cxr-study best --tracking-uri {cfg.tracking.uri} "
-         f"--experiment {cfg.tracking.experiment}")
-    emit(f"  mlflow ui --backend-store-uri {cfg.tracking.uri} --host 127.0.0.1")
-    return table
+    for line in look_further(uri, experiment, cfg.storage):
+        emit(line)
+    return report
 
 
 def _fresh_tracking(cfg: StudyConfig) -> None:

@@ -6,6 +6,7 @@ score it on test. MLflow gets the whole hierarchy through `study.tracking`.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 import time
@@ -20,15 +21,7 @@ import ray
 import torch
 from mlflow.entities import RunTag
 from ray import tune
-from ray.tune import (
-    Callback,
-    CheckpointConfig,
-    FailureConfig,
-    ResultGrid,
-    RunConfig,
-    TuneConfig,
-    Tuner,
-)
+from ray.tune import Callback, FailureConfig, ResultGrid, RunConfig, TuneConfig, Tuner
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 from ray.util.placement_group import PlacementGroup, remove_placement_group
@@ -38,6 +31,7 @@ from search_spaces import default_optimizer, fft_recipe, get_space, lora_recipe,
 from search_spaces.presets import Recipe, demo_recipes
 from study.config import ArmSpec, StudyConfig, TaskSpec
 from study.state import Segment, StudyState, config_hash
+from study.summary import config_text
 from study.tracking import (
     PARENT_TAG,
     TRANSIENT,
@@ -84,6 +78,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
             raise ConfigError(f"--address {address}: cannot join the Ray cluster "
                               f"({type(exc).__name__}): check the address and token") from exc
         return
+    # Token authentication stays on (Ray's default for a new local cluster), without Ray's
+    # notice about that default on every run.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+        logging.ERROR)
     ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=True,
              dashboard_host="127.0.0.1", object_store_memory=1_000_000_000, **kwargs)
 
@@ -186,11 +184,7 @@ class TrialPrinter(Callback):
         res = self.last.get(trial.trial_id) or trial.last_result or {}
         elapsed = time.monotonic() - self.start
         eta = elapsed / self.done * (self.total - self.done)
-        searched = ("rank", "alpha", "targets", "lr") if trial.config.get("rank") else (
-            "lr", "layer_decay")
-        shown = {k: trial.config[k] for k in searched if k in trial.config}
-        params = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                          for k, v in shown.items())
+        params = config_text(trial.config)
         epochs = int(res.get("epoch", 0))
         if status == "done" and epochs < self.max_t:
             status = "stopped early"
@@ -305,7 +299,8 @@ def base_config(cfg: StudyConfig, task: TaskSpec, arm: ArmSpec, data: TaskData,
         "weight_decay": recipe.weight_decay if recipe else 0.05,
         "layer_decay": 1.0, "phase": "search", "storage_path": str(cfg.storage / "train"),
         "num_workers": res.num_workers, "cpus_per_worker": res.cpus_per_worker,
-        "gpus_per_worker": res.gpus_per_worker, "checkpoints_to_keep": cfg.checkpoints_to_keep,
+        "gpus_per_worker": res.gpus_per_worker, "local_mode": res.local_mode,
+        "checkpoints_to_keep": cfg.checkpoints_to_keep,
     }
     base.update(dict(cfg.train))
     if arm.kind == "fft" and recipe is not None and optimizer == recipe.optimizer:
@@ -317,7 +312,7 @@ def trainable(cfg: StudyConfig):
     """The Tune trainable with what each trial reserves (see `trial_resources`)."""
     res = cfg.resources
     return tune.with_resources(tune_trial, trial_resources(
-        res.num_workers, res.cpus_per_worker, res.gpus_per_worker))
+        res.num_workers, res.cpus_per_worker, res.gpus_per_worker, res.local_mode))
 
 
 class StudyInterrupted(KeyboardInterrupt):
@@ -527,11 +522,8 @@ def fail_orphans(storage: optuna.storages.BaseStorage, study_name: str) -> int:
 
 
 def _run_config(cfg: StudyConfig, name: str, callbacks: list[Callback]) -> RunConfig:
-    # Trials that run in Ray Train's local mode hand their checkpoints to Tune, which keeps
-    # the newest `checkpoints_to_keep` in the trial's folder.
     return RunConfig(name=name, storage_path=str(cfg.storage / "tune"), verbose=0,
-                     failure_config=FailureConfig(max_failures=1), callbacks=callbacks,
-                     checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoints_to_keep))
+                     failure_config=FailureConfig(max_failures=1), callbacks=callbacks)
 
 
 def final_arm(session: Session, outcome: ArmOutcome) -> None:

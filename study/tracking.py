@@ -314,7 +314,9 @@ class MlflowTrialTracker(Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         step = int(result.get("epoch", result.get("training_iteration", 0)))
-        tags = {"checkpoint_path": path} if (path := checkpoint_path(trial, result)) else {}
+        # Where this epoch's checkpoint was stored: `cxr-study export` starts from it.
+        tags = {"checkpoint_path": str(result["checkpoint_path"])} if result.get(
+            "checkpoint_path") else {}
         if result.get("worker_node") and self.last.get(trial.trial_id) is None:
             tags["node"] = str(result["worker_node"])  # the Ray node its rank-0 worker ran on
         now = int(time.time() * 1000)
@@ -344,17 +346,6 @@ class MlflowTrialTracker(Callback):
     def log_artifact(self, trial_id: str, path: Path) -> None:
         if path.exists():
             self.client.log_artifact(self._run(trial_id), str(path))
-
-
-def checkpoint_path(trial, result: dict[str, Any]) -> str | None:
-    """Where this epoch's checkpoint was stored (`cxr-study export` starts from it): Ray Train
-    names it for trials with workers; Tune names the folder inside the trial's own for trials in
-    local mode."""
-    if result.get("checkpoint_path"):
-        return str(result["checkpoint_path"])
-    if result.get("checkpoint_dir_name") and getattr(trial, "path", None):
-        return str(Path(trial.path) / result["checkpoint_dir_name"])
-    return None
 
 
 _NOT_PARAMS = ("storage_path", "cache_dir", "predictions_path", "patient_salt",

@@ -43,14 +43,15 @@ from torch.utils.data import DataLoader
 from trainables.config import TrialConfig
 from trainables.fit import DivergenceError, checkpoint_problem, fit
 
-RESOURCE_KEYS = ("num_workers", "cpus_per_worker", "gpus_per_worker", "storage_path",
-                 "checkpoints_to_keep")
+RESOURCE_KEYS = ("num_workers", "cpus_per_worker", "gpus_per_worker", "local_mode",
+                 "storage_path", "checkpoints_to_keep")
 DIVERGED = "diverged.txt"
 
 
-def runs_locally(num_workers: int) -> bool:
-    """One worker needs no worker group: the loop runs in the Tune trial (Train's local mode)."""
-    return num_workers == 1
+def runs_locally(num_workers: int, local_mode: bool = True) -> bool:
+    """One worker needs no worker group: the loop runs in the Tune trial (Train's local mode).
+    `local_mode=False` keeps one-worker trials on the worker-group path (benchmarks compare)."""
+    return num_workers == 1 and local_mode
 
 
 def worker_resources(cpus_per_worker: float, gpus_per_worker: float) -> dict[str, float]:
@@ -60,8 +61,8 @@ def worker_resources(cpus_per_worker: float, gpus_per_worker: float) -> dict[str
     return resources
 
 
-def trial_resources(num_workers: int, cpus_per_worker: float,
-                    gpus_per_worker: float) -> dict[str, float]:
+def trial_resources(num_workers: int, cpus_per_worker: float, gpus_per_worker: float,
+                    local_mode: bool = True) -> dict[str, float]:
     """What the Tune trial itself reserves.
 
     In local mode the trial is the worker, so it holds the worker's CPUs and GPU: two 1-CPU
@@ -69,7 +70,7 @@ def trial_resources(num_workers: int, cpus_per_worker: float,
     trial only waits on them, so it reserves no CPU (a bundle cannot be empty: a token amount
     of memory), or N single-CPU workers would deadlock against their own trials.
     """
-    if runs_locally(num_workers):
+    if runs_locally(num_workers, local_mode):
         return worker_resources(cpus_per_worker, gpus_per_worker)
     return {"CPU": 0, "memory": 1 << 20}
 
@@ -103,10 +104,18 @@ class _Reporter:
 
 
 class LocalReporter(_Reporter):
-    """Local mode: the loop runs in the Tune trial and talks to Tune directly."""
+    """Local mode: the loop runs in the Tune trial and reports to Tune directly.
 
-    def __init__(self, use_gpu: bool) -> None:
+    Checkpoints are kept where Ray Train keeps a worker group's (`train-<trial id>` under the
+    study's `train/` folder), one folder per epoch, moved into place whole, the newest
+    `keep` kept. Tune's own trial checkpoints are not used: Tune finds them again through its
+    experiment snapshot, which a killed driver may not have written since the trial's last
+    epochs, so a resumed trial would start over; the folder on disk is always current.
+    """
+
+    def __init__(self, run_dir: Path, keep: int, use_gpu: bool) -> None:
         super().__init__()
+        self.run_dir, self.keep = run_dir, max(1, keep)
         # Tune sets CUDA_VISIBLE_DEVICES to the trial's GPU, so it is always device 0 here.
         self.device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
 
@@ -117,11 +126,31 @@ class LocalReporter(_Reporter):
         return loader
 
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
-        ckpt = Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        ray.tune.report(self._payload(metrics), checkpoint=ckpt)  # Tune copies it at once
+        payload = self._payload(metrics)
+        if checkpoint_dir is not None:
+            payload["checkpoint_path"] = str(self._store(checkpoint_dir, int(metrics["epoch"])))
+        ray.tune.report(payload)
+
+    def _store(self, source: Path, epoch: int) -> Path:
+        """Move a written checkpoint into `checkpoint_<epoch>` atomically; prune old ones."""
+        final = self.run_dir / f"checkpoint_{epoch:06d}"
+        staging = self.run_dir / f".staging-{final.name}-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        for item in source.iterdir():  # the files, not the folder: its owner removes it
+            shutil.move(str(item), staging / item.name)
+        shutil.rmtree(final, ignore_errors=True)  # a retried epoch replaces its folder
+        os.replace(staging, final)
+        for old in self._checkpoints()[:-self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def _checkpoints(self) -> list[Path]:
+        return sorted(self.run_dir.glob("checkpoint_*"))
 
     def latest_checkpoint(self) -> Path | None:
-        return self._local_folder(ray.tune.get_checkpoint())
+        found = self._checkpoints()
+        return usable_checkpoint(found[-1]) if found else None
 
 
 class WorkerReporter(_Reporter):
@@ -175,14 +204,28 @@ def _storage(config: dict[str, Any]) -> str:
     return str(config.get("storage_path") or os.path.join(tempfile.gettempdir(), "cxr-train"))
 
 
+def _run_dir(config: dict[str, Any]) -> Path:
+    """The trial's folder under the study's `train/`: its checkpoints and divergence marker."""
+    return Path(_storage(config)) / f"train-{config['trial_id']}"
+
+
 def _marker(config: dict[str, Any]) -> Path:
-    """Where a diverged trial leaves its reason (in both modes: the study's `train/` folder)."""
-    return Path(_storage(config)) / f"train-{config['trial_id']}" / DIVERGED
+    """Where a diverged trial leaves its reason."""
+    return _run_dir(config) / DIVERGED
+
+
+def _keep(config: dict[str, Any]) -> int:
+    return int(config.get("checkpoints_to_keep", 2))
+
+
+def _local(config: dict[str, Any]) -> bool:
+    return runs_locally(int(config.get("num_workers", 1)), bool(config.get("local_mode", True)))
 
 
 def _reporter(config: dict[str, Any]) -> LocalReporter | WorkerReporter:
-    if runs_locally(int(config.get("num_workers", 1))):
-        return LocalReporter(use_gpu=float(config.get("gpus_per_worker", 0)) > 0)
+    if _local(config):
+        return LocalReporter(_run_dir(config), _keep(config),
+                             use_gpu=float(config.get("gpus_per_worker", 0)) > 0)
     return WorkerReporter()
 
 
@@ -208,7 +251,7 @@ def worker_loop(config: dict[str, Any]) -> None:
 
 def _trainer(loop: Callable[[dict[str, Any]], None], config: dict[str, Any]) -> TorchTrainer:
     workers = int(config.get("num_workers", 1))
-    if runs_locally(workers):
+    if _local(config):
         return TorchTrainer(loop, train_loop_config=config,
                             scaling_config=ScalingConfig(num_workers=0))
     gpus = float(config.get("gpus_per_worker", 0))
@@ -225,8 +268,7 @@ def _trainer(loop: Callable[[dict[str, Any]], None], config: dict[str, Any]) -> 
             callbacks=[TuneReportCallback()],
             # Two (the default) are enough to resume and to survive one truncated checkpoint;
             # final runs carry their best-validation weights inside every checkpoint.
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=int(config.get("checkpoints_to_keep", 2))),
+            checkpoint_config=CheckpointConfig(num_to_keep=_keep(config)),
         ),
     )
 
@@ -235,9 +277,9 @@ def tune_trial(config: dict[str, Any]) -> None:
     """A Tune function trial: one Ray Train run (local mode or a worker group) of this config."""
     loop_config = {**config, "trial_id": ray.tune.get_context().get_trial_id()}
     marker = _marker(loop_config)
-    # A failed trial is retried by Tune (FailureConfig in study/runner.py) from its latest
-    # checkpoint: Tune's own in local mode, Ray Train's (same run name) with workers. Retrying a
-    # diverged trial would only diverge again: it ends at once, with the reason.
+    # A failed trial is retried by Tune (FailureConfig in study/runner.py); the retry finds the
+    # latest checkpoint in the trial's `train-<id>` folder (Ray Train's run of the same name,
+    # with workers). Retrying a diverged trial would only diverge again: it ends at once.
     if marker.is_file():
         raise DivergenceError(marker.read_text())
     _trainer(worker_loop, loop_config).fit()

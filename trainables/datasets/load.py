@@ -52,7 +52,7 @@ def build_splits(spec: DataSpec, problems: Problems) -> DatasetSplits:
     splits = make_splits(spec.dataset, root, reader.label_names, tables["train"], tables["val"],
                          tables["test"], spec.label_fraction)
     guard_leakage(splits, problems)
-    warn_small_validation(splits)
+    warn_small_validation(splits, spec)
     return splits
 
 
@@ -145,11 +145,14 @@ def guard_leakage(splits: DatasetSplits, problems: Problems) -> None:
                         source=f"{splits.dataset} splits")
 
 
-def warn_small_validation(splits: DatasetSplits) -> None:
+def warn_small_validation(splits: DatasetSplits, spec: DataSpec) -> None:
     positives = (splits.val.labels == 1.0).sum(axis=0)
     few = [f"{name} ({int(n)})" for name, n in zip(splits.label_names, positives)
            if n < MIN_VAL_POSITIVES]
     if few:
+        fix = (f"raise val_fraction (now {spec.effective_val_fraction()})"
+               if spec.splits == "patient" else "consider splits = 'patient' with a larger "
+               "val_fraction")
         warnings.warn(f"{splits.dataset}: validation has fewer than {MIN_VAL_POSITIVES} "
                       f"positives for {', '.join(few)}; model selection on it is noisy - "
-                      "consider splits = 'patient' with a larger val_fraction", stacklevel=4)
+                      f"{fix}", stacklevel=4)

@@ -1,0 +1,76 @@
+"""How a finished `cxr-study run` (and the demo) ends: a table per task and arm, the report,
+and the commands to look further.
+
+The table holds only what a rerun of the same study on the same machine reproduces (selected
+configs, AUROCs to 4 decimals, trial and early-stop counts); wall times go on their own line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from trainables.errors import StudyError
+
+# What a trial line and the summary show of a config: what the arm searches.
+_LORA_SHOWN = ("rank", "alpha", "targets", "lr")
+_FFT_SHOWN = ("lr", "layer_decay")
+
+
+def config_text(config: Mapping[str, Any]) -> str:
+    """'rank=4 alpha=8 targets=q+v lr=0.002': the searched values of a trial, 3 digits."""
+    shown = _LORA_SHOWN if config.get("rank") else _FFT_SHOWN
+    return " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                    for k, v in ((k, config[k]) for k in shown if k in config))
+
+
+def summary_table(tracking_uri: str, experiment: str) -> pd.DataFrame:
+    """Per task and arm: the selected config, its val and test AUROC, trainable share, trials."""
+    from analysis.runs import best_configs, load_runs
+    best = best_configs(load_runs(tracking_uri, experiment))
+    if best.empty:
+        return best
+    return pd.DataFrame({
+        "task": best["task"],
+        "arm": best["arm"],
+        "selected config": [config_text(c) for c in best["config"]],
+        "best val AUROC": [f"{v:.4f}" for v in best["val_auroc"]],
+        "test AUROC": [f"{v:.4f}" for v in best["test_auroc"]],
+        "trainable params": best["trainable_params"],
+        "trainable %": [f"{v:.2f}" for v in best["trainable_pct"]],
+        "trials (stopped early)": [f"{t} ({s})" for t, s in zip(best["trials"],
+                                                                best["stopped_early"])],
+    })
+
+
+def look_further(tracking_uri: str, experiment: str, storage: Path) -> list[str]:
+    """The commands that open what a study wrote (all servers on 127.0.0.1)."""
+    lines = [f"  cxr-study best --tracking-uri {tracking_uri} --experiment {experiment}",
+             f"  cxr-study status {storage}"]
+    if tracking_uri.startswith("sqlite:"):
+        lines.append(f"  mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1")
+    lines.append(f"  optuna-dashboard sqlite:///{storage / 'optuna.db'} --host 127.0.0.1")
+    return lines
+
+
+def finish(tracking_uri: str, experiment: str, storage: Path, wall_s: Mapping[str, float],
+           emit: Callable[[str], None] = print) -> Path | None:
+    """Print the summary table and wall times, write the report; return the report's path."""
+    from analysis.report import write_report
+    table = summary_table(tracking_uri, experiment)
+    if table.empty:
+        emit("no finished search trials: nothing to summarise")
+        return None
+    emit("")
+    emit(table.to_string(index=False))
+    emit("search wall time: " + ", ".join(f"{key} {s:.0f}s" for key, s in wall_s.items()))
+    try:
+        report = write_report(tracking_uri, experiment, storage / "report")
+    except StudyError as exc:  # e.g. two LoRA arms and no say which to compare
+        emit(f"report: not written ({exc}); write it with `cxr-study report`")
+        return None
+    emit(f"report: {report}")
+    return report
