@@ -30,6 +30,9 @@ from ray.tune import Callback
 from trainables.errors import ConfigError, StudyError
 
 PARENT_TAG = "mlflow.parentRunId"
+# MLflow 3's UI opens an experiment without this tag in its GenAI view ("0 traces"); a study's
+# experiment is model training, so the UI lands on its runs.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 # Metrics reported per epoch that are not worth a time series of their own.
 _SKIP_METRICS = {"epoch", "training_iteration", "time_this_iter_s", "time_total_s",
                  "timestamp", "time_since_restore", "iterations_since_restore", "pid"}
@@ -58,7 +61,9 @@ def connect(uri: str, experiment: str, storage: Path) -> tuple[MlflowClient, str
         try:
             found = client.get_experiment_by_name(experiment)
             exp_id = found.experiment_id if found else client.create_experiment(
-                experiment, artifact_location=artifacts)
+                experiment, artifact_location=artifacts, tags=dict([EXPERIMENT_KIND]))
+            if found and EXPERIMENT_KIND[0] not in found.tags:
+                client.set_experiment_tag(exp_id, *EXPERIMENT_KIND)
             return client, exp_id
         except Exception as exc:  # noqa: BLE001 - any transport failure means "cannot track"
             if attempt == 4 or not (local and isinstance(exc, TRANSIENT)):
