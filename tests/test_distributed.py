@@ -78,3 +78,71 @@ def test_two_workers_match_one_worker_with_double_batch(phantom_cache, tmp_path)
     for name, tensor in single.items():
         # float32 sums in another order over 2 epochs: agreement to 1e-3 is the stated bound
         torch.testing.assert_close(ddp["weights"][name], tensor, atol=1e-3, rtol=0)
+
+
+TWO_WORKERS = """
+[study]
+name = "ddp"
+storage = "run"
+[tasks]
+foundations = [{{ name = "demo" }}]
+datasets = [{{ name = "nih", root = "{root}", splits = "lists", list_dir = "{root}" }}]
+[arms.lora]
+space = "lora"
+trials = 2
+[search]
+max_t = 2
+grace_period = 2
+[train]
+batch_size = 32
+[resources]
+num_workers = 2
+cpus_per_worker = 1
+[final]
+seeds = 0
+"""
+
+
+def _placement_groups_once_settled(timeout_s: float = 15.0) -> dict:
+    """The placement group table once every group has reached REMOVED (or the time is up)."""
+    import time
+
+    import ray
+    deadline = time.monotonic() + timeout_s
+    while True:
+        table = ray.util.placement_group_table()
+        if all(pg["state"] == "REMOVED" for pg in table.values()) or (
+                time.monotonic() > deadline):
+            return table
+        time.sleep(0.2)
+
+
+def test_study_with_two_workers_per_trial_runs_ddp_and_leaks_no_worker_group(
+        phantom_root, tmp_path):
+    """Trials with several workers keep the worker-group path: a TorchTrainer with 2 gloo
+    workers per trial, Ray Train's checkpoints, and the reaper leaving no placement group."""
+    import ray
+
+    from analysis.runs import load_runs
+    from study.config import load_study
+    from study.runner import init_ray, run_study
+
+    (tmp_path / "study.toml").write_text(TWO_WORKERS.format(root=phantom_root))
+    cfg = load_study(tmp_path / "study.toml")
+    init_ray(num_cpus=2)
+    try:
+        run_study(cfg, emit=lambda line: None)
+        table = _placement_groups_once_settled()
+    finally:
+        ray.shutdown()
+    runs = load_runs(cfg.tracking.uri, cfg.tracking.experiment)
+    trials = runs[runs["tag.trial_id"].notna()]
+    assert sorted(trials["tag.phase"]) == ["search", "search"]
+    assert (runs["status"] == "FINISHED").all()
+    assert (trials["num_workers"] == 2).all()
+    # Ray Train's own checkpoints (named by time), not local mode's per-epoch folders.
+    for path in trials["tag.checkpoint_path"]:
+        assert "/train/train-" in path and "checkpoint_20" in path, path
+    worker_groups = [pg for pg in table.values() if len(pg["bundles"]) == 2]
+    assert len(worker_groups) == 2, table  # one 2-worker group per trial
+    assert {pg["state"] for pg in table.values()} == {"REMOVED"}

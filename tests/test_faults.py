@@ -27,10 +27,12 @@ from tests.study_procs import (
 pytestmark = pytest.mark.slow
 
 
-def _train_workers(driver) -> list[psutil.Process]:
-    """The driver's Ray Train worker processes (Ray titles them after the actor class)."""
+def _trial_workers(driver) -> list[psutil.Process]:
+    """The processes running the driver's trials. A one-worker trial runs its fit loop in Ray
+    Train's local mode inside the Tune trial's own process, titled after Tune's function
+    trainable class: that process is the worker."""
     return [p for p in psutil.Process(driver.pid).children(recursive=True)
-            if "RayTrainWorker" in " ".join(p.cmdline())]
+            if "ImplicitFunc" in " ".join(p.cmdline())]
 
 
 def test_killed_train_worker_resumes_from_its_checkpoint(tmp_path, phantom_root):
@@ -42,7 +44,7 @@ def test_killed_train_worker_resumes_from_its_checkpoint(tmp_path, phantom_root)
     driver = start_cli("run", str(study), log=log)
     try:
         wait_for(running_after_epoch(uri, "workerkill"), driver, log)
-        workers = _train_workers(driver)
+        workers = _trial_workers(driver)
         assert len(workers) == 1
         workers[0].kill()
         rc = driver.wait(timeout=600)
