@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from analysis.runs import load_runs
+from analysis.runs import load_runs, metric_histories
 from trainables.errors import ConfigError
 
 CACHE_VERSION = 1
@@ -229,19 +229,12 @@ def _add_task_factors(arms: pd.DataFrame, children: pd.DataFrame) -> pd.DataFram
 def _epochs(tracking_uri: str, trials: pd.DataFrame, finals: pd.DataFrame,
             old: pd.DataFrame | None, reusable: set[str]) -> pd.DataFrame:
     """Per-epoch metrics of every trial and final run, long in epochs, wide in metrics."""
-    client = MlflowClient(tracking_uri)
     keys = ["run_id", "task", "arm", "kind", "phase"]
     children = pd.concat([t[keys] for t in (trials, finals) if len(t)], ignore_index=True) if (
         len(trials) or len(finals)) else pd.DataFrame(columns=keys)
     kept = old[old["run_id"].isin(reusable)] if old is not None and len(old) else None
-    rows = []
-    for run in children.itertuples(index=False):
-        if run.run_id in reusable:
-            continue
-        for key in EPOCH_METRICS:
-            for m in client.get_metric_history(run.run_id, key):
-                rows.append((run.run_id, int(m.step), key, m.timestamp, float(m.value)))
-    fresh = pd.DataFrame(rows, columns=["run_id", "epoch", "metric", "timestamp", "value"])
+    wanted = [r for r in children["run_id"] if r not in reusable]
+    fresh = metric_histories(tracking_uri, wanted, EPOCH_METRICS)
     if len(fresh):
         fresh = (fresh.sort_values("timestamp")
                  .pivot_table(index=["run_id", "epoch"], columns="metric", values="value",

@@ -46,7 +46,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
               f"{args.study} --resume", file=sys.stderr)
         return 130
     uri, experiment = cfg.tracking.uri, cfg.tracking.experiment
-    finish(uri, experiment, cfg.storage, {f"{o.task} {o.arm}": o.wall_s for o in outcomes})
+    finish(uri, experiment, cfg.storage, {f"{o.task} {o.arm}": o.wall_s for o in outcomes},
+           report=not args.no_report)
     print("Look further with:")
     print("\n".join(look_further(uri, experiment, cfg.storage)))
     return 0
@@ -115,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="N more search trials per task for each arm (implies --resume)")
     run.add_argument("--arm", action="append", default=None,
                      help="with --add-trials: only this arm (repeatable)")
+    run.add_argument("--no-report", action="store_true",
+                     help="end with the summary table only (write the report later with "
+                          "`cxr-study report`)")
     run.set_defaults(func=_cmd_run)
     best = sub.add_parser("best", help="best config per task and arm, from MLflow")
     best.add_argument("--tracking-uri", required=True)

@@ -57,9 +57,9 @@ def look_further(tracking_uri: str, experiment: str, storage: Path) -> list[str]
 
 
 def finish(tracking_uri: str, experiment: str, storage: Path, wall_s: Mapping[str, float],
-           emit: Callable[[str], None] = print) -> Path | None:
-    """Print the summary table and wall times, write the report; return the report's path."""
-    from analysis.report import write_report
+           emit: Callable[[str], None] = print, report: bool = True) -> Path | None:
+    """Print the summary table and wall times, write the report (unless told not to); return
+    the report's path."""
     table = summary_table(tracking_uri, experiment)
     if table.empty:
         emit("no finished search trials: nothing to summarise")
@@ -67,10 +67,13 @@ def finish(tracking_uri: str, experiment: str, storage: Path, wall_s: Mapping[st
     emit("")
     emit(table.to_string(index=False))
     emit("search wall time: " + ", ".join(f"{key} {s:.0f}s" for key, s in wall_s.items()))
+    if not report:
+        return None
+    from analysis.report import write_report
     try:
-        report = write_report(tracking_uri, experiment, storage / "report")
+        page = write_report(tracking_uri, experiment, storage / "report")
     except StudyError as exc:  # e.g. two LoRA arms and no say which to compare
         emit(f"report: not written ({exc}); write it with `cxr-study report`")
         return None
-    emit(f"report: {report}")
-    return report
+    emit(f"report: {page}")
+    return page

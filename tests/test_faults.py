@@ -41,7 +41,7 @@ def test_killed_train_worker_resumes_from_its_checkpoint(tmp_path, phantom_root)
                         grace=max_t, seeds=0)
     uri = f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}"
     log = tmp_path / "driver.log"
-    driver = start_cli("run", str(study), log=log)
+    driver = start_cli("run", str(study), "--no-report", log=log)
     try:
         wait_for(running_after_epoch(uri, "workerkill"), driver, log)
         workers = _trial_workers(driver)
@@ -64,7 +64,7 @@ def test_diverging_trial_fails_at_once_and_the_study_goes_on(tmp_path, phantom_r
                         extra_arms=boom)
     uri = f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}"
     log = tmp_path / "driver.log"
-    rc = run_cli("run", str(study), log=log)
+    rc = run_cli("run", str(study), "--no-report", log=log)
     errors = [ln for ln in log.read_text().splitlines() if ln.startswith("cxr-study: error")]
     assert rc == 2 and len(errors) == 1 and "boom" in errors[0], log.read_text()[-3000:]
     runs = trial_runs(uri, "diverge")
@@ -92,7 +92,7 @@ def test_two_studies_share_one_sqlite_store(tmp_path, phantom_root):
         study = write_study(tmp_path / name, phantom_root, name=name, trials=2, max_t=2,
                             grace=2, seeds=0, tracking=tracking)
         log = tmp_path / f"{name}.log"
-        drivers.append((start_cli("run", str(study), log=log), log))
+        drivers.append((start_cli("run", str(study), "--no-report", log=log), log))
     try:
         codes = [proc.wait(timeout=900) for proc, _ in drivers]
     finally:

@@ -30,12 +30,13 @@ MAX_T = 3
 TRIALS = 3
 
 
-def _stop_midway(folder, root, name: str, stop) -> dict:
-    """Run a study, stop its driver while a trial is between epochs, then `--resume` it."""
+def _stop_midway(folder, root, name: str, stop, report: bool = False) -> dict:
+    """Run a study, stop its driver while a trial is between epochs, then `--resume` it (with
+    the report at the end, if asked)."""
     study = write_study(folder, root, name=name, trials=TRIALS, max_t=MAX_T, grace=MAX_T)
     uri = f"sqlite:///{folder / 'run' / 'mlflow.db'}"
     log = folder / "driver.log"
-    proc = start_cli("run", str(study), log=log)
+    proc = start_cli("run", str(study), "--no-report", log=log)
     try:
         wait_for(running_after_epoch(uri, name), proc, log)
         first_rc = stop(proc)
@@ -44,7 +45,7 @@ def _stop_midway(folder, root, name: str, stop) -> dict:
     before = {r.data.tags["trial_id"]: (r.info.status, epochs_logged(uri, r.info.run_id))
               for r in trial_runs(uri, name)}
     everything_before = _all_runs(uri, name)
-    rc = run_cli("run", str(study), "--resume", log=log)
+    rc = run_cli("run", str(study), "--resume", *([] if report else ["--no-report"]), log=log)
     return {"folder": folder, "study": study, "uri": uri, "name": name, "log": log,
             "first_rc": first_rc, "before": before, "runs_before": everything_before, "rc": rc}
 
@@ -61,7 +62,8 @@ def _ctrl_c(proc) -> int:
 
 @pytest.fixture(scope="module")
 def killed(phantom_root, tmp_path_factory):
-    return _stop_midway(tmp_path_factory.mktemp("killed"), phantom_root, "killed", _sigkill)
+    return _stop_midway(tmp_path_factory.mktemp("killed"), phantom_root, "killed", _sigkill,
+                        report=True)
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +112,21 @@ def test_killed_driver_resumes_to_exactly_the_planned_trials(killed):
     _assert_complete_and_exact(killed)
 
 
+def test_a_finished_run_ends_with_its_summary_report_and_where_to_look(killed):
+    """`cxr-study run` ends as the demo does: a table per task and arm, the report written
+    at the end, and the commands that open what the study wrote."""
+    lines = killed["log"].read_text().splitlines()
+    header = next(i for i, ln in enumerate(lines) if "selected config" in ln)
+    rows = lines[header + 1:header + 2]
+    assert rows and rows[0].split()[:2] == ["demo-nih-1-s0", "lora"], lines[header:]
+    page = killed["folder"] / "run" / "report" / "report.html"
+    assert f"report: {page}" in lines and page.stat().st_size > 10_000
+    further = lines[lines.index("Look further with:") + 1:]
+    assert further[0].strip().startswith("cxr-study best --tracking-uri sqlite:")
+    assert any("optuna-dashboard sqlite:" in ln and "--host 127.0.0.1" in ln for ln in further)
+    assert not any("Traceback" in ln or "Warning:" in ln for ln in lines)
+
+
 def test_trials_running_at_the_kill_continue_from_their_checkpoint(killed):
     by_id = {r.data.tags["trial_id"]: r for r in _search_runs(killed)}
     cut = [tid for tid, (status, epochs) in killed["before"].items()
@@ -153,9 +170,10 @@ def grown(killed):
     text = killed["study"].read_text().replace("label_fractions = [1.0]",
                                                "label_fractions = [1.0, 0.1]")
     killed["study"].write_text(text)
-    new_task_rc = run_cli("run", str(killed["study"]), "--resume", log=killed["log"])
+    new_task_rc = run_cli("run", str(killed["study"]), "--resume", "--no-report",
+                          log=killed["log"])
     add_rc = run_cli("run", str(killed["study"]), "--add-trials", "1", "--arm", "lora",
-                     log=killed["log"])
+                     "--no-report", log=killed["log"])
     return {**killed, "end_times": end_times, "new_task_rc": new_task_rc, "add_rc": add_rc}
 
 

@@ -67,7 +67,7 @@ def test_server_lost_mid_study_then_resumed_writes_everything_once(tmp_path, pha
     study = write_study(tmp_path, phantom_root, name="served", grace=3,
                         tracking=f'[tracking]\nuri = "{uri}"\n')
     log = tmp_path / "driver.log"
-    driver = start_cli("run", str(study), log=log)
+    driver = start_cli("run", str(study), "--no-report", log=log)
     try:
         wait_for(lambda: any("val_auroc" in r.data.metrics for r in trial_runs(uri, "served")),
                  driver, log)
@@ -83,7 +83,7 @@ def test_server_lost_mid_study_then_resumed_writes_everything_once(tmp_path, pha
 
     server = start_server(tmp_path, port)
     try:
-        rc = run_cli("run", str(study), "--resume", log=log)
+        rc = run_cli("run", str(study), "--resume", "--no-report", log=log)
         assert rc == 0, log.read_text()[-3000:]
         client = MlflowClient(uri)
         exp = client.get_experiment_by_name("served")

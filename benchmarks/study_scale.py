@@ -1,0 +1,399 @@
+"""What a study costs as it grows: driver time per trial, and the report over many trial runs.
+
+(a) Driver cost per trial. The same search (one LoRA arm on `vit_demo`, phantom NIH data,
+`max_t = 1`, no final seeds) runs with a small and a large trial count; around `run_study` the
+driver process's own CPU time (Tune's loop, the MLflow writer thread, Optuna's storage) and the
+wall time are divided by the trial count. Goal: per-trial cost flat in the trial count (ratio
+large/small near 1). The pieces are timed on their own, in this process: the MLflow trial
+tracker driven through Tune's callbacks (and its `search_runs` by trial_id as the experiment
+fills), and Optuna's ask/tell on the study's RDB storage against an in-memory one.
+
+(b) `cxr-study report` (`write_report`) on a synthetic MLflow store of that many trial runs
+(`tests/synthetic_study.py`), with the per-epoch histories fetched the old way (a
+`get_metric_history` call per run and metric) and the new way (one bulk query per metric),
+side by side; the two epoch tables must be equal. Goal: the report within 60 s at 600 runs.
+
+    python benchmarks/study_scale.py [--trials 20 100] [--runs 600] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import io
+import logging
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import optuna  # noqa: E402
+import pandas as pd  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+from benchmarks._table import print_rows  # noqa: E402
+
+REPORT_LIMIT_S = 60.0
+
+
+# --- (a) the driver -----------------------------------------------------------------------
+
+def study_doc(work: Path, data: Path, name: str, trials: int) -> dict:
+    """One LoRA arm, one epoch per trial, no final phase; a shared image cache and MLflow store
+    so only the first study pays for building them."""
+    return {
+        "study": {"name": name, "storage": str(work / name), "cache_dir": str(work / "cache")},
+        "tasks": {"foundations": [{"name": "demo"}],
+                  "datasets": [{"name": "nih", "root": str(data), "splits": "lists",
+                                "list_dir": str(data)}],
+                  "label_fractions": [1.0]},
+        "arms": {"lora": {"space": "lora", "trials": trials}},
+        "search": {"seed": 0, "max_t": 1, "grace_period": 1, "reduction_factor": 2},
+        "train": {"batch_size": 32, "warmup_epochs": 0},
+        "final": {"seeds": 0},
+        "tracking": {"uri": f"sqlite:///{work / 'mlflow.db'}", "experiment": name},
+    }
+
+
+def driver_cost(work: Path, data: Path, name: str, trials: int) -> dict[str, float]:
+    from study.config import parse_study
+    from study.runner import run_study
+    cfg = parse_study(study_doc(work, data, name, trials), work)
+    # run_study writes its state file before anything creates the storage folder when the
+    # image cache lives elsewhere (as here, shared between the studies).
+    cfg.storage.mkdir(parents=True, exist_ok=True)
+    cpu, wall = time.process_time(), time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):  # a line per finished trial
+        (outcome,) = run_study(cfg, emit=lambda s: None)
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    assert outcome.trials == trials, (outcome.trials, trials)
+    return {"trials": trials, "cpu": cpu, "wall": wall, "cpu_per": cpu / trials,
+            "wall_per": wall / trials}
+
+
+def bench_driver(work: Path, sizes: tuple[int, int], warm_study: bool
+                 ) -> dict[str, dict[str, float]]:
+    import torch
+
+    from study.config import parse_study
+    from study.runner import init_ray, preflight, prepare_caches
+    from trainables.phantom import PhantomLayout, write_nih_phantom
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", message=".*fewer than 50 positives")  # a tiny val split
+    data = write_nih_phantom(work / "nih", seed=3, layout=PhantomLayout(
+        train_patients=60, val_patients=30, test_patients=30))
+    # No trial's cost: the image cache, the MLflow tables, Ray's start, and (unless quick) a
+    # first small search for what Tune and Train import and start once per process.
+    cfg = parse_study(study_doc(work, data, "warmup", 2), work)
+    prepare_caches(cfg, preflight(cfg), lambda s: None)
+    MlflowClient(cfg.tracking.uri).search_experiments()
+    init_ray(num_cpus=os.cpu_count())
+    if warm_study:
+        driver_cost(work, data, "warmup", 2)
+    return {f"{n} trials": driver_cost(work, data, f"scale-{n}", n) for n in sizes}
+
+
+def _trial(i: int) -> SimpleNamespace:
+    return SimpleNamespace(trial_id=f"t{i:05d}", experiment_tag=f"{i + 1}_lr=0.01",
+                           config={"lr": 0.01, "rank": 8, "alpha": 16.0, "targets": "q+v"},
+                           last_result={}, error_file=None)
+
+
+def tracker_cost(work: Path, trials: int, epochs: int = 1) -> dict[str, float]:
+    """MlflowTrialTracker (writing inline) through Tune's callbacks, a fresh experiment."""
+    from study.tracking import PARENT_TAG, MlflowTrialTracker, start_run
+    uri = f"sqlite:///{work / 'tracker.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment(f"tracker-{trials}",
+                                   artifact_location=(work / f"art-{trials}").as_uri())
+    parent = start_run(client, exp, "arm", {"level": "arm"})
+    tracker = MlflowTrialTracker(client, exp, parent, {"arm": "lora", "phase": "search"}, epochs,
+                                 work / f"backlog-{trials}.jsonl", background=False)
+    per = []
+    for i in range(trials):
+        trial, cpu = _trial(i), time.process_time()
+        tracker.on_trial_start(0, [], trial)
+        for epoch in range(1, epochs + 1):
+            tracker.on_trial_result(0, [], trial, {"epoch": epoch, "val_auroc": 0.6,
+                                                   "best_val_auroc": 0.6, "train_loss": 0.5})
+        tracker.on_trial_complete(0, [], trial)
+        per.append(time.process_time() - cpu)
+
+    def lookup(trial_id: str) -> float:
+        start = time.perf_counter()
+        for _ in range(5):
+            client.search_runs([exp], filter_string=f"tags.trial_id = '{trial_id}' and "
+                               f"tags.`{PARENT_TAG}` = '{parent}'", max_results=2)
+        return (time.perf_counter() - start) / 5
+    tenth = max(1, trials // 10)
+    return {"cpu_per": statistics.mean(per), "first": statistics.mean(per[:tenth]),
+            "last": statistics.mean(per[-tenth:]), "lookup": lookup("t-new")}
+
+
+def optuna_cost(work: Path, trials: int, rdb: bool) -> dict[str, float]:
+    """Ask, the LoRA space, one report, tell: as OptunaSearch drives a study per trial."""
+    from search_spaces import get_space
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = optuna.storages.RDBStorage(f"sqlite:///{work / f'optuna-{trials}.db'}") if (
+        rdb) else None
+    study = optuna.create_study(study_name=f"s{trials}", storage=storage, direction="maximize",
+                                sampler=optuna.samplers.TPESampler(seed=0))
+    space = get_space("lora").fn
+    per = []
+    for i in range(trials):
+        cpu = time.process_time()
+        trial = study.ask()
+        space(trial, "adamw", None)
+        trial.report(0.6, 1)
+        study.tell(trial, 0.5 + 0.001 * i)
+        per.append(time.process_time() - cpu)
+    tenth = max(1, trials // 10)
+    return {"cpu_per": statistics.mean(per), "first": statistics.mean(per[:tenth]),
+            "last": statistics.mean(per[-tenth:])}
+
+
+def print_driver(driver: dict, tracker: dict, optuna_rdb: dict, optuna_mem: dict,
+                 sizes: tuple[int, int]) -> None:
+    small, large = (driver[f"{n} trials"] for n in sizes)
+    marginal = (large["cpu"] - small["cpu"]) / (sizes[1] - sizes[0])
+    print(f"(a) driver per trial: LoRA on vit_demo, max_t = 1, phantom NIH, no final seeds, "
+          f"{os.cpu_count()} CPUs")
+    print_rows(driver, [
+        ("driver CPU per trial, ms", lambda r: 1000 * r["cpu_per"], "{:.1f}"),
+        ("wall per trial, s", lambda r: r["wall_per"], "{:.2f}"),
+        ("driver CPU total, s", lambda r: r["cpu"], "{:.1f}"),
+        ("wall total, s", lambda r: r["wall"], "{:.1f}"),
+    ])
+    print(f"ratio {sizes[1]}/{sizes[0]} trials, driver CPU per trial: "
+          f"{large['cpu_per'] / small['cpu_per']:.2f}; wall per trial: "
+          f"{large['wall_per'] / small['wall_per']:.2f} (goal: about 1)")
+    print(f"marginal driver CPU per added trial ({sizes[0]}->{sizes[1]}): {1000 * marginal:.1f} "
+          f"ms; fixed per study: {small['cpu'] - sizes[0] * marginal:.2f} s")
+    print()
+    pieces = {f"{n}": {"tracker": tracker[n], "rdb": optuna_rdb[n], "mem": optuna_mem[n]}
+              for n in sizes}
+    print_rows(pieces, [
+        ("MLflow tracker CPU per trial, ms", lambda r: 1000 * r["tracker"]["cpu_per"], "{:.1f}"),
+        ("  first tenth of the trials, ms", lambda r: 1000 * r["tracker"]["first"], "{:.1f}"),
+        ("  last tenth of the trials, ms", lambda r: 1000 * r["tracker"]["last"], "{:.1f}"),
+        ("  search_runs by trial_id at the end, ms", lambda r: 1000 * r["tracker"]["lookup"],
+         "{:.1f}"),
+        ("Optuna RDB ask/tell CPU per trial, ms", lambda r: 1000 * r["rdb"]["cpu_per"], "{:.1f}"),
+        ("  first tenth of the trials, ms", lambda r: 1000 * r["rdb"]["first"], "{:.1f}"),
+        ("  last tenth of the trials, ms", lambda r: 1000 * r["rdb"]["last"], "{:.1f}"),
+        ("Optuna in-memory ask/tell CPU per trial, ms", lambda r: 1000 * r["mem"]["cpu_per"],
+         "{:.1f}"),
+    ], column_titles=[f"{n} trials" for n in sizes])
+    t_small, t_large = tracker[sizes[0]]["cpu_per"], tracker[sizes[1]]["cpu_per"]
+    o_small, o_large = optuna_rdb[sizes[0]]["cpu_per"], optuna_rdb[sizes[1]]["cpu_per"]
+    print(f"ratio {sizes[1]}/{sizes[0]} per trial: tracker {t_large / t_small:.2f}, Optuna RDB "
+          f"{o_large / o_small:.2f}")
+
+
+# --- (b) the report -----------------------------------------------------------------------
+
+def epochs_per_run_calls(tracking_uri: str, trials: pd.DataFrame, finals: pd.DataFrame,
+                         old: pd.DataFrame | None, reusable: set[str]) -> pd.DataFrame:
+    """`analysis.study_data._epochs` as it was: one get_metric_history call per run and key."""
+    from analysis.study_data import EPOCH_METRICS
+    client = MlflowClient(tracking_uri)
+    keys = ["run_id", "task", "arm", "kind", "phase"]
+    children = pd.concat([t[keys] for t in (trials, finals) if len(t)], ignore_index=True) if (
+        len(trials) or len(finals)) else pd.DataFrame(columns=keys)
+    kept = old[old["run_id"].isin(reusable)] if old is not None and len(old) else None
+    rows = []
+    for run in children.itertuples(index=False):
+        if run.run_id in reusable:
+            continue
+        for key in EPOCH_METRICS:
+            for m in client.get_metric_history(run.run_id, key):
+                rows.append((run.run_id, int(m.step), key, m.timestamp, float(m.value)))
+    fresh = pd.DataFrame(rows, columns=["run_id", "epoch", "metric", "timestamp", "value"])
+    if len(fresh):
+        fresh = (fresh.sort_values("timestamp")
+                 .pivot_table(index=["run_id", "epoch"], columns="metric", values="value",
+                              aggfunc="last").reset_index())
+        fresh.columns.name = None
+        fresh = fresh.merge(children, on="run_id", how="left")
+    else:
+        fresh = pd.DataFrame(columns=[*keys, "epoch"])
+    parts = [p for p in (kept, fresh) if p is not None and len(p)]
+    epochs = pd.concat(parts, ignore_index=True) if parts else fresh
+    epochs = epochs[[*keys, "epoch", *[m for m in EPOCH_METRICS if m in epochs]]]
+    epochs["epoch"] = epochs["epoch"].astype("int64")
+    return epochs.sort_values(["task", "arm", "phase", "run_id", "epoch"]).reset_index(drop=True)
+
+
+@contextlib.contextmanager
+def timed(spans: dict[str, float], targets: list[tuple[object, str, str]]) -> Iterator[None]:
+    """Add each call's seconds of module.function to spans[label] while inside."""
+    saved = []
+    for module, name, label in targets:
+        original = getattr(module, name)
+
+        def wrapper(*args, _original=original, _label=label, **kwargs):
+            start = time.perf_counter()
+            try:
+                return _original(*args, **kwargs)
+            finally:
+                spans[_label] = spans.get(_label, 0.0) + time.perf_counter() - start
+        saved.append((module, name, original))
+        setattr(module, name, functools.wraps(original)(wrapper))
+    try:
+        yield
+    finally:
+        for module, name, original in saved:
+            setattr(module, name, original)
+
+
+def report_once(tracking_uri: str, experiment: str, out: Path, n_boot: int,
+                epochs_fn: Callable | None) -> dict[str, float]:
+    """A cold report (no analysis cache), with `epochs_fn` standing in for `_epochs`."""
+    import analysis.report as report
+    import analysis.study_data as study_data
+    from analysis.study_data import default_cache_dir
+    shutil.rmtree(default_cache_dir(tracking_uri, experiment), ignore_errors=True)
+    spans: dict[str, float] = {}
+    targets = [(study_data, "load_runs", "load_runs"), (study_data, "_epochs", "epochs"),
+               (report, "load_study", "load_study"), (report, "compare_arms", "compare"),
+               (report, "param_importance", "fanova"), (report.plots, "save", "figures")]
+    original = study_data._epochs
+    try:
+        if epochs_fn is not None:
+            study_data._epochs = epochs_fn
+        with timed(spans, targets):
+            start = time.perf_counter()
+            report.write_report(tracking_uri, experiment, out, n_boot=n_boot)
+            spans["total"] = time.perf_counter() - start
+    finally:
+        study_data._epochs = original
+    return spans
+
+
+def fanova_cost(tracking_uri: str, experiment: str) -> dict[str, dict[str, float]]:
+    """fANOVA (Optuna's evaluator) on a quarter of each arm's trials and on all of them."""
+    from analysis.importance import param_importance
+    from analysis.study_data import load_study
+    data = load_study(tracking_uri, experiment)
+    out = {}
+    for share in (4, 1):
+        trials = pd.concat([g.head(max(3, len(g) // share))
+                            for _, g in data.trials.groupby(["task", "arm"])])
+        start = time.perf_counter()
+        param_importance(trials, data.arms)
+        seconds = time.perf_counter() - start
+        out[f"1/{share}"] = {"trials": len(trials), "s": seconds, "per": seconds / len(trials)}
+    return out
+
+
+def bench_report(work: Path, runs: int, n_boot: int) -> tuple[dict, dict, dict]:
+    from analysis.runs import load_runs
+    from analysis.study_data import _epochs, build_tables
+    from tests.synthetic_study import DEFAULT_TASKS, write_synthetic_study
+    per_arm = max(2, -(-runs // (2 * len(DEFAULT_TASKS))))
+    start = time.perf_counter()
+    study = write_synthetic_study(work / "synthetic", trials=per_arm)
+    written = time.perf_counter() - start
+    uri, experiment = study.tracking_uri, study.experiment
+    tables = build_tables(load_runs(uri, experiment))
+    trial_runs = len(tables["trials"])
+    print(f"(b) report over {trial_runs} trial runs + {len(tables['finals'])} final runs "
+          f"(synthetic store written in {written:.0f} s)")
+    histories = {}
+    for label, fn in (("before: a call per run", epochs_per_run_calls),
+                      ("after: a bulk query", _epochs)):
+        start = time.perf_counter()
+        frame = fn(uri, tables["trials"], tables["finals"], None, set())
+        histories[label] = {"s": time.perf_counter() - start, "frame": frame, "rows": len(frame)}
+    frames = [h["frame"] for h in histories.values()]
+    pd.testing.assert_frame_equal(frames[0], frames[1])
+    reports = {
+        "before": report_once(uri, experiment, work / "report-before", n_boot,
+                              epochs_per_run_calls),
+        "after": report_once(uri, experiment, work / "report-after", n_boot, None),
+    }
+    same = _same_report(work / "report-before", work / "report-after")
+    return histories, reports, {"trial_runs": trial_runs, "same": same,
+                                "fanova": fanova_cost(uri, experiment)}
+
+
+def _same_report(a: Path, b: Path) -> bool:
+    """The Markdown of both reports matches, but for the time each was written."""
+    def text(folder: Path) -> list[str]:
+        return [ln for ln in (folder / "report.md").read_text().splitlines()
+                if "report written" not in ln]
+    return text(a) == text(b)
+
+
+def print_report(histories: dict, reports: dict, facts: dict) -> None:
+    print_rows(histories, [
+        ("epoch histories of every run, s", lambda r: r["s"], "{:.2f}"),
+        ("epoch table rows", lambda r: r["rows"], "{:.0f}"),
+    ])
+    before, after = (h["s"] for h in histories.values())
+    print(f"epoch histories: {before / after:.1f}x faster, tables equal")
+    print()
+    print_rows(reports, [
+        ("write_report (cold cache), s", lambda r: r["total"], "{:.1f}"),
+        ("  load_study, s", lambda r: r.get("load_study"), "{:.1f}"),
+        ("    load_runs (one search_runs), s", lambda r: r.get("load_runs"), "{:.1f}"),
+        ("    epoch histories, s", lambda r: r.get("epochs"), "{:.1f}"),
+        ("  LoRA vs FFT with bootstrap, s", lambda r: r.get("compare"), "{:.1f}"),
+        ("  fANOVA importance, s", lambda r: r.get("fanova"), "{:.1f}"),
+        ("  figures (PNG + SVG), s", lambda r: r.get("figures"), "{:.1f}"),
+    ])
+    total = reports["after"]["total"]
+    print(f"report after/before: {total / reports['before']['total']:.2f}; "
+          f"{total:.1f} s at {facts['trial_runs']} trial runs (goal <= {REPORT_LIMIT_S:.0f} s at "
+          f"600): {'met' if total <= REPORT_LIMIT_S else 'NOT met'}; report.md identical: "
+          f"{facts['same']}")
+    fanova = facts["fanova"]
+    quarter, full = fanova["1/4"], fanova["1/1"]
+    print(f"fANOVA s per trial: {quarter['per'] * 1000:.1f} ms at {quarter['trials']} trials, "
+          f"{full['per'] * 1000:.1f} ms at {full['trials']} (ratio "
+          f"{full['per'] / quarter['per']:.2f}; Optuna's evaluator)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--trials", type=int, nargs=2, default=(20, 100),
+                        help="the small and the large search")
+    parser.add_argument("--runs", type=int, default=600, help="trial runs in the report's store")
+    parser.add_argument("--n-boot", type=int, default=1000)
+    parser.add_argument("--skip-driver", action="store_true", help="only part (b)")
+    parser.add_argument("--skip-report", action="store_true", help="only part (a)")
+    parser.add_argument("--quick", action="store_true", help="8 and 24 trials, 150 runs")
+    args = parser.parse_args()
+    sizes = (8, 24) if args.quick else tuple(args.trials)
+    runs = 150 if args.quick else args.runs
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    work = Path(tempfile.mkdtemp(prefix="study-scale-"))
+    try:
+        if not args.skip_report:
+            print_report(*bench_report(work, runs, args.n_boot))
+            print()
+        if not args.skip_driver:
+            tracker = {n: tracker_cost(work, n) for n in sizes}
+            rdb = {n: optuna_cost(work, n, rdb=True) for n in sizes}
+            mem = {n: optuna_cost(work, n, rdb=False) for n in sizes}
+            driver = bench_driver(work, sizes, warm_study=not args.quick)
+            print_driver(driver, tracker, rdb, mem, sizes)
+    finally:
+        ray = sys.modules.get("ray")
+        if ray is not None and ray.is_initialized():
+            ray.shutdown()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
