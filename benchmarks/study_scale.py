@@ -64,24 +64,50 @@ def study_doc(work: Path, data: Path, name: str, trials: int) -> dict:
     }
 
 
+@contextlib.contextmanager
+def completions(stamps: list[tuple[float, float]]) -> Iterator[None]:
+    """(driver CPU, wall) each time a trial ends, taken in the MLflow tracker's callback."""
+    from study.tracking import MlflowTrialTracker
+    original = MlflowTrialTracker.on_trial_complete
+
+    def stamped(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        stamps.append((time.process_time(), time.perf_counter()))
+    MlflowTrialTracker.on_trial_complete = stamped
+    try:
+        yield
+    finally:
+        MlflowTrialTracker.on_trial_complete = original
+
+
 def driver_cost(work: Path, data: Path, name: str, trials: int) -> dict[str, float]:
+    """Per trial over the whole run_study, and between trial ends in the first and the second
+    half of the search (no per-study start or end in those: growth shows as late > early)."""
     from study.config import parse_study
     from study.runner import run_study
     cfg = parse_study(study_doc(work, data, name, trials), work)
     # run_study writes its state file before anything creates the storage folder when the
     # image cache lives elsewhere (as here, shared between the studies).
     cfg.storage.mkdir(parents=True, exist_ok=True)
+    stamps: list[tuple[float, float]] = []
     cpu, wall = time.process_time(), time.perf_counter()
-    with contextlib.redirect_stdout(io.StringIO()):  # a line per finished trial
+    with contextlib.redirect_stdout(io.StringIO()), completions(stamps):  # a line per trial
         (outcome,) = run_study(cfg, emit=lambda s: None)
-    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-    assert outcome.trials == trials, (outcome.trials, trials)
-    return {"trials": trials, "cpu": cpu, "wall": wall, "cpu_per": cpu / trials,
-            "wall_per": wall / trials}
+    end_cpu, end_wall = time.process_time(), time.perf_counter()
+    assert outcome.trials == trials == len(stamps), (outcome.trials, trials, len(stamps))
+    out = {"trials": trials, "cpu": end_cpu - cpu, "wall": end_wall - wall,
+           "cpu_per": (end_cpu - cpu) / trials, "wall_per": (end_wall - wall) / trials,
+           "wall_to_first": stamps[0][1] - wall, "wall_after_last": end_wall - stamps[-1][1]}
+    if trials >= 4:
+        a, b, c = trials // 10, trials // 2, trials - 1
+        out.update(cpu_early=(stamps[b][0] - stamps[a][0]) / (b - a),
+                   cpu_late=(stamps[c][0] - stamps[b][0]) / (c - b),
+                   wall_early=(stamps[b][1] - stamps[a][1]) / (b - a),
+                   wall_late=(stamps[c][1] - stamps[b][1]) / (c - b))
+    return out
 
 
-def bench_driver(work: Path, sizes: tuple[int, int], warm_study: bool
-                 ) -> dict[str, dict[str, float]]:
+def bench_driver(work: Path, sizes: tuple[int, int], quick: bool) -> dict[str, dict[str, float]]:
     import torch
 
     from study.config import parse_study
@@ -89,16 +115,16 @@ def bench_driver(work: Path, sizes: tuple[int, int], warm_study: bool
     from trainables.phantom import PhantomLayout, write_nih_phantom
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", message=".*fewer than 50 positives")  # a tiny val split
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     data = write_nih_phantom(work / "nih", seed=3, layout=PhantomLayout(
         train_patients=60, val_patients=30, test_patients=30))
-    # No trial's cost: the image cache, the MLflow tables, Ray's start, and (unless quick) a
-    # first small search for what Tune and Train import and start once per process.
+    # No trial's cost: the image cache, the MLflow tables, Ray's start, and a first small
+    # search for what Tune and Train import and start once per process.
     cfg = parse_study(study_doc(work, data, "warmup", 2), work)
     prepare_caches(cfg, preflight(cfg), lambda s: None)
     MlflowClient(cfg.tracking.uri).search_experiments()
     init_ray(num_cpus=os.cpu_count())
-    if warm_study:
-        driver_cost(work, data, "warmup", 2)
+    driver_cost(work, data, "warmup", 1 if quick else 2)
     return {f"{n} trials": driver_cost(work, data, f"scale-{n}", n) for n in sizes}
 
 
@@ -161,6 +187,10 @@ def optuna_cost(work: Path, trials: int, rdb: bool) -> dict[str, float]:
             "last": statistics.mean(per[-tenth:])}
 
 
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else 1000 * seconds
+
+
 def print_driver(driver: dict, tracker: dict, optuna_rdb: dict, optuna_mem: dict,
                  sizes: tuple[int, int]) -> None:
     small, large = (driver[f"{n} trials"] for n in sizes)
@@ -172,12 +202,22 @@ def print_driver(driver: dict, tracker: dict, optuna_rdb: dict, optuna_mem: dict
         ("wall per trial, s", lambda r: r["wall_per"], "{:.2f}"),
         ("driver CPU total, s", lambda r: r["cpu"], "{:.1f}"),
         ("wall total, s", lambda r: r["wall"], "{:.1f}"),
+        ("  wall until the first trial ended, s", lambda r: r["wall_to_first"], "{:.1f}"),
+        ("  wall after the last trial ended, s", lambda r: r["wall_after_last"], "{:.1f}"),
+        ("between trial ends, 1st half: CPU ms", lambda r: _ms(r.get("cpu_early")), "{:.1f}"),
+        ("between trial ends, 2nd half: CPU ms", lambda r: _ms(r.get("cpu_late")), "{:.1f}"),
+        ("between trial ends, 1st half: wall s", lambda r: r.get("wall_early"), "{:.2f}"),
+        ("between trial ends, 2nd half: wall s", lambda r: r.get("wall_late"), "{:.2f}"),
     ])
     print(f"ratio {sizes[1]}/{sizes[0]} trials, driver CPU per trial: "
           f"{large['cpu_per'] / small['cpu_per']:.2f}; wall per trial: "
           f"{large['wall_per'] / small['wall_per']:.2f} (goal: about 1)")
     print(f"marginal driver CPU per added trial ({sizes[0]}->{sizes[1]}): {1000 * marginal:.1f} "
           f"ms; fixed per study: {small['cpu'] - sizes[0] * marginal:.2f} s")
+    if "cpu_late" in large:
+        print(f"{sizes[1]} trials, 2nd half / 1st half per trial: driver CPU "
+              f"{large['cpu_late'] / large['cpu_early']:.2f}, wall "
+              f"{large['wall_late'] / large['wall_early']:.2f} (growth shows as > 1)")
     print()
     pieces = {f"{n}": {"tracker": tracker[n], "rdb": optuna_rdb[n], "mem": optuna_mem[n]}
               for n in sizes}
@@ -295,7 +335,8 @@ def fanova_cost(tracking_uri: str, experiment: str) -> dict[str, dict[str, float
     return out
 
 
-def bench_report(work: Path, runs: int, n_boot: int) -> tuple[dict, dict, dict]:
+def bench_report(work: Path, runs: int, n_boot: int, quick: bool) -> tuple[dict, dict, dict]:
+    """Quick: the epoch histories side by side, one report (the new way), no fANOVA probe."""
     from analysis.runs import load_runs
     from analysis.study_data import _epochs, build_tables
     from tests.synthetic_study import DEFAULT_TASKS, write_synthetic_study
@@ -316,14 +357,14 @@ def bench_report(work: Path, runs: int, n_boot: int) -> tuple[dict, dict, dict]:
         histories[label] = {"s": time.perf_counter() - start, "frame": frame, "rows": len(frame)}
     frames = [h["frame"] for h in histories.values()]
     pd.testing.assert_frame_equal(frames[0], frames[1])
-    reports = {
-        "before": report_once(uri, experiment, work / "report-before", n_boot,
-                              epochs_per_run_calls),
-        "after": report_once(uri, experiment, work / "report-after", n_boot, None),
-    }
-    same = _same_report(work / "report-before", work / "report-after")
-    return histories, reports, {"trial_runs": trial_runs, "same": same,
-                                "fanova": fanova_cost(uri, experiment)}
+    reports = {} if quick else {"before": report_once(
+        uri, experiment, work / "report-before", n_boot, epochs_per_run_calls)}
+    reports["after"] = report_once(uri, experiment, work / "report-after", n_boot, None)
+    facts = {"trial_runs": trial_runs}
+    if not quick:
+        facts.update(same=_same_report(work / "report-before", work / "report-after"),
+                     fanova=fanova_cost(uri, experiment))
+    return histories, reports, facts
 
 
 def _same_report(a: Path, b: Path) -> bool:
@@ -352,10 +393,13 @@ def print_report(histories: dict, reports: dict, facts: dict) -> None:
         ("  figures (PNG + SVG), s", lambda r: r.get("figures"), "{:.1f}"),
     ])
     total = reports["after"]["total"]
-    print(f"report after/before: {total / reports['before']['total']:.2f}; "
-          f"{total:.1f} s at {facts['trial_runs']} trial runs (goal <= {REPORT_LIMIT_S:.0f} s at "
-          f"600): {'met' if total <= REPORT_LIMIT_S else 'NOT met'}; report.md identical: "
-          f"{facts['same']}")
+    if "before" in reports:
+        print(f"report after/before: {total / reports['before']['total']:.2f}; report.md "
+              f"identical: {facts['same']}")
+    print(f"report: {total:.1f} s at {facts['trial_runs']} trial runs (goal <= "
+          f"{REPORT_LIMIT_S:.0f} s at 600): {'met' if total <= REPORT_LIMIT_S else 'NOT met'}")
+    if "fanova" not in facts:
+        return
     fanova = facts["fanova"]
     quarter, full = fanova["1/4"], fanova["1/1"]
     print(f"fANOVA s per trial: {quarter['per'] * 1000:.1f} ms at {quarter['trials']} trials, "
@@ -378,21 +422,23 @@ def main() -> None:
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     work = Path(tempfile.mkdtemp(prefix="study-scale-"))
+    began = time.perf_counter()
     try:
         if not args.skip_report:
-            print_report(*bench_report(work, runs, args.n_boot))
+            print_report(*bench_report(work, runs, args.n_boot, args.quick))
             print()
         if not args.skip_driver:
             tracker = {n: tracker_cost(work, n) for n in sizes}
             rdb = {n: optuna_cost(work, n, rdb=True) for n in sizes}
             mem = {n: optuna_cost(work, n, rdb=False) for n in sizes}
-            driver = bench_driver(work, sizes, warm_study=not args.quick)
+            driver = bench_driver(work, sizes, args.quick)
             print_driver(driver, tracker, rdb, mem, sizes)
     finally:
         ray = sys.modules.get("ray")
         if ray is not None and ray.is_initialized():
             ray.shutdown()
         shutil.rmtree(work, ignore_errors=True)
+    print(f"\n(benchmark wall time {time.perf_counter() - began:.0f} s)")
 
 
 if __name__ == "__main__":

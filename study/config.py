@@ -114,6 +114,10 @@ class SearchSpec:
     reduction_factor: int = 2
     metric: str = "val_auroc"
     mode: str = "max"
+    # One trial at a time, in the order the searcher asks for them: ASHA and the sampler then
+    # see every result in the same order on every run, so a rerun picks the same configs.
+    # Concurrent trials race (whichever reports first decides ASHA's rungs).
+    sequential: bool = False
 
     def __post_init__(self) -> None:
         _check(self.sampler in SAMPLERS, "search.sampler", f"use one of {SAMPLERS}")

@@ -452,6 +452,7 @@ def search_arm(session: Session, task: TaskSpec, arm: ArmSpec, data: TaskData) -
     results, failed, offset = [], 0, 0
     for number, segment in enumerate(segments):
         storage = optuna.storages.RDBStorage(f"sqlite:///{cfg.storage / 'optuna.db'}")
+        name_objective(storage, f"{cfg.name}/{key}")
         points = [{k: v for k, v in preset.items() if k not in fixed}] if (
             preset and number == 0) else None
         tracker = MlflowTrialTracker(client, session.exp_id, run_id,
@@ -471,7 +472,7 @@ def search_arm(session: Session, task: TaskSpec, arm: ArmSpec, data: TaskData) -
                                       reduction_factor=cfg.search.reduction_factor)
             return Tuner(trainable(cfg), tune_config=TuneConfig(
                 search_alg=searcher, scheduler=scheduler, num_samples=segment.trials,
-                max_concurrent_trials=session.max_concurrent,
+                max_concurrent_trials=1 if cfg.search.sequential else session.max_concurrent,
                 trial_dirname_creator=trial_dirname, reuse_actors=True),
                 run_config=_run_config(cfg, segment.name, [
                     tracker, PlacementGroupReaper(), InterruptWatch(path),
@@ -504,6 +505,15 @@ def search_arm(session: Session, task: TaskSpec, arm: ArmSpec, data: TaskData) -
 
 class ArmFailed(ConfigError):
     """Every trial of an arm failed; the study goes on with its other arms."""
+
+
+def name_objective(storage: optuna.storages.BaseStorage, study_name: str) -> None:
+    """The Optuna study says what it maximises (optuna-dashboard shows `val_auroc`, not
+    "Objective 0"); OptunaSearch then loads it (`load_if_exists`)."""
+    study = optuna.create_study(study_name=study_name, storage=storage, direction="maximize",
+                                load_if_exists=True)
+    if study.metric_names is None:
+        study.set_metric_names(["val_auroc"])
 
 
 def fail_orphans(storage: optuna.storages.BaseStorage, study_name: str) -> int:
