@@ -19,12 +19,13 @@ from trainables.errors import StudyError
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from study.demo import run_demo
-    run_demo(Path(args.dir).resolve())
+    from trainables.paths import writable_dir
+    run_demo(writable_dir(Path(args.dir), "--dir").resolve())
     return 0
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from study.config import load_study
+    from study.config import check_destinations, load_study
     cfg = load_study(Path(args.study))
     if args.dry_run:
         from study.plan import plan_text
@@ -34,6 +35,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         raise StudyError(f"--add-trials {args.add_trials}: give a number of trials >= 1")
     if args.arm and args.add_trials is None:
         raise StudyError("--arm only selects where --add-trials go: add --add-trials N")
+    check_destinations(cfg)  # not for --dry-run: a plan may be made away from the cluster
     add = {arm: args.add_trials for arm in (args.arm or [a.name for a in cfg.arms])} if (
         args.add_trials) else None
     from study.runner import run_study
@@ -71,6 +73,8 @@ def _cmd_best(args: argparse.Namespace) -> int:
 def _cmd_status(args: argparse.Namespace) -> int:
     from analysis.runs import experiments_in, load_runs, trial_status
     target = Path(args.study)
+    if not target.exists():
+        raise StudyError(f"{target} does not exist: pass the study directory or its study file")
     if target.is_dir():
         uri = f"sqlite:///{(target / 'mlflow.db').resolve()}"
         names = experiments_in(uri) if (target / "mlflow.db").is_file() else []

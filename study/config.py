@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import tomllib
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from trainables.config import TrainSpec, parse_targets
 from trainables.datasets import DataSpec
 from trainables.errors import ConfigError
 from trainables.foundation import get_foundation
+from trainables.paths import tracking_store, writable_dir
 
 SAMPLERS = ("tpe", "random", "cmaes", "qmc")
 DATASETS = ("nih", "chexpert", "rsna")
@@ -215,6 +217,18 @@ def _list(value: Any, where: str) -> list:
     return value
 
 
+def _entries(value: Any, where: str, example: str) -> list:
+    """A list that needs at least one entry: an empty one would make a study of no tasks."""
+    _check(bool(_list(value, where)), where, f"needs at least one entry, e.g. {example}")
+    return value
+
+
+def _named(value: Any, where: str) -> str:
+    """A name MLflow and the storage layout can use: a non-blank string."""
+    _check(bool(_typed(value, str, where).strip()), where, "is blank: give a name")
+    return value
+
+
 def _typed_fields(kinds: dict[str, tuple[type, ...]], table: dict, where: str) -> None:
     """Each value of `table` has its key's type; `where` is the dotted prefix of the names."""
     for key, value in table.items():
@@ -242,9 +256,10 @@ def _typed(value: Any, kind: type | tuple[type, ...], where: str) -> Any:
     return value
 
 
-def _path(base: Path, value: str | None) -> str | None:
-    if value is None or value == "":
+def _path(base: Path, value: str | None, where: str) -> str | None:
+    if value is None:
         return None
+    _check(value.strip() != "", where, "is blank: give a path, or leave the key out")
     path = Path(value).expanduser()
     return str(path if path.is_absolute() else (base / path).resolve())
 
@@ -280,12 +295,13 @@ def parse_study(data: dict[str, Any], base: Path, source: Path | None = None) ->
     _known(data, _SECTIONS, "study file")
     head = _table(data.get("study", {}), "[study]")
     _known(head, {"name", "storage", "cache_dir", "checkpoints_to_keep"}, "[study]")
-    name = _typed(head.get("name", "study"), str, "study.name")
-    storage = Path(_path(base, _typed(head.get("storage", "."), str, "study.storage")))
+    name = _named(head.get("name", "study"), "study.name")
+    storage = Path(_path(base, _typed(head.get("storage", "."), str, "study.storage"),
+                         "study.storage"))
     # The image cache: under the study by default; on a cluster, any path every node can read
     # (shared storage), or a node-local path that each node fills once under the same key.
     cache_dir = Path(_path(storage, _typed(head.get("cache_dir", "cache"), str,
-                                           "study.cache_dir")))
+                                           "study.cache_dir"), "study.cache_dir"))
 
     # Ray Train keeps this many checkpoints per trial (the newest and, by default, one to fall
     # back on if the newest is damaged); a trial's best weights travel inside each of them.
@@ -297,23 +313,32 @@ def parse_study(data: dict[str, Any], base: Path, source: Path | None = None) ->
            "label_fractions")
     _known(tasks_table, {"foundations", "datasets", "label_fractions", "split_seeds"}, "[tasks]")
     foundations = [_build(FoundationRef, f, "tasks.foundations")
-                   for f in _list(tasks_table.get("foundations", []), "tasks.foundations")]
-    foundations = [dataclasses.replace(f, checkpoint=_path(base, f.checkpoint))
+                   for f in _entries(tasks_table.get("foundations", []), "tasks.foundations",
+                                     '[{ name = "mrm", checkpoint = "MRM.pth" }]')]
+    foundations = [dataclasses.replace(f, checkpoint=_path(base, f.checkpoint,
+                                                           "tasks.foundations.checkpoint"))
                    for f in foundations]
     datasets = []
-    for d in _list(tasks_table.get("datasets", []), "tasks.datasets"):
+    for d in _entries(tasks_table.get("datasets", []), "tasks.datasets",
+                      '[{ name = "nih", root = "data/nih" }]'):
         ref = _build(DatasetRef, d, "tasks.datasets")
-        datasets.append(dataclasses.replace(ref, root=_path(base, ref.root),
-                                            list_dir=_path(base, ref.list_dir)))
+        datasets.append(dataclasses.replace(
+            ref, root=_path(base, ref.root, "tasks.datasets.root"),
+            list_dir=_path(base, ref.list_dir, "tasks.datasets.list_dir")))
     fractions = [float(_typed(f, (int, float), "tasks.label_fractions"))
-                 for f in _list(tasks_table.get("label_fractions", [1.0]),
-                                "tasks.label_fractions")]
+                 for f in _entries(tasks_table.get("label_fractions", [1.0]),
+                                   "tasks.label_fractions", "[1.0] or [0.01, 0.1, 1.0]")]
     seeds = [_typed(s, int, "tasks.split_seeds")
-             for s in _list(tasks_table.get("split_seeds", [0]), "tasks.split_seeds")]
-    _check(bool(foundations) and bool(datasets), "[tasks]",
-           "needs at least one foundation and one dataset")
+             for s in _entries(tasks_table.get("split_seeds", [0]), "tasks.split_seeds",
+                               "[0] or leave the key out")]
     tasks = tuple(TaskSpec(f, d, fr, s)
                   for f, d, fr, s in itertools.product(foundations, datasets, fractions, seeds))
+    # A task's key names its Tune, Optuna and MLflow records: two tasks with one key would
+    # share them.
+    repeated = sorted(k for k, n in Counter(t.key for t in tasks).items() if n > 1)
+    _check(not repeated, "[tasks]", f"task(s) {repeated} appear more than once (a task is "
+           "foundation-dataset-fraction-seed): list each foundation, dataset, label fraction "
+           "and split seed once")
 
     arms_table = _table(data.get("arms", {}), "[arms]")
     _check(bool(arms_table), "[arms]", "define at least one arm, e.g. [arms.lora] space='lora'")
@@ -330,21 +355,41 @@ def parse_study(data: dict[str, Any], base: Path, source: Path | None = None) ->
     _known(tracking, {"uri", "experiment"}, "[tracking]")
     _typed_fields({"uri": (str,), "experiment": (str,)}, tracking, "tracking")
     uri = tracking.get("uri") or f"sqlite:///{storage / 'mlflow.db'}"
+    experiment = _named(tracking.get("experiment", name), "tracking.experiment")
     return StudyConfig(
         name=name, storage=storage, tasks=tasks, arms=tuple(arms),
         search=search, train=tuple(sorted(train.items())),
         resources=_build(ResourceSpec, data.get("resources", {}), "[resources]"),
         final=_build(FinalSpec, data.get("final", {}), "[final]"),
-        tracking=TrackingSpec(uri, tracking.get("experiment", name)), cache_dir=cache_dir,
+        tracking=TrackingSpec(uri, experiment), cache_dir=cache_dir,
         checkpoints_to_keep=keep, source=source)
 
 
 def load_study(path: Path) -> StudyConfig:
     """Read and validate a study file; every problem is a one-line ConfigError."""
+    if path.is_dir():
+        raise ConfigError(f"study file {path} is a folder: pass the path of a .toml file")
     if not path.is_file():
         raise ConfigError(f"study file {path} does not exist: pass the path of a .toml file")
     try:
-        data = tomllib.loads(path.read_text())
+        text = path.read_bytes().decode("utf-8")  # TOML is UTF-8 by definition
+    except OSError as exc:
+        raise ConfigError(f"study file {path} cannot be read ({exc.strerror or exc}): check "
+                          "its permissions") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"study file {path} is not UTF-8 text (byte {exc.start} is "
+                          f"{exc.object[exc.start:exc.start + 1]!r}): pass the .toml study "
+                          "file, saved as UTF-8") from exc
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"study file {path} is not valid TOML: {exc}") from exc
     return parse_study(data, path.parent.resolve(), source=path.resolve())
+
+
+def check_destinations(cfg: StudyConfig) -> None:
+    """Everything a run writes can be written, checked before it writes anything: the storage,
+    the image cache and a local tracking store (a server is asked when the run starts)."""
+    writable_dir(cfg.storage, "study.storage")
+    writable_dir(cfg.cache_dir, "study.cache_dir")
+    tracking_store(cfg.tracking.uri, write=True)

@@ -11,6 +11,7 @@ import os
 import socket
 import time
 import uuid
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -513,7 +514,9 @@ def name_objective(storage: optuna.storages.BaseStorage, study_name: str) -> Non
     study = optuna.create_study(study_name=study_name, storage=storage, direction="maximize",
                                 load_if_exists=True)
     if study.metric_names is None:
-        study.set_metric_names(["val_auroc"])
+        with warnings.catch_warnings():  # "experimental" since Optuna 3.2, and still there
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(["val_auroc"])
 
 
 def fail_orphans(storage: optuna.storages.BaseStorage, study_name: str) -> int:

@@ -103,19 +103,49 @@ class _Reporter:
             shutil.rmtree(self._restored_dir, ignore_errors=True)
 
 
-class LocalReporter(_Reporter):
-    """Local mode: the loop runs in the Tune trial and reports to Tune directly.
+class CheckpointFolder:
+    """A local-mode trial's checkpoints: `checkpoint_<epoch>` folders in its run folder.
 
-    Checkpoints are kept where Ray Train keeps a worker group's (`train-<trial id>` under the
-    study's `train/` folder), one folder per epoch, moved into place whole, the newest
-    `keep` kept. Tune's own trial checkpoints are not used: Tune finds them again through its
-    experiment snapshot, which a killed driver may not have written since the trial's last
-    epochs, so a resumed trial would start over; the folder on disk is always current.
+    Each is moved into place whole (a crash leaves the previous ones intact), and only the
+    newest `keep` stay. They sit where Ray Train keeps a worker group's, `train-<trial id>`
+    under the study's `train/` folder. Tune's own trial checkpoints are not used: Tune finds
+    them again through its experiment snapshot, which a killed driver may not have written since
+    the trial's last epochs, so a resumed trial would start over; this folder is always current.
     """
 
-    def __init__(self, run_dir: Path, keep: int, use_gpu: bool) -> None:
-        super().__init__()
+    def __init__(self, run_dir: Path, keep: int) -> None:
         self.run_dir, self.keep = run_dir, max(1, keep)
+
+    def store(self, source: Path, epoch: int) -> Path:
+        """Move the files of a written checkpoint into `checkpoint_<epoch>`; prune old ones."""
+        final = self.run_dir / f"checkpoint_{epoch:06d}"
+        staging = self.run_dir / f".staging-{final.name}-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        for item in source.iterdir():  # the files, not the folder: its owner removes it
+            shutil.move(str(item), staging / item.name)
+        shutil.rmtree(final, ignore_errors=True)  # a retried epoch replaces its folder
+        os.replace(staging, final)
+        for old in self.checkpoints()[:-self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def checkpoints(self) -> list[Path]:
+        return sorted(self.run_dir.glob("checkpoint_*"))
+
+    def latest(self) -> Path | None:
+        """The newest checkpoint that loads (older ones are tried if it is damaged)."""
+        found = self.checkpoints()
+        return usable_checkpoint(found[-1]) if found else None
+
+
+class LocalReporter(_Reporter):
+    """Local mode: the loop runs in the Tune trial and reports to Tune directly; checkpoints
+    go to the trial's `CheckpointFolder`."""
+
+    def __init__(self, folder: CheckpointFolder, use_gpu: bool) -> None:
+        super().__init__()
+        self.folder = folder
         # Tune sets CUDA_VISIBLE_DEVICES to the trial's GPU, so it is always device 0 here.
         self.device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")
 
@@ -128,29 +158,12 @@ class LocalReporter(_Reporter):
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
         payload = self._payload(metrics)
         if checkpoint_dir is not None:
-            payload["checkpoint_path"] = str(self._store(checkpoint_dir, int(metrics["epoch"])))
+            payload["checkpoint_path"] = str(self.folder.store(checkpoint_dir,
+                                                               int(metrics["epoch"])))
         ray.tune.report(payload)
 
-    def _store(self, source: Path, epoch: int) -> Path:
-        """Move a written checkpoint into `checkpoint_<epoch>` atomically; prune old ones."""
-        final = self.run_dir / f"checkpoint_{epoch:06d}"
-        staging = self.run_dir / f".staging-{final.name}-{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        for item in source.iterdir():  # the files, not the folder: its owner removes it
-            shutil.move(str(item), staging / item.name)
-        shutil.rmtree(final, ignore_errors=True)  # a retried epoch replaces its folder
-        os.replace(staging, final)
-        for old in self._checkpoints()[:-self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
-        return final
-
-    def _checkpoints(self) -> list[Path]:
-        return sorted(self.run_dir.glob("checkpoint_*"))
-
     def latest_checkpoint(self) -> Path | None:
-        found = self._checkpoints()
-        return usable_checkpoint(found[-1]) if found else None
+        return self.folder.latest()
 
 
 class WorkerReporter(_Reporter):
@@ -224,7 +237,7 @@ def _local(config: dict[str, Any]) -> bool:
 
 def _reporter(config: dict[str, Any]) -> LocalReporter | WorkerReporter:
     if _local(config):
-        return LocalReporter(_run_dir(config), _keep(config),
+        return LocalReporter(CheckpointFolder(_run_dir(config), _keep(config)),
                              use_gpu=float(config.get("gpus_per_worker", 0)) > 0)
     return WorkerReporter()
 
