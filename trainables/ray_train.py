@@ -76,12 +76,11 @@ def trial_resources(num_workers: int, cpus_per_worker: float, gpus_per_worker: f
 
 
 class _Reporter:
-    """What both modes share: a reported checkpoint turned into a folder `fit` can read."""
+    """What both modes share: the first report says which Ray node ran the trial."""
 
     rank = 0
 
     def __init__(self) -> None:
-        self._restored_dir: str | None = None
         self._first: dict[str, str] = {"worker_node": ray.get_runtime_context().get_node_id()}
 
     def _payload(self, metrics: dict[str, float]) -> dict[str, Any]:
@@ -89,18 +88,8 @@ class _Reporter:
         self._first = {}
         return payload
 
-    def _local_folder(self, ckpt: Checkpoint | None) -> Path | None:
-        if ckpt is None:
-            return None
-        latest = Path(ckpt.path)
-        if ckpt.filesystem.type_name == "local" and latest.parent.is_dir():
-            return usable_checkpoint(latest)
-        self._restored_dir = tempfile.mkdtemp(prefix="cxr-restore-")
-        return Path(ckpt.to_directory(self._restored_dir))
-
     def close(self) -> None:
-        if self._restored_dir:
-            shutil.rmtree(self._restored_dir, ignore_errors=True)
+        """Nothing to clean up unless a checkpoint had to be downloaded."""
 
 
 class CheckpointFolder:
@@ -176,6 +165,7 @@ class WorkerReporter(_Reporter):
         pg = ray.util.get_current_placement_group()
         if pg is not None:
             self._first["worker_pg"] = pg.id.hex()
+        self._restored_dir: str | None = None
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
         return prepare_model(model)
@@ -189,7 +179,19 @@ class WorkerReporter(_Reporter):
         ray.train.report(self._payload(metrics), checkpoint=ckpt)
 
     def latest_checkpoint(self) -> Path | None:
-        return self._local_folder(ray.train.get_checkpoint())
+        """Ray Train's latest checkpoint of this run, as a local folder `fit` can read."""
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return None
+        latest = Path(ckpt.path)
+        if ckpt.filesystem.type_name == "local" and latest.parent.is_dir():
+            return usable_checkpoint(latest)
+        self._restored_dir = tempfile.mkdtemp(prefix="cxr-restore-")
+        return Path(ckpt.to_directory(self._restored_dir))
+
+    def close(self) -> None:
+        if self._restored_dir:
+            shutil.rmtree(self._restored_dir, ignore_errors=True)
 
 
 def usable_checkpoint(latest: Path) -> Path | None:
