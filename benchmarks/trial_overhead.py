@@ -12,8 +12,8 @@ For each it prints the wall time per trial, the time from the trial's start to i
 report, and the throughput ratio against the bare loop. For Tune, a trial starts when Tune
 calls `on_trial_start` (its process is up: started for the first trial, reused by the later
 ones) and a report counts when the driver receives it; "whole run / trials" also counts Tune's
-set-up and the trial process's start (its imports), paid once per search. Goal: first report within 3 s of the trial's start
-and a ratio of at least 0.9 for trials of about 10 s of work.
+set-up and the trial process's start (its imports), paid once per search. Goal: first report
+within 3 s of the trial's start and a ratio of at least 0.9 for trials of about 10 s of work.
 
     python benchmarks/trial_overhead.py [--trials 4] [--epochs 6] [--quick]
 """
