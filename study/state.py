@@ -64,6 +64,7 @@ class StudyState:
 
     def save(self, storage: Path) -> None:
         path = self.path(storage)
+        path.parent.mkdir(parents=True, exist_ok=True)  # a cache_dir elsewhere did not make it
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(asdict(self), indent=1, sort_keys=True))
         os.replace(tmp, path)
