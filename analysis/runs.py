@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from trainables.errors import ConfigError
+from trainables.paths import tracking_store
 
 INT_PARAMS = ("rank", "epochs", "warmup_epochs", "batch_size", "seed", "split_seed",
               "num_classes", "num_workers", "trials", "max_t")
@@ -38,18 +38,20 @@ def _typed(name: str, value: str) -> Any:
     return value
 
 
+def _client(tracking_uri: str) -> MlflowClient:
+    """A client that only reads: a local store must exist and be MLflow's, since MLflow would
+    create an empty one (or add its tables to another database) just by connecting."""
+    tracking_store(tracking_uri, write=False)
+    return MlflowClient(tracking_uri)
+
+
 def load_runs(tracking_uri: str, experiment: str,
               include_superseded: bool = False) -> pd.DataFrame:
     """One row per run: ids, status, tags (`tag.*`), typed params, latest metrics.
 
     Final runs of a config that a grown search has since replaced carry `superseded=true` and
     are left out unless asked for."""
-    if tracking_uri.startswith("sqlite:///"):
-        db = Path(tracking_uri.removeprefix("sqlite:///"))
-        if not db.is_file():  # reading must never create an empty store
-            raise ConfigError(f"tracking store {db} does not exist: check --tracking-uri, "
-                              "or run the study first")
-    client = MlflowClient(tracking_uri)
+    client = _client(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         raise ConfigError(f"experiment {experiment!r} not found at {tracking_uri}: check "
@@ -89,7 +91,7 @@ def metric_histories(tracking_uri: str, run_ids: Sequence[str],
     are asked per run.
     """
     columns = ["run_id", "epoch", "metric", "timestamp", "value"]
-    client = MlflowClient(tracking_uri)
+    client = _client(tracking_uri)
     bulk = getattr(getattr(client, "_tracking_client", None), "store", None)
     bulk = getattr(bulk, "get_metric_history_bulk", None)
     rows: list[tuple[str, int, str, int, float]] = []
@@ -149,7 +151,7 @@ def best_configs(runs: pd.DataFrame, task: str | None = None,
 
 def run_record(tracking_uri: str, run_id: str) -> tuple[dict[str, Any], dict[str, str]]:
     """One run's typed params and its tags; an unknown run id is a ConfigError."""
-    client = MlflowClient(tracking_uri)
+    client = _client(tracking_uri)
     try:
         run = client.get_run(run_id)
     except Exception as exc:  # noqa: BLE001 - MLflow raises several types for "no such run"
@@ -178,5 +180,5 @@ def trial_status(runs: pd.DataFrame) -> pd.DataFrame:
 
 def experiments_in(tracking_uri: str) -> list[str]:
     """Names of the experiments in a store (a study directory holds one per study)."""
-    return [e.name for e in MlflowClient(tracking_uri).search_experiments()
+    return [e.name for e in _client(tracking_uri).search_experiments()
             if e.name != "Default"]

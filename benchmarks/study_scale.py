@@ -4,9 +4,12 @@
 `max_t = 1`, no final seeds) runs with a small and a large trial count; around `run_study` the
 driver process's own CPU time (Tune's loop, the MLflow writer thread, Optuna's storage) and the
 wall time are divided by the trial count. Goal: per-trial cost flat in the trial count (ratio
-large/small near 1). The pieces are timed on their own, in this process: the MLflow trial
-tracker driven through Tune's callbacks (and its `search_runs` by trial_id as the experiment
-fills), and Optuna's ask/tell on the study's RDB storage against an in-memory one.
+large/small near 1). Per-study costs (Tune's start, the first trial actors) weigh more on the
+small search, so the driver CPU between trial ends is also compared between the first and the
+second half of the large search. The pieces are timed on their own, in this process: the MLflow
+trial tracker driven through Tune's callbacks (and its `search_runs` by trial_id, in a fresh
+experiment and in the report's full store), and Optuna's ask/tell on the study's RDB storage
+against an in-memory one.
 
 (b) `cxr-study report` (`write_report`) on a synthetic MLflow store of that many trial runs
 (`tests/synthetic_study.py`), with the per-epoch histories fetched the old way (a
@@ -65,19 +68,25 @@ def study_doc(work: Path, data: Path, name: str, trials: int) -> dict:
 
 
 @contextlib.contextmanager
-def completions(stamps: list[tuple[float, float]]) -> Iterator[None]:
-    """(driver CPU, wall) each time a trial ends, taken in the MLflow tracker's callback."""
+def trial_stamps(starts: list[float], ends: list[tuple[float, float]]) -> Iterator[None]:
+    """Wall time each trial starts, (driver CPU, wall) each time one ends: taken in the MLflow
+    tracker's callbacks, which Tune calls in the driver."""
     from study.tracking import MlflowTrialTracker
-    original = MlflowTrialTracker.on_trial_complete
+    on_start, on_complete = MlflowTrialTracker.on_trial_start, MlflowTrialTracker.on_trial_complete
 
-    def stamped(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        stamps.append((time.process_time(), time.perf_counter()))
-    MlflowTrialTracker.on_trial_complete = stamped
+    def started(self, *args, **kwargs):
+        starts.append(time.perf_counter())
+        on_start(self, *args, **kwargs)
+
+    def completed(self, *args, **kwargs):
+        on_complete(self, *args, **kwargs)
+        ends.append((time.process_time(), time.perf_counter()))
+    MlflowTrialTracker.on_trial_start, MlflowTrialTracker.on_trial_complete = started, completed
     try:
         yield
     finally:
-        MlflowTrialTracker.on_trial_complete = original
+        MlflowTrialTracker.on_trial_start, MlflowTrialTracker.on_trial_complete = (
+            on_start, on_complete)
 
 
 def driver_cost(work: Path, data: Path, name: str, trials: int) -> dict[str, float]:
@@ -89,15 +98,17 @@ def driver_cost(work: Path, data: Path, name: str, trials: int) -> dict[str, flo
     # run_study writes its state file before anything creates the storage folder when the
     # image cache lives elsewhere (as here, shared between the studies).
     cfg.storage.mkdir(parents=True, exist_ok=True)
+    starts: list[float] = []
     stamps: list[tuple[float, float]] = []
     cpu, wall = time.process_time(), time.perf_counter()
-    with contextlib.redirect_stdout(io.StringIO()), completions(stamps):  # a line per trial
-        (outcome,) = run_study(cfg, emit=lambda s: None)
+    with contextlib.redirect_stdout(io.StringIO()), trial_stamps(starts, stamps):
+        (outcome,) = run_study(cfg, emit=lambda s: None)  # (stdout: a line per trial)
     end_cpu, end_wall = time.process_time(), time.perf_counter()
     assert outcome.trials == trials == len(stamps), (outcome.trials, trials, len(stamps))
     out = {"trials": trials, "cpu": end_cpu - cpu, "wall": end_wall - wall,
            "cpu_per": (end_cpu - cpu) / trials, "wall_per": (end_wall - wall) / trials,
-           "wall_to_first": stamps[0][1] - wall, "wall_after_last": end_wall - stamps[-1][1]}
+           "wall_to_start": starts[0] - wall, "wall_to_first": stamps[0][1] - wall,
+           "wall_after_last": end_wall - stamps[-1][1]}
     if trials >= 4:
         a, b, c = trials // 10, trials // 2, trials - 1
         out.update(cpu_early=(stamps[b][0] - stamps[a][0]) / (b - a),
@@ -125,7 +136,10 @@ def bench_driver(work: Path, sizes: tuple[int, int], quick: bool) -> dict[str, d
     MlflowClient(cfg.tracking.uri).search_experiments()
     init_ray(num_cpus=os.cpu_count())
     driver_cost(work, data, "warmup", 1 if quick else 2)
-    return {f"{n} trials": driver_cost(work, data, f"scale-{n}", n) for n in sizes}
+    out = {f"{n} trials": driver_cost(work, data, f"scale-{n}", n) for n in sizes}
+    if not quick:  # the small search once more: what changed meanwhile on a shared machine
+        out[f"{sizes[0]} trials again"] = driver_cost(work, data, "scale-again", sizes[0])
+    return out
 
 
 def _trial(i: int) -> SimpleNamespace:
@@ -193,7 +207,9 @@ def _ms(seconds: float | None) -> float | None:
 
 def print_driver(driver: dict, tracker: dict, optuna_rdb: dict, optuna_mem: dict,
                  sizes: tuple[int, int]) -> None:
-    small, large = (driver[f"{n} trials"] for n in sizes)
+    smalls = [r for k, r in driver.items() if k.startswith(f"{sizes[0]} trials")]
+    large = driver[f"{sizes[1]} trials"]
+    small = {k: statistics.mean(r[k] for r in smalls) for k in ("cpu", "cpu_per", "wall_per")}
     marginal = (large["cpu"] - small["cpu"]) / (sizes[1] - sizes[0])
     print(f"(a) driver per trial: LoRA on vit_demo, max_t = 1, phantom NIH, no final seeds, "
           f"{os.cpu_count()} CPUs")
@@ -202,6 +218,7 @@ def print_driver(driver: dict, tracker: dict, optuna_rdb: dict, optuna_mem: dict
         ("wall per trial, s", lambda r: r["wall_per"], "{:.2f}"),
         ("driver CPU total, s", lambda r: r["cpu"], "{:.1f}"),
         ("wall total, s", lambda r: r["wall"], "{:.1f}"),
+        ("  wall until the first trial started, s", lambda r: r["wall_to_start"], "{:.1f}"),
         ("  wall until the first trial ended, s", lambda r: r["wall_to_first"], "{:.1f}"),
         ("  wall after the last trial ended, s", lambda r: r["wall_after_last"], "{:.1f}"),
         ("between trial ends, 1st half: CPU ms", lambda r: _ms(r.get("cpu_early")), "{:.1f}"),
@@ -211,7 +228,8 @@ def print_driver(driver: dict, tracker: dict, optuna_rdb: dict, optuna_mem: dict
     ])
     print(f"ratio {sizes[1]}/{sizes[0]} trials, driver CPU per trial: "
           f"{large['cpu_per'] / small['cpu_per']:.2f}; wall per trial: "
-          f"{large['wall_per'] / small['wall_per']:.2f} (goal: about 1)")
+          f"{large['wall_per'] / small['wall_per']:.2f} (goal: about 1"
+          f"{'; small: mean of both runs' if len(smalls) > 1 else ''})")
     print(f"marginal driver CPU per added trial ({sizes[0]}->{sizes[1]}): {1000 * marginal:.1f} "
           f"ms; fixed per study: {small['cpu'] - sizes[0] * marginal:.2f} s")
     if "cpu_late" in large:
@@ -357,14 +375,33 @@ def bench_report(work: Path, runs: int, n_boot: int, quick: bool) -> tuple[dict,
         histories[label] = {"s": time.perf_counter() - start, "frame": frame, "rows": len(frame)}
     frames = [h["frame"] for h in histories.values()]
     pd.testing.assert_frame_equal(frames[0], frames[1])
+    lookups = trial_lookup(uri, experiment, tables["trials"])
     reports = {} if quick else {"before": report_once(
         uri, experiment, work / "report-before", n_boot, epochs_per_run_calls)}
     reports["after"] = report_once(uri, experiment, work / "report-after", n_boot, None)
-    facts = {"trial_runs": trial_runs}
+    facts = {"trial_runs": trial_runs, "runs": len(tables["trials"]) + len(
+        tables["finals"]) + len(tables["arms"]) + 1, **lookups}
     if not quick:
         facts.update(same=_same_report(work / "report-before", work / "report-after"),
                      fanova=fanova_cost(uri, experiment))
     return histories, reports, facts
+
+
+def trial_lookup(tracking_uri: str, experiment: str, trials: pd.DataFrame) -> dict[str, float]:
+    """The tracker's query for a trial's run (`MlflowTrialTracker._run`), in a full store: a
+    trial that has a run and a new one that has none."""
+    from study.tracking import PARENT_TAG
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment).experiment_id
+    parent = client.get_run(trials["run_id"].iloc[-1]).data.tags[PARENT_TAG]
+    out = {}
+    for label, trial_id in (("lookup_hit", trials["trial_id"].iloc[-1]), ("lookup_miss", "new")):
+        start = time.perf_counter()
+        for _ in range(10):
+            client.search_runs([exp], filter_string=f"tags.trial_id = '{trial_id}' and "
+                               f"tags.`{PARENT_TAG}` = '{parent}'", max_results=2)
+        out[label] = (time.perf_counter() - start) / 10
+    return out
 
 
 def _same_report(a: Path, b: Path) -> bool:
@@ -392,6 +429,9 @@ def print_report(histories: dict, reports: dict, facts: dict) -> None:
         ("  fANOVA importance, s", lambda r: r.get("fanova"), "{:.1f}"),
         ("  figures (PNG + SVG), s", lambda r: r.get("figures"), "{:.1f}"),
     ])
+    print(f"the tracker's trial lookup (search_runs by trial_id) in this store of "
+          f"{facts['runs']} runs: {1000 * facts['lookup_hit']:.1f} ms found, "
+          f"{1000 * facts['lookup_miss']:.1f} ms new")
     total = reports["after"]["total"]
     if "before" in reports:
         print(f"report after/before: {total / reports['before']['total']:.2f}; report.md "

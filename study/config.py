@@ -259,7 +259,7 @@ def _typed(value: Any, kind: type | tuple[type, ...], where: str) -> Any:
 def _path(base: Path, value: str | None, where: str) -> str | None:
     if value is None:
         return None
-    _check(value.strip() != "", where, "is blank: give a path, or leave the key out")
+    _check(value.strip() != "", where, "is blank: give a path")
     path = Path(value).expanduser()
     return str(path if path.is_absolute() else (base / path).resolve())
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from trainables.errors import CheckpointError, ConfigError
+from trainables.errors import CheckpointError
+from trainables.paths import safetensors_file
 
 TRUST_HINT = ("if you trust where this file came from, rerun with --trust-pickle (unpickling can "
               "run code from it)")
@@ -34,11 +35,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
     from trainables.foundation import CONVERT_HINT, convert_to_safetensors
 
-    src, dst = Path(args.src), Path(args.dst)
-    # Checkpoints are told apart by suffix when read (`read_checkpoint`), so any other name
-    # would make the converted file unreadable as what it is.
-    if dst.suffix != ".safetensors":
-        raise ConfigError(f"DST {dst} must end in .safetensors")
+    src, dst = Path(args.src), safetensors_file(Path(args.dst), "DST")
     try:
         convert_to_safetensors(src, dst, trust_pickle=args.trust_pickle)
     except CheckpointError as err:

@@ -16,6 +16,7 @@ from pathlib import Path
 from study.config import DatasetRef, StudyConfig, load_study
 from trainables.datasets import DataSpec, Problem, check_dataset, load_splits
 from trainables.errors import ConfigError, DataError
+from trainables.paths import writable_dir
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -134,5 +135,7 @@ def prepare_study(cfg: StudyConfig, emit: Callable[[str], None] = print) -> list
 
 
 def _cmd_prepare(args: argparse.Namespace) -> int:
-    prepare_study(load_study(Path(args.study)))
+    cfg = load_study(Path(args.study))
+    writable_dir(cfg.cache_dir, "study.cache_dir")
+    prepare_study(cfg)
     return 0

@@ -20,6 +20,7 @@ from trainables.fit import build_model
 from trainables.foundation import get_foundation
 from trainables.lora import merged_state_dict, trainable_state_dict
 from trainables.models import build_backbone, get_backbone
+from trainables.paths import safetensors_file
 
 TOLERANCE = 1e-4
 
@@ -44,6 +45,11 @@ def export_run(tracking_uri: str, run_id: str, adapter: Path | None,
                merged: Path | None) -> ExportReport:
     if adapter is None and merged is None:
         raise ConfigError("export: give --adapter OUT and/or --merged OUT")
+    for path, flag in ((adapter, "--adapter"), (merged, "--merged")):
+        if path is not None:
+            safetensors_file(path, flag)
+    if adapter is not None and merged is not None and adapter.absolute() == merged.absolute():
+        raise ConfigError(f"--adapter and --merged both name {adapter}: give two files")
     params, tags = run_record(tracking_uri, run_id)
     if "checkpoint_path" not in tags:
         raise ConfigError(f"run {run_id} has no checkpoint_path tag: export a trial run, "

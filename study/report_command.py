@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from trainables.errors import ConfigError
+from trainables.paths import writable_dir
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -13,7 +14,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
     if args.n_boot < 100:
         raise ConfigError(f"--n-boot {args.n_boot}: use at least 100 bootstrap replicates "
                           "(1000 or more for a reported CI)")
-    page = write_report(args.tracking_uri, args.experiment, Path(args.out), n_boot=args.n_boot,
+    out = writable_dir(Path(args.out), "--out")
+    page = write_report(args.tracking_uri, args.experiment, out, n_boot=args.n_boot,
                         lora_arm=args.lora_arm, fft_arm=args.fft_arm, seed=args.seed)
     print(page)
     return 0

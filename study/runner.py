@@ -30,7 +30,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from search_spaces import default_optimizer, fft_recipe, get_space, lora_recipe, preset_point
 from search_spaces.presets import Recipe, demo_recipes
-from study.config import ArmSpec, StudyConfig, TaskSpec
+from study.config import ArmSpec, StudyConfig, TaskSpec, check_destinations
 from study.state import Segment, StudyState, config_hash
 from study.summary import config_text
 from study.tracking import (
@@ -659,6 +659,7 @@ def run_study(cfg: StudyConfig, emit: Callable[[str], None] = print,
                           f"{[a.name for a in cfg.arms]}")
     # Order: what can be checked without writing anything, then the image caches (valid and
     # reusable whatever happens next), then Ray and the resources it reports, then MLflow.
+    check_destinations(cfg)
     if address:
         check_address(address)
     else:

@@ -9,7 +9,9 @@ The checks that need no cluster run before Ray starts, so only the resources cas
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,7 +57,7 @@ class Bad:
 
     `prepare(tmp_path, phantom_root)` writes the files the case needs (checkpoints, damaged
     data, an existing study) and returns the data root to use, or None for the phantom.
-    `command` replaces `run <study> *args`; `{tmp}` in it is the test's folder.
+    `command` replaces `run <study> *args`; `{tmp}` in it and in `edits` is the test's folder.
     """
 
     needles: tuple[str, ...]
@@ -134,8 +136,82 @@ def _empty_folder(tmp: Path, phantom: Path) -> None:
     (tmp / "nostudy").mkdir()
 
 
+def _study_bytes(name: str, content: bytes) -> Callable[[Path, Path], None]:
+    """A study file beside the valid one, holding `content` (e.g. not UTF-8)."""
+    def prepare(tmp: Path, phantom: Path) -> None:
+        (tmp / name).write_bytes(content)
+    return prepare
+
+
+# The valid study saved as Latin-1 (an editor's default on some systems): one accented name.
+LATIN1 = VALID.replace('"bad"', '"b\u00e9d"').replace("DATA", '"data"').encode("latin-1")
+BINARY = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe"
+
+
+def _files(*names: str) -> Callable[[Path, Path], None]:
+    """Regular text files (where a folder or a database is expected)."""
+    def prepare(tmp: Path, phantom: Path) -> None:
+        for name in names:
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / name).write_text("not what you think\n")
+    return prepare
+
+
+def _folders(*names: str) -> Callable[[Path, Path], None]:
+    def prepare(tmp: Path, phantom: Path) -> None:
+        for name in names:
+            (tmp / name).mkdir(parents=True)
+    return prepare
+
+
+def _read_only(name: str) -> Callable[[Path, Path], None]:
+    def prepare(tmp: Path, phantom: Path) -> None:
+        (tmp / name).mkdir()
+        (tmp / name).chmod(0o555)
+    return prepare
+
+
+def _other_sqlite(name: str) -> Callable[[Path, Path], None]:
+    """An sqlite database that is not an MLflow store, like the study's own optuna.db."""
+    def prepare(tmp: Path, phantom: Path) -> None:
+        (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+        with sqlite3.connect(tmp / name) as db:
+            db.execute("CREATE TABLE studies (study_id INTEGER PRIMARY KEY)")
+        db.close()
+    return prepare
+
+
+def _weights(tmp: Path, phantom: Path) -> None:
+    """A plain weights file for `convert` to read."""
+    torch.save({"w": torch.zeros(2)}, tmp / "w.pth")
+
+
+def _then(*steps: Callable[[Path, Path], None]) -> Callable[[Path, Path], None]:
+    def prepare(tmp: Path, phantom: Path) -> None:
+        for step in steps:
+            step(tmp, phantom)
+    return prepare
+
+
 LORA = 'space = "lora"\ntrials = 2'
 DEMO = '{ name = "demo" }'
+STORE = 'storage = "store"'
+FRACTIONS = "label_fractions = [1.0]"
+DATASETS = 'datasets = [{ name = "nih", root = DATA, splits = "lists", list_dir = DATA }]'
+ROOT = os.geteuid() == 0  # root writes into read-only folders: those cases cannot fail
+
+
+def _tracking(uri: str) -> dict[str, str]:
+    return {"[search]": f'[tracking]\nuri = "{uri}"\n[search]'}
+
+
+def _export(*args: str) -> tuple[str, ...]:
+    """`export` of some run from a store that does not exist (reading it must not create it)."""
+    return ("export", "someid", "--tracking-uri", "sqlite:///{tmp}/m.db", *args)
+
+
+def _report(*args: str) -> tuple[str, ...]:
+    return ("report", "--tracking-uri", "sqlite:///{tmp}/m.db", "--experiment", "bad", *args)
 
 CASES = [
     # the study file itself
@@ -263,13 +339,175 @@ CASES = [
     pytest.param(Bad(("store/mlflow.db does not exist", "run the study first"),
                      command=("status", "{tmp}/study.toml")),
                  id="status-study-never-run"),
+    # a study file that is not UTF-8 text, for every command that reads one
+    pytest.param(Bad(("latin1.toml", "is not UTF-8 text", "byte 17", "saved as UTF-8"),
+                     prepare=_study_bytes("latin1.toml", LATIN1),
+                     command=("run", "{tmp}/latin1.toml")), id="study-file-latin1-run"),
+    pytest.param(Bad(("binary.toml", "is not UTF-8 text", "saved as UTF-8"),
+                     prepare=_study_bytes("binary.toml", BINARY),
+                     command=("run", "{tmp}/binary.toml", "--dry-run")),
+                 id="study-file-binary-dry-run"),
+    pytest.param(Bad(("latin1.toml", "is not UTF-8 text"),
+                     prepare=_study_bytes("latin1.toml", LATIN1),
+                     command=("data", "check", "{tmp}/latin1.toml")),
+                 id="study-file-latin1-data-check"),
+    pytest.param(Bad(("binary.toml", "is not UTF-8 text"),
+                     prepare=_study_bytes("binary.toml", BINARY),
+                     command=("data", "prepare", "{tmp}/binary.toml")),
+                 id="study-file-binary-data-prepare"),
+    pytest.param(Bad(("binary.toml", "is not UTF-8 text"),
+                     prepare=_study_bytes("binary.toml", BINARY),
+                     command=("status", "{tmp}/binary.toml")), id="study-file-binary-status"),
+    pytest.param(Bad(("is a folder", "pass the path of a .toml file"),
+                     prepare=_folders("s.toml"), command=("run", "{tmp}/s.toml")),
+                 id="study-file-is-a-folder"),
+    # lists that need an entry, and values that must not be blank or repeated
+    pytest.param(Bad(("tasks.label_fractions", "needs at least one entry", "[1.0]"),
+                     edits={FRACTIONS: "label_fractions = []"}), id="empty-label-fractions"),
+    pytest.param(Bad(("tasks.label_fractions", "needs at least one entry"),
+                     edits={FRACTIONS: "label_fractions = []"}, args=("--dry-run",)),
+                 id="empty-label-fractions-dry-run"),
+    pytest.param(Bad(("tasks.split_seeds", "needs at least one entry"),
+                     edits={FRACTIONS: FRACTIONS + "\nsplit_seeds = []"}),
+                 id="empty-split-seeds"),
+    pytest.param(Bad(("tasks.foundations", "needs at least one entry", "name ="),
+                     edits={f"foundations = [{DEMO}]": "foundations = []"}),
+                 id="empty-foundations"),
+    pytest.param(Bad(("tasks.datasets", "needs at least one entry", "root ="),
+                     edits={DATASETS: "datasets = []"}), id="empty-datasets"),
+    pytest.param(Bad(("tasks.datasets", "needs at least one entry"),
+                     edits={DATASETS: ""}), id="missing-datasets"),
+    pytest.param(Bad(("study.storage", "is blank", "give a path"),
+                     edits={STORE: 'storage = ""'}), id="blank-storage"),
+    pytest.param(Bad(("study.cache_dir", "is blank", "give a path"),
+                     edits={STORE: STORE + '\ncache_dir = ""'}), id="blank-cache-dir"),
+    pytest.param(Bad(("tasks.datasets.root", "is blank"), edits={"root = DATA": 'root = ""'}),
+                 id="blank-data-root"),
+    pytest.param(Bad(("study.name", "is blank", "give a name"),
+                     edits={'name = "bad"': 'name = " "'}), id="blank-study-name"),
+    pytest.param(Bad(("tracking.experiment", "is blank", "give a name"),
+                     edits={"[search]": '[tracking]\nexperiment = ""\n[search]'}),
+                 id="blank-experiment"),
+    pytest.param(Bad(("[tasks]", "demo-nih-1-s0", "more than once", "once"),
+                     edits={"[1.0]": "[1.0, 1.0]"}), id="repeated-label-fraction"),
+    pytest.param(Bad(("[tasks]", "demo-nih-1-s0", "more than once"),
+                     edits={f"[{DEMO}]": f"[{DEMO}, {DEMO}]"}), id="repeated-foundation"),
+    # study folders that cannot be created or written
+    pytest.param(Bad(("study.storage /proc/nope", "cannot be created", "folder you can write"),
+                     edits={STORE: 'storage = "/proc/nope"'}), id="storage-under-proc"),
+    pytest.param(Bad(("study.storage", "notes.txt/store", "cannot be created",
+                      "notes.txt is a file"), prepare=_files("notes.txt"),
+                     edits={STORE: 'storage = "notes.txt/store"'}), id="storage-under-a-file"),
+    pytest.param(Bad(("study.storage", "notes.txt is a file, not a folder"),
+                     prepare=_files("notes.txt"), edits={STORE: 'storage = "notes.txt"'}),
+                 id="storage-is-a-file"),
+    pytest.param(Bad(("study.storage", "ro/store", "cannot be created", "folder you can write"),
+                     prepare=_read_only("ro"), edits={STORE: 'storage = "ro/store"'}),
+                 id="storage-in-read-only-folder",
+                 marks=pytest.mark.skipif(ROOT, reason="root writes into read-only folders")),
+    pytest.param(Bad(("study.cache_dir /proc/nope", "cannot be created"),
+                     edits={STORE: STORE + '\ncache_dir = "/proc/nope"'}),
+                 id="cache-dir-under-proc"),
+    pytest.param(Bad(("study.cache_dir", "notes.txt is a file"), prepare=_files("notes.txt"),
+                     edits={STORE: STORE + '\ncache_dir = "../notes.txt/cache"'}),
+                 id="cache-dir-under-a-file"),
+    pytest.param(Bad(("study.cache_dir /proc/nope", "cannot be created"),
+                     edits={STORE: STORE + '\ncache_dir = "/proc/nope"'},
+                     command=("data", "prepare", "{tmp}/study.toml")),
+                 id="data-prepare-cache-dir-under-proc"),
+    pytest.param(Bad(("--dir", "notes.txt is a file, not a folder"), prepare=_files("notes.txt"),
+                     command=("demo", "--dir", "{tmp}/notes.txt")), id="demo-dir-is-a-file"),
+    # tracking stores of the wrong kind, to write (run) and to read (best, report, export,
+    # status)
+    pytest.param(Bad(("tracking store", "db.d is a folder, not an sqlite file",
+                      "[tracking] uri"), prepare=_folders("db.d"),
+                     edits=_tracking("sqlite:///{tmp}/db.d")), id="tracking-uri-is-a-folder"),
+    pytest.param(Bad(("tracking store", "notes.db is not an sqlite database", "[tracking] uri"),
+                     prepare=_files("notes.db"), edits=_tracking("sqlite:///{tmp}/notes.db")),
+                 id="tracking-uri-text-file"),
+    pytest.param(Bad(("tracking store", "optuna.db", "not an MLflow store"),
+                     prepare=_other_sqlite("optuna.db"),
+                     edits=_tracking("sqlite:///{tmp}/optuna.db")),
+                 id="tracking-uri-other-database"),
+    pytest.param(Bad(("tracking store", "notes.txt/m.db cannot be created", "is a file"),
+                     prepare=_files("notes.txt"), edits=_tracking("sqlite:///{tmp}/notes.txt/m.db")),
+                 id="tracking-uri-under-a-file"),
+    pytest.param(Bad(("tracking store /proc/nope/m.db cannot be created",),
+                     edits=_tracking("sqlite:////proc/nope/m.db")),
+                 id="tracking-uri-under-proc"),
+    pytest.param(Bad(("tracking store", "db.d is a folder", "--tracking-uri"),
+                     prepare=_folders("db.d"), command=(
+                         "best", "--tracking-uri", "sqlite:///{tmp}/db.d", "--experiment", "bad")),
+                 id="best-store-is-a-folder"),
+    pytest.param(Bad(("tracking store", "notes.db is not an sqlite database", "--tracking-uri"),
+                     prepare=_files("notes.db"), command=(
+                         "best", "--tracking-uri", "sqlite:///{tmp}/notes.db", "--experiment",
+                         "bad")), id="best-store-text-file"),
+    pytest.param(Bad(("tracking store", "optuna.db", "not an MLflow store"),
+                     prepare=_other_sqlite("optuna.db"), command=(
+                         "best", "--tracking-uri", "sqlite:///{tmp}/optuna.db", "--experiment",
+                         "bad")), id="best-store-other-database"),
+    pytest.param(Bad(("tracking store", "e.db is an empty database"),
+                     prepare=_study_bytes("e.db", b""), command=(
+                         "best", "--tracking-uri", "sqlite:///{tmp}/e.db", "--experiment", "bad")),
+                 id="best-store-empty-file"),
+    pytest.param(Bad(("tracking store", "notes.db is not an sqlite database"),
+                     prepare=_files("notes.db"), command=(
+                         "report", "--tracking-uri", "sqlite:///{tmp}/notes.db", "--experiment",
+                         "bad", "--out", "{tmp}/rep")), id="report-store-text-file"),
+    pytest.param(Bad(("tracking store", "notes.db is not an sqlite database"),
+                     prepare=_files("notes.db"), command=(
+                         "export", "someid", "--tracking-uri", "sqlite:///{tmp}/notes.db",
+                         "--adapter", "{tmp}/a.safetensors")), id="export-store-text-file"),
+    pytest.param(Bad(("m.db does not exist", "check --tracking-uri"),
+                     command=_export("--adapter", "{tmp}/a.safetensors")),
+                 id="export-missing-store"),
+    pytest.param(Bad(("tracking store", "mlflow.db is not an sqlite database"),
+                     prepare=_files("st/mlflow.db"), command=("status", "{tmp}/st")),
+                 id="status-folder-store-text-file"),
+    pytest.param(Bad(("tracking store", "mlflow.db", "not an MLflow store"),
+                     prepare=_other_sqlite("st/mlflow.db"), command=("status", "{tmp}/st")),
+                 id="status-folder-store-other-database"),
+    # output paths of the wrong kind
+    pytest.param(Bad(("--out", "notes.txt is a file, not a folder"), prepare=_files("notes.txt"),
+                     command=_report("--out", "{tmp}/notes.txt")), id="report-out-is-a-file"),
+    pytest.param(Bad(("--out /proc/nope", "cannot be created"),
+                     command=_report("--out", "/proc/nope")), id="report-out-under-proc"),
+    pytest.param(Bad(("--adapter", "a.safetensors is a folder", "name a file"),
+                     prepare=_folders("a.safetensors"),
+                     command=_export("--adapter", "{tmp}/a.safetensors")),
+                 id="export-adapter-is-a-folder"),
+    pytest.param(Bad(("--merged /proc/nope/m.safetensors", "cannot be created"),
+                     command=_export("--merged", "/proc/nope/m.safetensors")),
+                 id="export-merged-under-proc"),
+    pytest.param(Bad(("--merged", "cannot be created", "notes.txt is a file"),
+                     prepare=_files("notes.txt"),
+                     command=_export("--merged", "{tmp}/notes.txt/m.safetensors")),
+                 id="export-merged-under-a-file"),
+    pytest.param(Bad(("--adapter", "a.pth", "must end in .safetensors"),
+                     command=_export("--adapter", "{tmp}/a.pth")),
+                 id="export-adapter-not-safetensors"),
+    pytest.param(Bad(("--adapter and --merged", "a.safetensors", "give two files"),
+                     command=_export("--adapter", "{tmp}/a.safetensors", "--merged",
+                                     "{tmp}/a.safetensors")), id="export-same-file-twice"),
+    pytest.param(Bad(("DST", "w.safetensors is a folder"),
+                     prepare=_then(_weights, _folders("w.safetensors")),
+                     command=("convert", "{tmp}/w.pth", "{tmp}/w.safetensors")),
+                 id="convert-dst-is-a-folder"),
+    pytest.param(Bad(("DST", "cannot be created", "notes.txt is a file"),
+                     prepare=_then(_weights, _files("notes.txt")),
+                     command=("convert", "{tmp}/w.pth", "{tmp}/notes.txt/w.safetensors")),
+                 id="convert-dst-under-a-file"),
+    # `status` given a path that holds no study
+    pytest.param(Bad(("nowhere does not exist", "pass the study directory or its study file"),
+                     command=("status", "{tmp}/nowhere")), id="status-path-missing"),
 ]
 
 
 def _refused_writing_nothing(capsys, tmp_path: Path, phantom: Path, case: Bad,
                              cache_dir: Path | None = None) -> None:
     data = (case.prepare(tmp_path, phantom) if case.prepare else None) or phantom
-    edits = dict(case.edits)
+    edits = {old: new.replace("{tmp}", str(tmp_path)) for old, new in case.edits.items()}
     if cache_dir is not None:
         edits['storage = "store"'] = f'storage = "store"\ncache_dir = {json.dumps(str(cache_dir))}'
     study = tmp_path / "study.toml"
@@ -290,6 +528,35 @@ def _refused_writing_nothing(capsys, tmp_path: Path, phantom: Path, case: Bad,
 @pytest.mark.parametrize("case", CASES)
 def test_bad_input_is_one_line_and_writes_nothing(case, capsys, tmp_path, phantom_root):
     _refused_writing_nothing(capsys, tmp_path, phantom_root, case)
+
+
+def test_destinations_that_can_be_written_pass_and_stay_untouched(tmp_path, monkeypatch):
+    """The checks refuse only what cannot work: a new or an existing folder, a new file, a new
+    or empty sqlite file and a real MLflow store pass, and checking leaves every byte as it
+    was (an MLflow store is read, never extended)."""
+    from mlflow.tracking import MlflowClient
+
+    from study.config import check_destinations, load_study
+    from trainables.paths import tracking_store, writable_dir, writable_file
+
+    monkeypatch.chdir(tmp_path)  # wherever MLflow puts a default artifact folder
+    (tmp_path / "old").mkdir()
+    (tmp_path / "empty.db").write_bytes(b"")
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    MlflowClient(store).search_experiments()
+    (tmp_path / "study.toml").write_text(_study_text(tmp_path, {}))
+    before = _snapshot(tmp_path)
+
+    check_destinations(load_study(tmp_path / "study.toml"))
+    writable_dir(tmp_path / "new" / "deeper", "x")
+    writable_dir(tmp_path / "old", "x")
+    writable_file(tmp_path / "old" / "a.safetensors", "x")
+    for name in ("new.db", "empty.db", "mlflow.db"):
+        tracking_store(f"sqlite:///{tmp_path / name}", write=True)
+    tracking_store(store, write=False)
+    tracking_store("http://127.0.0.1:1", write=False)  # a server is asked when used
+
+    assert _snapshot(tmp_path) == before
 
 
 def test_resources_the_cluster_can_never_satisfy(capsys, tmp_path, phantom_root, phantom_cache):

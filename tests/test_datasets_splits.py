@@ -120,3 +120,14 @@ def test_fraction_without_positives_of_a_class_is_refused(nih_root):
 def test_small_validation_warns(nih_root):
     with pytest.warns(UserWarning, match=r"fewer than 50 positives for .*Hernia"):
         load_splits(_spec(nih_root))
+
+
+def test_small_validation_advice_fits_the_protocol(nih_root, phantom_root):
+    """Patient splits are told to raise val_fraction, not to switch to patient splits."""
+    with pytest.warns(UserWarning) as caught:
+        load_splits(_spec(nih_root, val_fraction=0.2))
+    (advice,) = {str(w.message).split(" - ")[-1] for w in caught}
+    assert advice == "raise val_fraction (now 0.2)"
+    with pytest.warns(UserWarning, match="consider splits = 'patient'"):
+        load_splits(DataSpec("nih", str(phantom_root), splits="lists",
+                             list_dir=str(phantom_root)))

@@ -28,40 +28,48 @@ def _nearest_existing(path: Path) -> Path:
 
 
 def writable_dir(path: Path, what: str) -> Path:
-    """`path` is a folder this process can write to, or one it can create; returns `path`.
-
-    Permission bits cannot answer this (root passes them on /proc and on read-only mounts), so
-    a temporary folder is made and removed where `path` is or would be: nothing is left behind.
-    """
+    """`path` is a folder this process can write to, or one it can create; returns `path`."""
     path = Path(path)
-    full = path.absolute()
-    existing = _nearest_existing(full)
-    if not existing.is_dir():
-        if existing == full:
-            raise ConfigError(f"{what} {path} is a file, not a folder: name a folder, or a "
-                              "path where one can be created")
-        raise ConfigError(f"{what} {path} cannot be created: {existing} is a file, not a "
-                          "folder: choose another path")
-    try:
-        probe = tempfile.mkdtemp(prefix=".cxr-write-check-", dir=existing)
-    except OSError as exc:
-        problem = "is not writable" if existing == full else "cannot be created"
-        raise ConfigError(f"{what} {path} {problem} ({existing}: {exc.strerror or exc}): "
-                          "choose a folder you can write to") from exc
-    with contextlib.suppress(FileNotFoundError):
-        os.rmdir(probe)
+    _creatable(path, path, what)
     return path
 
 
 def writable_file(path: Path, what: str) -> Path:
-    """`path` can be written as a file: it is not a folder and its folder is writable."""
+    """`path` can be written as a file: a writable file, or a new one in a folder that is (or
+    can be) writable; never a folder."""
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"{what} {path} is a folder: name a file (e.g. one inside it)")
-    if path.exists() and not os.access(path, os.W_OK):
-        raise ConfigError(f"{what} {path} is not writable: choose a file you can write")
-    writable_dir(path.parent, f"{what} {path}: folder")
+    if path.exists():
+        if not os.access(path, os.W_OK):
+            raise ConfigError(f"{what} {path} is not writable: choose a file you can write")
+        return path
+    _creatable(path, path.parent, what)
     return path
+
+
+def _creatable(target: Path, folder: Path, what: str) -> None:
+    """`folder` (where `target`, the path the user named, goes) can be written or created.
+
+    Permission bits cannot answer this (root passes them on /proc and on read-only mounts), so
+    a temporary folder is made and removed where `folder` is or would be: nothing is left.
+    """
+    full = folder.absolute()
+    existing = _nearest_existing(full)
+    if not existing.is_dir():
+        if existing == target.absolute():
+            raise ConfigError(f"{what} {target} is a file, not a folder: name a folder, or a "
+                              "path where one can be created")
+        raise ConfigError(f"{what} {target} cannot be created: {existing} is a file, not a "
+                          "folder: choose another path")
+    try:
+        probe = tempfile.mkdtemp(prefix=".cxr-write-check-", dir=existing)
+    except OSError as exc:
+        problem = "is not writable" if existing == target.absolute() else "cannot be created"
+        raise ConfigError(f"{what} {target} {problem} ({existing}: {exc.strerror or exc}): "
+                          "choose a folder you can write to") from exc
+    with contextlib.suppress(FileNotFoundError):
+        os.rmdir(probe)
 
 
 def safetensors_file(path: Path, what: str) -> Path:
@@ -99,8 +107,8 @@ def _sqlite_tables(db: Path) -> frozenset[str] | None:
         with contextlib.closing(sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro",
                                                 uri=True)) as con:
             rows = con.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
-    except sqlite3.Error:
-        return MLFLOW_TABLES  # e.g. locked by a running study: an sqlite file; MLflow decides
+    except sqlite3.Error:  # e.g. locked by a running study: it is an sqlite file, and what
+        return MLFLOW_TABLES  # is in it MLflow will tell when it opens it
     return frozenset(row[0] for row in rows)
 
 
@@ -116,16 +124,21 @@ def tracking_store(uri: str, write: bool) -> None:
         if not write:
             raise ConfigError(f"tracking store {db} does not exist: check --tracking-uri, or "
                               "run the study first")
-        writable_dir(db.parent, f"tracking store {db}: folder")
+        _creatable(db, db.parent, "tracking store")
         return
     if db.is_dir():
         raise ConfigError(f"tracking store {db} is a folder, not an sqlite file: {fix} (a "
-                          f"study's store is <storage>/mlflow.db)")
+                          "study's store is <storage>/mlflow.db)")
     tables = _sqlite_tables(db)
     if tables is None:
         raise ConfigError(f"tracking store {db} is not an sqlite database: {fix} (a study's "
                           "store is <storage>/mlflow.db)")
-    if (tables or not write) and not MLFLOW_TABLES <= tables:
+    # To write to, an empty database will do, and so will a store another study is creating
+    # right now (MLflow makes `experiments` first); to read from, a store must be whole.
+    usable = (not tables or "experiments" in tables) if write else MLFLOW_TABLES <= tables
+    if not usable:
         what = "an empty database" if not tables else "an sqlite database but not an MLflow store"
         raise ConfigError(f"tracking store {db} is {what}: {fix} (a study's store is "
                           "<storage>/mlflow.db; optuna.db is Optuna's)")
+    if write and not os.access(db, os.W_OK):
+        raise ConfigError(f"tracking store {db} is not writable: {fix}, or make it writable")

@@ -150,7 +150,7 @@ def warn_small_validation(splits: DatasetSplits, spec: DataSpec) -> None:
     few = [f"{name} ({int(n)})" for name, n in zip(splits.label_names, positives)
            if n < MIN_VAL_POSITIVES]
     if few:
-        fix = (f"raise val_fraction (now {spec.effective_val_fraction()})"
+        fix = (f"raise val_fraction (now {spec.effective_val_fraction:g})"
                if spec.splits == "patient" else "consider splits = 'patient' with a larger "
                "val_fraction")
         warnings.warn(f"{splits.dataset}: validation has fewer than {MIN_VAL_POSITIVES} "
