@@ -1,5 +1,3 @@
-import sys
+from study.cli import entry
 
-from study.cli import main
-
-sys.exit(main())
+entry()
