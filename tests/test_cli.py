@@ -55,7 +55,7 @@ def test_dry_run_prints_the_plan(capsys, tmp_path):
     study.write_text(resources.files("study").joinpath("demo.toml").read_text())
     code, out, _ = _run(capsys, "run", str(study), "--dry-run")
     assert code == 0
-    assert "1 task(s) x 2 arm(s)" in out and "arm lora: space lora, 6 trials" in out
+    assert "1 task(s) x 2 arm(s)" in out and "arm lora: space lora, 5 trials" in out
     assert not (tmp_path / "mlflow.db").exists()
 
 
