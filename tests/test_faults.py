@@ -36,7 +36,7 @@ def _trial_workers(driver) -> list[psutil.Process]:
 
 
 def test_killed_train_worker_resumes_from_its_checkpoint(tmp_path, phantom_root):
-    max_t = 20  # long enough that the kill lands mid-trial
+    max_t = 12  # long enough that the kill lands mid-trial
     study = write_study(tmp_path, phantom_root, name="workerkill", trials=1, max_t=max_t,
                         grace=max_t, seeds=0)
     uri = f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}"
