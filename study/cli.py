@@ -100,7 +100,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if report.max_abs_diff is not None:
         print(f"merged vs unmerged logits: max abs diff {report.max_abs_diff:.2e}")
     for path in report.written:
-        print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB) from {report.weights}")
+        print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB) from {report.weights}: "
+              f"{report.source}")
     return 0
 
 
@@ -136,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("study", help="study directory or study file")
     status.set_defaults(func=_cmd_status)
     export = sub.add_parser("export", help="write a trial's adapters or its merged model")
-    export.add_argument("run", help="MLflow run id of a trial (see `best --json`)")
+    export.add_argument("run", help="MLflow run id of a final run or trial (see `best --json`)")
     export.add_argument("--tracking-uri", required=True)
     export.add_argument("--adapter", help="adapters + head + fc_norm (safetensors)")
     export.add_argument("--merged", help="full model with LoRA merged, timm layout (safetensors)")

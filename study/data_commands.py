@@ -116,11 +116,11 @@ def _size_mb(directory: Path) -> float:
 
 def prepare_study(cfg: StudyConfig, emit: Callable[[str], None] = print) -> list[Path]:
     """Build or reuse every task's image cache; return the cache directories, in task order."""
-    from study.runner import prepare_task_data  # imports Ray: only when a cache is wanted
+    from study.preflight import prepare_task_data  # torch: only when a cache is wanted
 
     for task in cfg.tasks:
         task.data_spec()  # all specs valid before the first (slow) build
-    cache_root = cfg.storage / "cache"
+    cache_root = cfg.cache_dir  # where the caches are built, so where a reused one is found
     built: list[Path] = []
     for task in cfg.tasks:
         existing = _valid_caches(cache_root)

@@ -1,4 +1,7 @@
-"""`cxr-study export`: a trial's adapters alone, or the full model with LoRA merged.
+"""`cxr-study export`: a run's adapters alone, or the full model with LoRA merged.
+
+A final run's checkpoint holds its best-validation weights (the ones its test AUROC scores),
+and those are exported; a search trial keeps only its last epoch's. The report says which.
 
 The merged file is in timm's own key layout, so it loads with `strict=True` into a plain timm
 ViT. Before anything is written, merged and unmerged logits are compared on a fixed random batch;
@@ -14,9 +17,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from analysis.runs import run_record
-from trainables.config import TrialConfig, flat_keys
+from study.schema import Tag
+from trainables.config import FLAT_KINDS, TrialSpec
 from trainables.errors import CheckpointError, ConfigError
-from trainables.fit import build_model
+from trainables.fit import BEST_FILE, STATE_FILE, TRAINABLE_FILE, build_model, checkpoint_epochs
 from trainables.foundation import get_foundation
 from trainables.lora import merged_state_dict, trainable_state_dict
 from trainables.models import build_backbone, get_backbone
@@ -30,15 +34,24 @@ class ExportReport:
     weights: Path
     max_abs_diff: float | None
     written: tuple[Path, ...]
+    source: str  # which epoch's weights, in words
 
 
-def _weights_file(checkpoint_dir: Path) -> Path:
-    """The best-validation weights when the run kept them (final phase), else the latest."""
-    for name in ("best.safetensors", "trainable.safetensors"):
-        if (checkpoint_dir / name).is_file():
-            return checkpoint_dir / name
+def weights_file(checkpoint_dir: Path) -> tuple[Path, str]:
+    """The run's best-validation weights when it kept them (final runs), else its last
+    epoch's; and which epoch that is, in words."""
+    if not (checkpoint_dir / STATE_FILE).is_file():
+        raise CheckpointError(f"{checkpoint_dir} holds no checkpoint: pick a run whose "
+                              f"checkpoint still exists (see its {Tag.CHECKPOINT_PATH} tag)")
+    epoch, best_epoch = checkpoint_epochs(checkpoint_dir)
+    if (checkpoint_dir / BEST_FILE).is_file():
+        return checkpoint_dir / BEST_FILE, f"the best-validation epoch, {best_epoch}"
+    if (checkpoint_dir / TRAINABLE_FILE).is_file():
+        return checkpoint_dir / TRAINABLE_FILE, (
+            f"epoch {epoch}, the trial's last (search trials keep no best-validation copy; "
+            "`cxr-study best --json` names the final runs, which do)")
     raise CheckpointError(f"{checkpoint_dir} holds no trainable weights: pick a run whose "
-                          "checkpoint still exists (see its checkpoint_path tag)")
+                          f"checkpoint still exists (see its {Tag.CHECKPOINT_PATH} tag)")
 
 
 def export_run(tracking_uri: str, run_id: str, adapter: Path | None,
@@ -51,12 +64,11 @@ def export_run(tracking_uri: str, run_id: str, adapter: Path | None,
     if adapter is not None and merged is not None and adapter.absolute() == merged.absolute():
         raise ConfigError(f"--adapter and --merged both name {adapter}: give two files")
     params, tags = run_record(tracking_uri, run_id)
-    if "checkpoint_path" not in tags:
-        raise ConfigError(f"run {run_id} has no checkpoint_path tag: export a trial run, "
-                          "not a study or arm run")
-    weights = _weights_file(Path(tags["checkpoint_path"]))
-    flat = {k: v for k, v in params.items() if k in flat_keys()}
-    cfg = TrialConfig.from_flat({**flat, "cache_dir": "", "phase": "final"})
+    if Tag.CHECKPOINT_PATH not in tags:
+        raise ConfigError(f"run {run_id} has no {Tag.CHECKPOINT_PATH} tag: export a trial or "
+                          "final run, not a study or arm run")
+    weights, source = weights_file(Path(tags[Tag.CHECKPOINT_PATH]))
+    cfg = TrialSpec.from_tune({k: v for k, v in params.items() if k in FLAT_KINDS})
     model = build_model(cfg)
     missing = set(load_file(str(weights))) - set(model.state_dict())
     if missing:
@@ -66,11 +78,11 @@ def export_run(tracking_uri: str, run_id: str, adapter: Path | None,
     written, diff = [], None
     if merged is not None:
         state = merged_state_dict(model)
-        plain = build_backbone(get_foundation(cfg.model.foundation).backbone,
-                               cfg.model.num_classes)
+        plain = build_backbone(get_foundation(cfg.task.foundation).backbone,
+                               cfg.task.num_classes)
         plain.load_state_dict(state, strict=True)
         plain.eval()
-        size = get_backbone(get_foundation(cfg.model.foundation).backbone).img_size
+        size = get_backbone(get_foundation(cfg.task.foundation).backbone).img_size
         x = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             diff = float((model(x) - plain(x)).abs().max())
@@ -84,4 +96,4 @@ def export_run(tracking_uri: str, run_id: str, adapter: Path | None,
         adapter.parent.mkdir(parents=True, exist_ok=True)
         save_file(trainable_state_dict(model), str(adapter))
         written.append(adapter)
-    return ExportReport(weights, diff, tuple(written))
+    return ExportReport(weights, diff, tuple(written), source)

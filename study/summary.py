@@ -13,16 +13,18 @@ from typing import Any
 
 import pandas as pd
 
+from study.schema import Param
 from trainables.errors import StudyError
 
-# What a trial line and the summary show of a config: what the arm searches.
-_LORA_SHOWN = ("rank", "alpha", "targets", "lr")
-_FFT_SHOWN = ("lr", "layer_decay")
+# What a trial line and the summary show of a config, per arm kind: what the arm searches.
+_SHOWN = {"lora": (Param.RANK, Param.ALPHA, Param.TARGETS, Param.LR),
+          "fft": (Param.LR, Param.LAYER_DECAY)}
 
 
-def config_text(config: Mapping[str, Any]) -> str:
-    """'rank=4 alpha=8 targets=q+v lr=0.002': the searched values of a trial, 3 digits."""
-    shown = _LORA_SHOWN if config.get("rank") else _FFT_SHOWN
+def config_text(config: Mapping[str, Any], kind: str | None = None) -> str:
+    """'rank=4 alpha=8 targets=q+v lr=0.002': the searched values of a trial, 3 digits.
+    `kind` defaults to the config's own (a trial's flat config names it)."""
+    shown = _SHOWN[kind or config[Param.KIND]]
     return " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                     for k, v in ((k, config[k]) for k in shown if k in config))
 
@@ -36,7 +38,7 @@ def summary_table(tracking_uri: str, experiment: str) -> pd.DataFrame:
     return pd.DataFrame({
         "task": best["task"],
         "arm": best["arm"],
-        "selected config": [config_text(c) for c in best["config"]],
+        "selected config": [config_text(c, k) for c, k in zip(best["config"], best["kind"])],
         "best val AUROC": [f"{v:.4f}" for v in best["val_auroc"]],
         "test AUROC": [f"{v:.4f}" for v in best["test_auroc"]],
         "trainable params": best["trainable_params"],

@@ -13,8 +13,6 @@ import json
 import math
 import os
 import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -22,19 +20,33 @@ from typing import Any
 import mlflow
 import requests
 import sqlalchemy.exc
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Metric as MlflowMetric
+from mlflow.entities import Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
-from trainables.errors import ConfigError, StudyError
+from study.backlog import Backlog
+from study.schema import (
+    EXPERIMENT_KIND,
+    FALSE,
+    PARENT,
+    TRUE,
+    ArmParams,
+    Level,
+    Metric,
+    Phase,
+    StudyParams,
+    Tag,
+    params,
+)
+from trainables.config import RunSettings
+from trainables.errors import ConfigError, DivergenceError, TrackingUnavailable
+from trainables.fit import REPLAY
+from trainables.ray_train import WORKER_NODE
 
-PARENT_TAG = "mlflow.parentRunId"
-# MLflow 3's UI opens an experiment without this tag in its GenAI view ("0 traces"); a study's
-# experiment is model training, so the UI lands on its runs.
-EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
-# Metrics reported per epoch that are not worth a time series of their own.
-_SKIP_METRICS = {"epoch", "training_iteration", "time_this_iter_s", "time_total_s",
+# What Tune adds to every result that is not worth a time series of its own.
+_SKIP_METRICS = {Metric.EPOCH, "training_iteration", "time_this_iter_s", "time_total_s",
                  "timestamp", "time_since_restore", "iterations_since_restore", "pid"}
 
 
@@ -129,12 +141,60 @@ def _param_value(value: Any) -> str:
 
 def start_run(client: MlflowClient, exp_id: str, name: str, tags: dict[str, str],
               parent: str | None = None, params: dict[str, Any] | None = None) -> str:
-    all_tags = dict(tags, **({PARENT_TAG: parent} if parent else {}))
+    all_tags = dict(tags, **({PARENT: parent} if parent else {}))
     run = client.create_run(exp_id, run_name=name, tags=all_tags)
     if params:
         client.log_batch(run.info.run_id, params=[
             Param(k, _param_value(v)) for k, v in sorted(params.items())])
     return run.info.run_id
+
+
+def tag_run(client: MlflowClient, run_id: str, tags: dict[str, str]) -> None:
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+
+
+def open_study_run(client: MlflowClient, exp_id: str, run_id: str | None, name: str,
+                   tags: dict[str, str], record: StudyParams, tasks: int) -> str:
+    """The study's run: found again (RUNNING again, provenance re-tagged) or created."""
+    found = find_run(client, exp_id, run_id)
+    if found:
+        reopen_run(client, found)
+    else:
+        found = start_run(client, exp_id, name, {**tags, Tag.LEVEL: Level.STUDY},
+                          params=params(record))
+    tag_run(client, found, {**tags, Tag.TASKS: str(tasks)})
+    return found
+
+
+def arm_tags(arm: str, task: str, kind: str, phase: str = Phase.SEARCH) -> dict[str, str]:
+    """The tags every run of a task x arm carries: its own run, its trials, its finals."""
+    return {Tag.ARM: arm, Tag.TASK: task, Tag.KIND: kind, Tag.PHASE: phase}
+
+
+def open_arm_run(client: MlflowClient, exp_id: str, run_id: str | None, parent: str,
+                 name: str, arm: str, task: str, record: ArmParams) -> str:
+    """A task x arm's run: found again (RUNNING again) or created with its task factors."""
+    found = find_run(client, exp_id, run_id)
+    if found:
+        reopen_run(client, found)
+        return found
+    tags = {**arm_tags(arm, task, record.kind), Tag.LEVEL: Level.ARM, Tag.SPACE: record.space}
+    return start_run(client, exp_id, name, tags, parent, params(record))
+
+
+def set_trial_count(client: MlflowClient, run_id: str, trials: int) -> None:
+    """An arm's trial count so far (a tag: a grown search raises it)."""
+    tag_run(client, run_id, {Tag.TRIALS: str(trials)})
+
+
+def supersede_finals(client: MlflowClient, exp_id: str, arm_run: str, digest: str) -> int:
+    """Tag the final runs of an arm's earlier config `superseded` (analysis leaves them out)."""
+    runs = client.search_runs([exp_id], filter_string=(
+        f"tags.`{PARENT}` = '{arm_run}' and tags.{Tag.PHASE} = '{Phase.FINAL}' and "
+        f"tags.{Tag.FINAL_CONFIG} = '{digest}'"), max_results=10000)
+    for run in runs:
+        tag_run(client, run.info.run_id, {Tag.SUPERSEDED: TRUE})
+    return len(runs)
 
 
 def numeric_metrics(result: dict[str, Any]) -> dict[str, float]:
@@ -143,16 +203,9 @@ def numeric_metrics(result: dict[str, Any]) -> dict[str, float]:
             and math.isfinite(float(v))}
 
 
-class TrackingUnavailable(StudyError):
-    """MLflow could not be written; what was not written is kept in a backlog file."""
-
-
 # Anything a tracking call can raise when the store or server is away (or a sqlite store is
 # locked by another study): the record stays in the backlog and is written on the next try.
 TRANSIENT = (MlflowException, OSError, requests.RequestException, sqlalchemy.exc.SQLAlchemyError)
-
-
-RETRY_AFTER_S = 20.0
 
 
 class MlflowTrialTracker(Callback):
@@ -162,104 +215,35 @@ class MlflowTrialTracker(Callback):
     logged epochs by its metric history, so a restored Tune experiment (whose callbacks come
     back from Ray's saved state) or a resumed study picks up the same runs without duplicates.
 
-    Tune's callbacks only append records to a JSON-lines backlog in the study directory (fast,
-    never blocked by the network); a writer thread applies them to MLflow in order and drops
-    what it wrote. Records that cannot be written (server away, store locked) stay and are
-    retried; `drain` writes the rest or raises `TrackingUnavailable` naming the file.
+    Tune's callbacks only append records to a `Backlog` file in the study directory (fast,
+    never blocked by the network); its writer thread applies them to MLflow in order. Records
+    that cannot be written (server away, store locked) stay and are retried; `drain` writes the
+    rest or raises `TrackingUnavailable` naming the file. `run` says where a trial's divergence
+    marker would be.
     """
 
     def __init__(self, client: MlflowClient, exp_id: str, parent_run_id: str,
                  tags: dict[str, str], max_t: int, backlog: Path, index_offset: int = 0,
-                 background: bool = True) -> None:
+                 background: bool = True, run: RunSettings | None = None) -> None:
         self.client, self.exp_id, self.parent = client, exp_id, parent_run_id
-        self.tags, self.max_t, self.backlog = tags, max_t, backlog
-        self.index_offset, self.background = index_offset, background
+        self.tags, self.max_t, self.index_offset = tags, max_t, index_offset
+        self.settings = run
+        self.backlog = Backlog(backlog, self._apply, TRANSIENT, background)
         self.runs: dict[str, str] = {}
         self.logged_steps: dict[str, set[int]] = {}
         self.last: dict[str, dict[str, Any]] = {}
-        self.warned = False
-        self._threads()
 
-    def _threads(self) -> None:
-        self._lock = threading.Lock()  # guards the backlog file
-        self._wake, self._stop = threading.Event(), threading.Event()
-        self._writer: threading.Thread | None = None
-
-    def __getstate__(self) -> dict[str, Any]:  # Tune saves its callbacks with the experiment
-        return {k: v for k, v in self.__dict__.items()
-                if k not in ("_lock", "_wake", "_stop", "_writer")}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._threads()
-
-    # -- records ----------------------------------------------------------------------------
     def _queue(self, record: dict[str, Any]) -> None:
-        with self._lock:
-            self.backlog.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.backlog, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
-        if not self.background:
-            self._flush()
-            return
-        if self._writer is None or not self._writer.is_alive():
-            self._writer = threading.Thread(target=self._write_loop, daemon=True,
-                                            name="mlflow-writer")
-            self._writer.start()
-        self._wake.set()
-
-    def _write_loop(self) -> None:
-        while not self._stop.is_set():
-            self._wake.wait(timeout=RETRY_AFTER_S)
-            self._wake.clear()
-            if self._flush() is not None:
-                self._stop.wait(RETRY_AFTER_S)  # MLflow failed a moment ago: back off
-
-    def _read_backlog(self) -> list[dict[str, Any]]:
-        if not self.backlog.is_file():
-            return []
-        return [json.loads(line) for line in self.backlog.read_text().splitlines() if line]
-
-    def _flush(self) -> Exception | None:
-        """Apply the backlog's records in order; keep the rest and whatever arrived meanwhile."""
-        with self._lock:
-            pending = self._read_backlog()
-        done, error = 0, None
-        try:
-            for record in pending:
-                self._apply(record)
-                done += 1
-        except TRANSIENT as exc:
-            error = exc
-            if not self.warned:
-                print(f"warning: MLflow write failed ({type(exc).__name__}); keeping "
-                      f"{len(pending) - done} record(s) in {self.backlog} and retrying",
-                      file=sys.stderr, flush=True)
-                self.warned = True
-        if done:
-            with self._lock:
-                rest = self._read_backlog()[done:]
-                if rest:
-                    tmp = self.backlog.with_suffix(".tmp")
-                    tmp.write_text("".join(json.dumps(r) + "\n" for r in rest))
-                    os.replace(tmp, self.backlog)
-                else:
-                    self.backlog.unlink(missing_ok=True)
-        return error
+        self.backlog.put(record)
 
     def drain(self) -> None:
         """Stop the writer, write whatever waits; a clear error if MLflow is still away."""
-        if self._writer is not None:
-            self._stop.set()
-            self._wake.set()
-            self._writer.join()
-            self._threads()
-        error = self._flush() if self._read_backlog() else None
+        error = self.backlog.drain()
         if error is not None:
             raise TrackingUnavailable(
-                f"MLflow is not writable ({type(error).__name__}); {len(self._read_backlog())} "
-                f"record(s) are kept in {self.backlog}: bring the tracking store back and run "
-                "again with --resume to write them")
+                f"MLflow is not writable ({type(error).__name__}); "
+                f"{len(self.backlog.pending())} record(s) are kept in {self.backlog.path}: "
+                "bring the tracking store back and run again with --resume to write them")
 
     # -- applying records (idempotent: a record may be applied again after a crash) ---------
     def _apply(self, record: dict[str, Any]) -> None:
@@ -270,35 +254,35 @@ class MlflowTrialTracker(Callback):
             step = int(record["step"])
             if step in self.logged_steps[record["trial_id"]]:
                 return  # a restored trial may report an epoch again: log each epoch once
-            metrics = [Metric(k, v, record["time"], step) for k, v in record["metrics"].items()]
+            metrics = [MlflowMetric(k, v, record["time"], step)
+                       for k, v in record["metrics"].items()]
             tags = [RunTag(k, v) for k, v in record.get("tags", {}).items()]
             self.client.log_batch(run_id, metrics=metrics, tags=tags)
             self.logged_steps[record["trial_id"]].add(step)
         elif kind == "finish":
-            self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in record["tags"].items()])
+            tag_run(self.client, run_id, record["tags"])
             self.client.set_terminated(run_id, record["status"])
 
     def _run(self, trial_id: str, config: dict[str, Any] | None = None,
              index: str | None = None, reopen: bool = False) -> str:
         """The trial's run, created if new; `reopen` marks a found run RUNNING again (a killed
-        or interrupted trial goes on)."""
+        or interrupted trial goes on). Its params are the trial's flat config, key for key."""
         if trial_id in self.runs:
             return self.runs[trial_id]
         found = self.client.search_runs(
-            [self.exp_id], filter_string=f"tags.trial_id = '{trial_id}' and "
-            f"tags.`{PARENT_TAG}` = '{self.parent}'", max_results=2)
+            [self.exp_id], filter_string=f"tags.{Tag.TRIAL_ID} = '{trial_id}' and "
+            f"tags.`{PARENT}` = '{self.parent}'", max_results=2)
         if found:
             run_id = found[0].info.run_id
             if reopen and found[0].info.status != "RUNNING":
                 self.client.update_run(run_id, status="RUNNING")
-            history = self.client.get_metric_history(run_id, "val_auroc")
+            history = self.client.get_metric_history(run_id, Metric.VAL_AUROC)
             self.logged_steps[trial_id] = {m.step for m in history}
         else:
             config = config or {}
-            params = {k: v for k, v in config.items() if k not in _NOT_PARAMS}
-            name = f"{self.tags.get('arm', 'trial')}-{trial_id}"
-            tags = dict(self.tags, trial_id=trial_id, trial_index=str(index))
-            run_id = start_run(self.client, self.exp_id, name, tags, self.parent, params)
+            name = f"{self.tags.get(Tag.ARM, 'trial')}-{trial_id}"
+            tags = {**self.tags, Tag.TRIAL_ID: trial_id, Tag.TRIAL_INDEX: str(index)}
+            run_id = start_run(self.client, self.exp_id, name, tags, self.parent, config)
             self.client.log_dict(run_id, config, "config.json")
             self.logged_steps[trial_id] = set()
         self.runs[trial_id] = run_id
@@ -318,27 +302,28 @@ class MlflowTrialTracker(Callback):
         self._queue({**self._start_record(trial), "kind": "start"})
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        step = int(result.get("epoch", result.get("training_iteration", 0)))
+        step = int(result.get(Metric.EPOCH, result.get("training_iteration", 0)))
         # Where this epoch's checkpoint was stored: `cxr-study export` starts from it.
-        tags = {"checkpoint_path": str(result["checkpoint_path"])} if result.get(
-            "checkpoint_path") else {}
-        if result.get("worker_node") and self.last.get(trial.trial_id) is None:
-            tags["node"] = str(result["worker_node"])  # the Ray node its rank-0 worker ran on
+        tags = {Tag.CHECKPOINT_PATH: str(result[Tag.CHECKPOINT_PATH])} if result.get(
+            Tag.CHECKPOINT_PATH) else {}
+        if result.get(WORKER_NODE) and self.last.get(trial.trial_id) is None:
+            tags[Tag.NODE] = str(result[WORKER_NODE])  # the node its rank-0 worker ran on
         now = int(time.time() * 1000)
         # A resumed trial reports its earlier epochs again: log any that were missed.
-        for past in json.loads(result.get("replay") or "[]"):
+        for past in json.loads(result.get(REPLAY) or "[]"):
             self._queue({**self._start_record(trial), "kind": "metrics", "time": now,
-                         "step": int(past.get("epoch", 0)), "metrics": numeric_metrics(past)})
+                         "step": int(past.get(Metric.EPOCH, 0)),
+                         "metrics": numeric_metrics(past)})
         self._queue({**self._start_record(trial), "kind": "metrics", "step": step,
                      "time": now, "metrics": numeric_metrics(result), "tags": tags})
         self.last[trial.trial_id] = result
 
     def _finish(self, trial, status: str, extra: dict[str, str]) -> None:
         last = self.last.get(trial.trial_id) or trial.last_result or {}
-        epochs = int(last.get("epoch", 0))
-        tags = {"epochs_run": str(epochs), **extra}
+        epochs = int(last.get(Metric.EPOCH, 0))
+        tags = {Tag.EPOCHS_RUN: str(epochs), **extra}
         if status == "FINISHED":
-            tags["stopped_early"] = str(epochs < self.max_t).lower()
+            tags[Tag.STOPPED_EARLY] = TRUE if epochs < self.max_t else FALSE
         self._queue({**self._start_record(trial), "kind": "finish", "status": status,
                      "tags": tags})
 
@@ -346,29 +331,29 @@ class MlflowTrialTracker(Callback):
         self._finish(trial, "FINISHED", {})
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self._finish(trial, "FAILED", {"error": trial_error(trial), "stopped_early": "false"})
+        marker = self.settings.divergence_marker(trial.trial_id) if self.settings else None
+        self._finish(trial, "FAILED", {Tag.ERROR: trial_error(trial, marker),
+                                       Tag.STOPPED_EARLY: FALSE})
 
     def log_artifact(self, trial_id: str, path: Path) -> None:
         if path.exists():
             self.client.log_artifact(self._run(trial_id), str(path))
 
 
-_NOT_PARAMS = ("storage_path", "cache_dir", "predictions_path", "patient_salt",
-               "checkpoints_to_keep")
-
-
 def _jsonable(config: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(config, default=str))
 
 
-def trial_error(trial) -> str:
-    """The most telling line of a failed trial's error file (the exception, not the frames)."""
+def trial_error(trial, marker: Path | None = None) -> str:
+    """Why a trial failed, in one line: a divergence by its marker file (the trial wrote its
+    reason there), anything else by the last error line of Tune's error file (the exception,
+    not the frames)."""
+    if marker is not None and marker.is_file():
+        return f"{DivergenceError.__name__}: {marker.read_text().strip()}"[:4000]
     if not (trial.error_file and Path(trial.error_file).exists()):
         return ""
     lines = Path(trial.error_file).read_text().strip().splitlines()
-    ours = [ln for ln in lines if "DivergenceError" in ln or "StudyError" in ln]
-    error = next((ln for ln in reversed(ours or lines) if "Error" in ln),
-                 lines[-1] if lines else "")
+    error = next((ln for ln in reversed(lines) if "Error" in ln), lines[-1] if lines else "")
     return error[:4000]
 
 
@@ -380,7 +365,7 @@ def end_open_runs(client: MlflowClient, exp_id: str, parent_run_id: str,
     while parents:
         current = parents.pop()
         children = client.search_runs(
-            [exp_id], filter_string=f"tags.`{PARENT_TAG}` = '{current}'", max_results=50000)
+            [exp_id], filter_string=f"tags.`{PARENT}` = '{current}'", max_results=50000)
         for run in children:
             parents.append(run.info.run_id)
             if run.info.status == "RUNNING":
@@ -408,7 +393,8 @@ def end_run(client: MlflowClient, run_id: str, status: str = "FINISHED",
             metrics: dict[str, float] | None = None, tags: dict[str, str] | None = None) -> None:
     if metrics:
         now = int(time.time() * 1000)
-        client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items()])
+        client.log_batch(run_id, metrics=[MlflowMetric(k, v, now, 0)
+                                          for k, v in metrics.items()])
     if tags:
-        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        tag_run(client, run_id, tags)
     client.set_terminated(run_id, status)

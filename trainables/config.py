@@ -1,28 +1,41 @@
-"""Typed trial configuration: the flat dict of a Tune trial stops here.
+"""The typed trial contract: what one trial is, in one frozen dataclass, and its flat forms.
 
-A trial's config is a flat mapping (every study factor its own key, so it can be logged as its own
-MLflow param and searched by Optuna). `TrialConfig.from_flat` validates it once and turns it into
-frozen dataclasses; nothing below this module sees a dict.
+A trial is a `TrialSpec`: its task factors, its arm (name and kind), how it trains
+(`TrainSpec`), its adapter (`LoraSpec`, or None for full fine-tuning) and its run settings
+(`RunSettings`: data cache, storage, resources). Ray Tune and Optuna want one flat mapping
+(every study factor its own key, so it is searched and logged as its own MLflow param):
+`to_tune`/`from_tune` convert, and every key list and param type is derived from the fields
+here, never written out elsewhere. Run settings never enter the flat form: they are the same
+for every trial of a search and reach the trial through `tune.with_parameters`.
+
+No torch here: analysis reads the param types without importing a model library.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
-from dataclasses import dataclass
+import os
+import tempfile
+import types
+import typing
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from trainables.errors import ConfigError
-from trainables.lora import TARGETS, LoraSpec
+from trainables.errors import DIVERGED, ConfigError
 
 OPTIMIZERS = ("sgd", "adamw")
 AUGMENTATIONS = ("none", "crop_flip", "crop_flip_erase")
 PHASES = ("search", "final")
+# What an arm trains: every parameter (full fine-tuning) or LoRA adapters, head and fc_norm.
+KINDS = ("fft", "lora")
+TARGETS: tuple[str, ...] = ("q", "k", "v", "proj", "fc1", "fc2")
 
 
-def _require(ok: bool, field: str, message: str) -> None:
+def _require(ok: bool, name: str, message: str) -> None:
     if not ok:
-        raise ConfigError(f"{field}: {message}")
+        raise ConfigError(f"{name}: {message}")
 
 
 @dataclass(frozen=True)
@@ -57,83 +70,244 @@ class TrainSpec:
         _require(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 disables clipping)")
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    """Which backbone, which foundation weights, how many outputs."""
-
-    foundation: str
-    checkpoint: str | None
-    num_classes: int
-
-    def __post_init__(self) -> None:
-        _require(self.num_classes >= 1, "num_classes", "must be >= 1")
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    """Where the trial reads its data cache and writes its outputs."""
-
-    cache_dir: str
-    phase: str = "search"
-    predictions_path: str | None = None
-    checkpoint_every: int = 1
-    patient_salt: str = ""
-
-    def __post_init__(self) -> None:
-        _require(self.phase in PHASES, "phase", f"use one of {PHASES}")
-        _require(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0 (0: never)")
-
-
-@dataclass(frozen=True)
-class TrialConfig:
-    arm: str
-    model: ModelSpec
-    train: TrainSpec
-    run: RunSpec
-    lora: LoraSpec | None = None
-
-    @classmethod
-    def from_flat(cls, flat: Mapping[str, Any]) -> TrialConfig:
-        """Validate a Tune trial's flat config. Unknown keys are refused (typos must not pass)."""
-        known = flat_keys()
-        unknown = sorted(set(flat) - known)
-        _require(not unknown, "trial config", f"unknown keys {unknown}; known: {sorted(known)}")
-        train = TrainSpec(**{f.name: _cast(f, flat[f.name]) for f in dataclasses.fields(TrainSpec)
-                             if f.name in flat})
-        model = ModelSpec(foundation=str(flat["foundation"]), checkpoint=flat.get("checkpoint"),
-                          num_classes=int(flat["num_classes"]))
-        run = RunSpec(**{f.name: flat[f.name] for f in dataclasses.fields(RunSpec)
-                         if f.name in flat})
-        lora = None
-        if flat.get("rank"):
-            lora = LoraSpec(rank=int(flat["rank"]), alpha=float(flat["alpha"]),
-                            dropout=float(flat.get("lora_dropout", 0.0)),
-                            targets=parse_targets(flat.get("targets", "q+v")))
-        return cls(arm=str(flat["arm"]), model=model, train=train, run=run, lora=lora)
-
-
-FLAT_EXTRA_KEYS = frozenset({
-    "arm", "foundation", "checkpoint", "num_classes", "rank", "alpha", "alpha_ratio",
-    "lora_dropout", "targets", "task", "dataset", "label_fraction", "split_seed", "model",
-})
-
-
-def flat_keys() -> frozenset[str]:
-    names = {f.name for f in dataclasses.fields(TrainSpec)} | {
-        f.name for f in dataclasses.fields(RunSpec)}
-    return frozenset(names) | FLAT_EXTRA_KEYS
-
-
-def _cast(field: dataclasses.Field, value: Any) -> Any:
-    """Optuna and TOML hand us ints where floats are meant and vice versa; cast by annotation."""
-    kind = {"float": float, "int": int, "str": str}.get(str(field.type))
-    return kind(value) if kind else value
+def join_targets(targets: Iterable[str]) -> str:
+    """('q', 'v') -> 'q+v': targets travel as one string so they log as one param."""
+    return "+".join(targets)
 
 
 def parse_targets(text: str | tuple[str, ...]) -> tuple[str, ...]:
-    """'q+v' -> ('q', 'v'): targets travel as one '+'-joined string so they log as one param."""
+    """'q+v' -> ('q', 'v')."""
     parts = tuple(text) if isinstance(text, tuple) else tuple(p for p in str(text).split("+") if p)
     unknown = [p for p in parts if p not in TARGETS]
     _require(bool(parts) and not unknown, "targets",
              f"{text!r} is not a '+'-joined subset of {TARGETS}")
     return parts
+
+
+def _flat(name: str, encode: Callable[[Any], Any] | None = None,
+          decode: Callable[[Any], Any] | None = None, **kwargs) -> Any:
+    """A field whose flat (Tune config, MLflow param) key or form differs from its own."""
+    return field(metadata={"flat": name, "encode": encode, "decode": decode}, **kwargs)
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """What to adapt and how strongly; ``targets`` is stored in canonical ``TARGETS`` order.
+
+    `alpha_ratio` records how a search chose alpha (alpha / rank): logged, not used."""
+
+    rank: int
+    alpha: float
+    dropout: float = _flat("lora_dropout", default=0.0)
+    targets: tuple[str, ...] = _flat("targets", join_targets, parse_targets, default=("q", "v"))
+    alpha_ratio: float | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ConfigError(f"lora rank must be an int >= 1, got {self.rank!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float):
+            raise ConfigError(f"lora alpha must be a number > 0, got {self.alpha!r}")
+        if not self.alpha > 0:
+            raise ConfigError(f"lora alpha must be > 0, got {self.alpha!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, int | float):
+            raise ConfigError(f"lora dropout must be a number in [0, 1), got {self.dropout!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora dropout must be in [0, 1), got {self.dropout!r}")
+        object.__setattr__(self, "targets", _canonical_targets(self.targets))
+
+    @property
+    def scaling(self) -> float:
+        """loralib's scaling of the low-rank update: alpha / rank."""
+        return self.alpha / self.rank
+
+
+def _canonical_targets(targets: Iterable[str]) -> tuple[str, ...]:
+    """Validate targets and sort them into ``TARGETS`` order, so equal specs compare equal."""
+    if isinstance(targets, str) or not isinstance(targets, Iterable):
+        raise ConfigError(
+            f"lora targets must be a list of names from {list(TARGETS)}, got {targets!r}"
+        )
+    targets = tuple(targets)
+    if not targets:
+        raise ConfigError(f"lora targets must not be empty; choose from {list(TARGETS)}")
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown:
+        raise ConfigError(f"unknown lora targets {unknown}; choose from {list(TARGETS)}")
+    duplicates = sorted({t for t in targets if targets.count(t) > 1}, key=TARGETS.index)
+    if duplicates:
+        raise ConfigError(f"lora targets list {duplicates} more than once; list each target once")
+    return tuple(t for t in TARGETS if t in targets)
+
+
+@dataclass(frozen=True)
+class TaskFactors:
+    """Which task the trial belongs to: the study factors analysis groups by."""
+
+    task: str
+    foundation: str
+    model: str  # the foundation's backbone architecture
+    dataset: str
+    label_fraction: float
+    split_seed: int
+    num_classes: int
+    checkpoint: str | None = None  # the foundation weights (None: random init)
+
+    def __post_init__(self) -> None:
+        _require(self.num_classes >= 1, "num_classes", "must be >= 1")
+        _require(0 < self.label_fraction <= 1, "label_fraction", "must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Where a trial reads its data and writes its outputs, and what it runs on: the same for
+    every trial of a search, so never searched, logged as params or hashed with the config.
+    `predictions_path` may hold `{seed}`."""
+
+    cache_dir: str
+    storage_path: str = ""
+    checkpoints_to_keep: int = 2
+    checkpoint_every: int = 1
+    predictions_path: str | None = None
+    patient_salt: str = ""
+    num_workers: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    local_mode: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0 (0: never)")
+        _require(self.checkpoints_to_keep >= 1, "checkpoints_to_keep", "must be >= 1")
+
+    def trial_dir(self, trial_id: str) -> Path:
+        """A trial's folder under the study's `train/`: its checkpoints and divergence marker
+        (where a worker group's Ray Train run of the same name keeps its own)."""
+        storage = self.storage_path or os.path.join(tempfile.gettempdir(), "cxr-train")
+        return Path(storage) / f"train-{trial_id}"
+
+    def divergence_marker(self, trial_id: str) -> Path:
+        """Where a diverged trial leaves its reason (a retry and the driver read it)."""
+        return self.trial_dir(trial_id) / DIVERGED
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """One trial. The flat form is what Tune searches and MLflow logs, key for key."""
+
+    arm: str
+    kind: str
+    task: TaskFactors
+    train: TrainSpec
+    lora: LoraSpec | None = None
+    phase: str = "search"
+    run: RunSettings = field(default_factory=lambda: RunSettings(""), compare=False,
+                             metadata={"flat": None})
+
+    def __post_init__(self) -> None:
+        _require(self.kind in KINDS, "kind", f"use one of {KINDS}")
+        _require(self.phase in PHASES, "phase", f"use one of {PHASES}")
+        _require((self.lora is not None) == (self.kind == "lora"), "kind",
+                 f"a {self.kind!r} trial {'needs' if self.kind == 'lora' else 'takes no'} "
+                 "LoRA settings (rank, alpha, targets)")
+
+    def to_tune(self) -> dict[str, Any]:
+        """The flat form: one key per study factor (the MLflow params of the trial's run)."""
+        return flatten(self)
+
+    @classmethod
+    def from_tune(cls, flat: Mapping[str, Any], run: RunSettings | None = None) -> TrialSpec:
+        """Validate a flat config. Unknown keys are refused (typos must not pass); values are
+        cast to their field's type (Optuna and TOML hand ints where floats are meant)."""
+        unknown = sorted(set(flat) - set(FLAT_KINDS))
+        _require(not unknown, "trial config", f"unknown keys {unknown}; known: "
+                 f"{sorted(FLAT_KINDS)}")
+        own = unflatten(_TrialFactors, flat)
+        lora = unflatten(LoraSpec, flat) if own.kind == "lora" else None
+        if own.kind != "lora":
+            given = sorted(set(flat) & set(LORA_KEYS))
+            _require(not given, "trial config", f"LoRA keys {given} in a {own.kind!r} trial")
+        return cls(**dataclasses.asdict(own), task=unflatten(TaskFactors, flat),
+                   train=unflatten(TrainSpec, flat), lora=lora, run=run or RunSettings(""))
+
+
+@dataclass(frozen=True)
+class _TrialFactors:
+    """The TrialSpec's own scalar fields, for reading them from a flat config."""
+
+    arm: str
+    kind: str
+    phase: str = "search"
+
+
+def flatten(part: Any) -> dict[str, Any]:
+    """A spec's flat form: nested specs inlined, run settings left out, fields renamed and
+    encoded as their metadata says."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(part):
+        value = getattr(part, f.name)
+        if f.metadata.get("flat", f.name) is None:
+            continue
+        if dataclasses.is_dataclass(value):
+            out.update(flatten(value))
+        elif value is not None or not _is_spec_field(f):
+            encode = f.metadata.get("encode")
+            out[f.metadata.get("flat", f.name)] = encode(value) if encode and value is not None \
+                else value
+    return out
+
+
+def _is_spec_field(f: dataclasses.Field) -> bool:
+    """A field holding a nested spec (None when absent, e.g. no LoRA in a full fine-tune)."""
+    return "Spec" in str(f.type)
+
+
+def _flat_names(cls) -> dict[str, dataclasses.Field]:
+    return {f.metadata.get("flat", f.name): f for f in dataclasses.fields(cls)}
+
+
+def unflatten(cls, flat: Mapping[str, Any]):
+    """One spec from the flat keys that are its fields (the others are ignored)."""
+    kwargs = {}
+    for name, f in _flat_names(cls).items():
+        if name not in flat:
+            continue
+        decode = f.metadata.get("decode")
+        value = flat[name]
+        kwargs[f.name] = decode(value) if decode and value is not None else cast(
+            FLAT_KINDS[name], value)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # a required factor is missing
+        raise ConfigError(f"trial config: {exc}") from None
+
+
+def kind_of(hint: Any) -> type:
+    """The value type of a field annotation: int for `int`, float for `float | None`, ..."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return typing.get_origin(hint) or hint
+
+
+def cast(kind: type, value: Any) -> Any:
+    """`value` (from Tune, TOML or MLflow's text) as `kind`: '4' is 4 for an int field."""
+    if value is None or kind not in (bool, int, float, str):
+        return value
+    if kind is bool:
+        return value if isinstance(value, bool) else str(value).lower() == "true"
+    if kind is int and isinstance(value, str):
+        return int(float(value))
+    return kind(value)
+
+
+def _kinds(*classes) -> dict[str, type]:
+    out: dict[str, type] = {}
+    for cls in classes:
+        hints = typing.get_type_hints(cls)
+        for name, f in _flat_names(cls).items():
+            out[name] = str if f.metadata.get("encode") else kind_of(hints[f.name])
+    return out
+
+
+# Every flat key of a trial and the type of its value (the MLflow param types derive from it).
+FLAT_KINDS: dict[str, type] = _kinds(_TrialFactors, TaskFactors, TrainSpec, LoraSpec)
+TRAIN_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TrainSpec))
+LORA_KEYS: tuple[str, ...] = tuple(_flat_names(LoraSpec))

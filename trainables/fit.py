@@ -35,16 +35,19 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import v2
 
 from trainables.cache import CachedSplit, label_names, open_split
-from trainables.config import TrainSpec, TrialConfig
-from trainables.errors import DataError
+from trainables.config import TrainSpec, TrialSpec
+from trainables.errors import DataError, DivergenceError
 from trainables.foundation import get_foundation, load_foundation
 from trainables.lora import apply_lora, count_parameters, trainable_state_dict
 from trainables.metrics import classification_metrics
 from trainables.models import build_backbone
 
-
-class DivergenceError(RuntimeError):
-    """The loss became NaN or infinite: the trial must stop at once and say why."""
+# Reported once, with the first epoch after a resume: the epoch it resumed from, and every
+# earlier epoch's metrics (so a tracker can log what it missed).
+RESUMED_FROM, REPLAY = "resumed_from_epoch", "replay"
+# A checkpoint folder: the trainable tensors of its epoch, the best-validation copy of them
+# (final runs only), and progress plus optimiser state.
+TRAINABLE_FILE, BEST_FILE, STATE_FILE = "trainable.safetensors", "best.safetensors", "state.pt"
 
 
 class CachedImages(Dataset):
@@ -98,13 +101,13 @@ def masked_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return (loss * known).sum() / known.sum().clamp(min=1)
 
 
-def build_model(cfg: TrialConfig) -> nn.Module:
+def build_model(cfg: TrialSpec) -> nn.Module:
     """Backbone from the registry, foundation weights (safely), then LoRA if the arm uses it."""
-    foundation = get_foundation(cfg.model.foundation)
-    model = build_backbone(foundation.backbone, cfg.model.num_classes,
+    foundation = get_foundation(cfg.task.foundation)
+    model = build_backbone(foundation.backbone, cfg.task.num_classes,
                            drop_path=cfg.train.drop_path)
-    if cfg.model.checkpoint:
-        load_foundation(model, Path(cfg.model.checkpoint))
+    if cfg.task.checkpoint:
+        load_foundation(model, Path(cfg.task.checkpoint))
     if cfg.lora is not None:
         apply_lora(model, cfg.lora)
     return model
@@ -189,43 +192,49 @@ class TrainState:
     epoch_metrics: list[dict[str, float]] = field(default_factory=list)
 
     def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
-        save_file(trainable_state_dict(_unwrap(model)), str(directory / "trainable.safetensors"))
+        save_file(trainable_state_dict(_unwrap(model)), str(directory / TRAINABLE_FILE))
         if self.best_weights is not None:
-            save_file(self.best_weights, str(directory / "best.safetensors"))
+            save_file(self.best_weights, str(directory / BEST_FILE))
         torch.save({"optimizer": optimizer.state_dict(), "epoch": self.epoch,
                     "best_val": self.best_val, "best_epoch": self.best_epoch,
                     "history": self.history, "epoch_metrics": self.epoch_metrics,
                     "torch_rng": torch.get_rng_state(),
-                    "python_rng": list(random.getstate()[1])}, directory / "state.pt")
+                    "python_rng": list(random.getstate()[1])}, directory / STATE_FILE)
 
     @classmethod
     def load(cls, model: nn.Module, optimizer: torch.optim.Optimizer,
              directory: Path) -> TrainState:
         """Restore in place (weights_only: nothing in a checkpoint can execute code)."""
-        _unwrap(model).load_state_dict(load_file(str(directory / "trainable.safetensors")),
+        _unwrap(model).load_state_dict(load_file(str(directory / TRAINABLE_FILE)),
                                        strict=False)
-        raw = torch.load(directory / "state.pt", map_location="cpu", weights_only=True)
+        raw = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
         optimizer.load_state_dict(raw["optimizer"])
         torch.set_rng_state(raw["torch_rng"])
         random.setstate((3, tuple(raw["python_rng"]), None))
-        best = directory / "best.safetensors"
+        best = directory / BEST_FILE
         return cls(epoch=raw["epoch"], best_val=raw["best_val"], best_epoch=raw["best_epoch"],
                    history=list(raw["history"]),
                    epoch_metrics=list(raw.get("epoch_metrics", [])),
                    best_weights=load_file(str(best)) if best.exists() else None)
 
 
+def checkpoint_epochs(directory: Path) -> tuple[int, int]:
+    """(the epoch a checkpoint was written after, its best-validation epoch so far)."""
+    raw = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
+    return int(raw["epoch"]), int(raw["best_epoch"])
+
+
 def checkpoint_problem(directory: Path) -> str | None:
     """Why a checkpoint folder cannot be resumed from (missing or truncated files), or None."""
-    for name in ("trainable.safetensors", "state.pt"):
+    for name in (TRAINABLE_FILE, STATE_FILE):
         if not (directory / name).is_file():
             return f"missing {name}"
     try:
-        for name in ("trainable.safetensors", "best.safetensors"):
+        for name in (TRAINABLE_FILE, BEST_FILE):
             if (directory / name).exists():  # safe_open checks the header against the size
                 with safe_open(str(directory / name), framework="pt"):
                     pass
-        torch.load(directory / "state.pt", map_location="cpu", weights_only=True)
+        torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any decoding failure means "damaged"
         return f"damaged ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
     return None
@@ -256,7 +265,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def fit(cfg: TrialConfig, reporter: Reporter,
+def fit(cfg: TrialSpec, reporter: Reporter,
         wrap_model: Callable[[nn.Module], nn.Module] = lambda m: m,
         wrap_loader: Callable[[DataLoader], DataLoader] = lambda d: d) -> FitResult:
     """Train one config; report `val_auroc` every epoch; in the final phase also score test."""
@@ -264,11 +273,11 @@ def fit(cfg: TrialConfig, reporter: Reporter,
     seed_everything(cfg.train.seed)
     cache = Path(cfg.run.cache_dir)
     names = label_names(cache)
-    if len(names) != cfg.model.num_classes:
+    if len(names) != cfg.task.num_classes:
         raise DataError(f"cache {cache} has {len(names)} labels, the config says "
-                        f"num_classes={cfg.model.num_classes}: rebuild the cache or fix the study")
+                        f"num_classes={cfg.task.num_classes}: rebuild the cache or fix the study")
     train, val = open_split(cache, "train"), open_split(cache, "val")
-    foundation = get_foundation(cfg.model.foundation)
+    foundation = get_foundation(cfg.task.foundation)
     mean, std = foundation.mean, foundation.std
     model = build_model(cfg)
     trainable, total = count_parameters(model)
@@ -291,8 +300,7 @@ def fit(cfg: TrialConfig, reporter: Reporter,
         state = TrainState.load(model, optimizer, restored)
         # Reported once, with the next epoch: where it resumed and what came before.
         # (JSON text: Tune's loggers would warn about a list of dicts.)
-        resumed = {"resumed_from_epoch": state.epoch,
-                   "replay": json.dumps(state.epoch_metrics)}
+        resumed = {RESUMED_FROM: state.epoch, REPLAY: json.dumps(state.epoch_metrics)}
     if resumed and state.epoch >= cfg.train.epochs and state.epoch_metrics:
         # Every epoch was done before the stop, but the last report may never have reached
         # the driver: say it again (trackers log each epoch once).
@@ -324,7 +332,7 @@ def fit(cfg: TrialConfig, reporter: Reporter,
         state.history.append(val_metrics.macro_auroc)
         if val_metrics.macro_auroc > state.best_val:
             state.best_val, state.best_epoch = val_metrics.macro_auroc, epoch + 1
-            if cfg.run.phase == "final":
+            if cfg.phase == "final":
                 state.best_weights = trainable_state_dict(_unwrap(model))
         metrics = {"epoch": epoch + 1, "train_loss": loss_sum / max(batches, 1),
                    "lr": optimizer.param_groups[0]["lr"] / optimizer.param_groups[0].get(
@@ -332,7 +340,7 @@ def fit(cfg: TrialConfig, reporter: Reporter,
                    "best_val_auroc": state.best_val, "trainable_params": trainable,
                    "total_params": total, **val_metrics.flat("val")}
         last = epoch + 1 == cfg.train.epochs
-        if last and cfg.run.phase == "final":
+        if last and cfg.phase == "final":
             metrics.update(_final_test(model, state, cache, names, mean, std, cfg, rank))
         state.epoch_metrics.append({k: float(v) for k, v in metrics.items()})
         metrics.update(resumed)
@@ -351,7 +359,7 @@ def fit(cfg: TrialConfig, reporter: Reporter,
 
 
 def _final_test(model: nn.Module, state: TrainState, cache: Path, names: tuple[str, ...],
-                mean: float, std: float, cfg: TrialConfig, rank: int) -> dict[str, float]:
+                mean: float, std: float, cfg: TrialSpec, rank: int) -> dict[str, float]:
     """Score the best-validation weights on test; save per-image predictions for paired stats."""
     if state.best_weights is not None:
         _unwrap(model).load_state_dict(state.best_weights, strict=False)

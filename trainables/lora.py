@@ -15,16 +15,13 @@ on ``.train()``, silently changing the weights; merging is the explicit ``merged
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
-
 import loralib
 import torch
 from torch import Tensor, nn
 
+from trainables.config import TARGETS, LoraSpec  # noqa: F401 - TARGETS: part of the LoRA API
 from trainables.errors import CheckpointError, ConfigError
 
-TARGETS: tuple[str, ...] = ("q", "k", "v", "proj", "fc1", "fc2")
 QKV_TARGETS: tuple[str, ...] = ("q", "k", "v")
 
 # Module-name suffixes (inside each timm Block) of the layers a target adapts.
@@ -38,52 +35,6 @@ ALWAYS_TRAINABLE_PREFIXES: tuple[str, ...] = ("head.", "fc_norm.")
 # The reference code adapts q and v of the fused qkv with one MergedLinear.
 REFERENCE_TARGETS: tuple[str, ...] = ("q", "v")
 REFERENCE_ENABLE_LORA: tuple[bool, bool, bool] = (True, False, True)
-
-
-@dataclass(frozen=True)
-class LoraSpec:
-    """What to adapt and how strongly; ``targets`` is stored in canonical ``TARGETS`` order."""
-
-    rank: int
-    alpha: float
-    dropout: float = 0.0
-    targets: tuple[str, ...] = ("q", "v")
-
-    def __post_init__(self) -> None:
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-            raise ConfigError(f"lora rank must be an int >= 1, got {self.rank!r}")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float):
-            raise ConfigError(f"lora alpha must be a number > 0, got {self.alpha!r}")
-        if not self.alpha > 0:
-            raise ConfigError(f"lora alpha must be > 0, got {self.alpha!r}")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, int | float):
-            raise ConfigError(f"lora dropout must be a number in [0, 1), got {self.dropout!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"lora dropout must be in [0, 1), got {self.dropout!r}")
-        object.__setattr__(self, "targets", _canonical_targets(self.targets))
-
-    @property
-    def scaling(self) -> float:
-        """loralib's scaling of the low-rank update: alpha / rank."""
-        return self.alpha / self.rank
-
-
-def _canonical_targets(targets: Iterable[str]) -> tuple[str, ...]:
-    """Validate targets and sort them into ``TARGETS`` order, so equal specs compare equal."""
-    if isinstance(targets, str) or not isinstance(targets, Iterable):
-        raise ConfigError(
-            f"lora targets must be a list of names from {list(TARGETS)}, got {targets!r}"
-        )
-    targets = tuple(targets)
-    if not targets:
-        raise ConfigError(f"lora targets must not be empty; choose from {list(TARGETS)}")
-    unknown = [t for t in targets if t not in TARGETS]
-    if unknown:
-        raise ConfigError(f"unknown lora targets {unknown}; choose from {list(TARGETS)}")
-    duplicates = sorted({t for t in targets if targets.count(t) > 1}, key=TARGETS.index)
-    if duplicates:
-        raise ConfigError(f"lora targets list {duplicates} more than once; list each target once")
-    return tuple(t for t in TARGETS if t in targets)
 
 
 class SplitQKV(nn.Module):

@@ -17,7 +17,8 @@ modes, and only the reporter knows which:
   reaper in `study/` removes it when the trial ends.
 
 The fit loop and the checkpoint format are the same in both modes. The trial config dict is
-turned into a `TrialConfig` on the first line of the loop.
+turned into a `TrialSpec` on the first line of the trial; run settings (paths, resources)
+arrive beside it through `tune.with_parameters`.
 """
 
 from __future__ import annotations
@@ -40,12 +41,14 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from torch import nn
 from torch.utils.data import DataLoader
 
-from trainables.config import TrialConfig
-from trainables.fit import DivergenceError, checkpoint_problem, fit
+from study.schema import Tag
+from trainables.config import RunSettings, TrialSpec
+from trainables.errors import DivergenceError
+from trainables.fit import checkpoint_problem, fit
 
-RESOURCE_KEYS = ("num_workers", "cpus_per_worker", "gpus_per_worker", "local_mode",
-                 "storage_path", "checkpoints_to_keep")
-DIVERGED = "diverged.txt"
+# Keys of a trial's first report besides its metrics: the Ray node it ran on and, for a worker
+# group, its placement group (for the driver's reaper).
+WORKER_NODE, WORKER_PG = "worker_node", "worker_pg"
 
 
 def runs_locally(num_workers: int, local_mode: bool = True) -> bool:
@@ -81,7 +84,7 @@ class _Reporter:
     rank = 0
 
     def __init__(self) -> None:
-        self._first: dict[str, str] = {"worker_node": ray.get_runtime_context().get_node_id()}
+        self._first: dict[str, str] = {WORKER_NODE: ray.get_runtime_context().get_node_id()}
 
     def _payload(self, metrics: dict[str, float]) -> dict[str, Any]:
         payload = {**metrics, **self._first}
@@ -147,7 +150,7 @@ class LocalReporter(_Reporter):
     def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
         payload = self._payload(metrics)
         if checkpoint_dir is not None:
-            payload["checkpoint_path"] = str(self.folder.store(checkpoint_dir,
+            payload[Tag.CHECKPOINT_PATH] = str(self.folder.store(checkpoint_dir,
                                                                int(metrics["epoch"])))
         ray.tune.report(payload)
 
@@ -164,7 +167,7 @@ class WorkerReporter(_Reporter):
         self.rank = ray.train.get_context().get_world_rank()
         pg = ray.util.get_current_placement_group()
         if pg is not None:
-            self._first["worker_pg"] = pg.id.hex()
+            self._first[WORKER_PG] = pg.id.hex()
         self._restored_dir: str | None = None
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
@@ -214,47 +217,28 @@ def usable_checkpoint(latest: Path) -> Path | None:
     return None
 
 
-def _storage(config: dict[str, Any]) -> str:
-    """Where the trial's Ray Train runs live (the study's `train/` folder)."""
-    return str(config.get("storage_path") or os.path.join(tempfile.gettempdir(), "cxr-train"))
+def _local(run: RunSettings) -> bool:
+    return runs_locally(run.num_workers, run.local_mode)
 
 
-def _run_dir(config: dict[str, Any]) -> Path:
-    """The trial's folder under the study's `train/`: its checkpoints and divergence marker."""
-    return Path(_storage(config)) / f"train-{config['trial_id']}"
-
-
-def _marker(config: dict[str, Any]) -> Path:
-    """Where a diverged trial leaves its reason."""
-    return _run_dir(config) / DIVERGED
-
-
-def _keep(config: dict[str, Any]) -> int:
-    return int(config.get("checkpoints_to_keep", 2))
-
-
-def _local(config: dict[str, Any]) -> bool:
-    return runs_locally(int(config.get("num_workers", 1)), bool(config.get("local_mode", True)))
-
-
-def _reporter(config: dict[str, Any]) -> LocalReporter | WorkerReporter:
-    if _local(config):
-        return LocalReporter(CheckpointFolder(_run_dir(config), _keep(config)),
-                             use_gpu=float(config.get("gpus_per_worker", 0)) > 0)
+def _reporter(spec: TrialSpec, trial_id: str) -> LocalReporter | WorkerReporter:
+    if _local(spec.run):
+        return LocalReporter(CheckpointFolder(spec.run.trial_dir(trial_id),
+                                              spec.run.checkpoints_to_keep),
+                             use_gpu=spec.run.gpus_per_worker > 0)
     return WorkerReporter()
 
 
 def worker_loop(config: dict[str, Any]) -> None:
-    """Runs on every worker (or in the trial, in local mode): typed config, then fit."""
-    trial = {k: v for k, v in config.items() if k not in RESOURCE_KEYS and k != "trial_id"}
-    cfg = TrialConfig.from_flat(trial)
-    torch.set_num_threads(max(1, int(config.get("cpus_per_worker", 1))))
-    marker = _marker(config)
+    """Runs on every worker (or in the trial, in local mode): the trial's spec, then fit."""
+    spec: TrialSpec = config["spec"]
+    torch.set_num_threads(max(1, int(spec.run.cpus_per_worker)))
+    marker = spec.run.divergence_marker(config["trial_id"])
     if marker.is_file():  # a retry of a diverged trial: the same config diverges again
         raise DivergenceError(marker.read_text())
-    reporter = _reporter(config)
+    reporter = _reporter(spec, config["trial_id"])
     try:
-        fit(cfg, reporter, wrap_model=reporter.wrap_model, wrap_loader=reporter.wrap_loader)
+        fit(spec, reporter, wrap_model=reporter.wrap_model, wrap_loader=reporter.wrap_loader)
     except DivergenceError as exc:
         if reporter.rank == 0:
             marker.parent.mkdir(parents=True, exist_ok=True)
@@ -264,37 +248,50 @@ def worker_loop(config: dict[str, Any]) -> None:
         reporter.close()
 
 
-def _trainer(loop: Callable[[dict[str, Any]], None], config: dict[str, Any]) -> TorchTrainer:
-    workers = int(config.get("num_workers", 1))
-    if _local(config):
-        return TorchTrainer(loop, train_loop_config=config,
+def _trainer(loop: Callable[[dict[str, Any]], None], spec: TrialSpec,
+             trial_id: str) -> TorchTrainer:
+    loop_config = {"spec": spec, "trial_id": trial_id}
+    run = spec.run
+    if _local(run):
+        return TorchTrainer(loop, train_loop_config=loop_config,
                             scaling_config=ScalingConfig(num_workers=0))
-    gpus = float(config.get("gpus_per_worker", 0))
     return TorchTrainer(
         loop,
-        train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=bool(gpus),
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=run.num_workers,
+                                     use_gpu=bool(run.gpus_per_worker),
                                      resources_per_worker=worker_resources(
-                                         float(config.get("cpus_per_worker", 1)), gpus)),
-        torch_config=TorchConfig(backend="nccl" if gpus else "gloo"),
+                                         run.cpus_per_worker, run.gpus_per_worker)),
+        torch_config=TorchConfig(backend="nccl" if run.gpus_per_worker else "gloo"),
         run_config=RunConfig(
-            name=f"train-{config['trial_id']}",
-            storage_path=_storage(config),
+            name=run.trial_dir(trial_id).name,
+            storage_path=str(run.trial_dir(trial_id).parent),
             callbacks=[TuneReportCallback()],
             # Two (the default) are enough to resume and to survive one truncated checkpoint;
             # final runs carry their best-validation weights inside every checkpoint.
-            checkpoint_config=CheckpointConfig(num_to_keep=_keep(config)),
+            checkpoint_config=CheckpointConfig(num_to_keep=run.checkpoints_to_keep),
         ),
     )
 
 
-def tune_trial(config: dict[str, Any]) -> None:
-    """A Tune function trial: one Ray Train run (local mode or a worker group) of this config."""
-    loop_config = {**config, "trial_id": ray.tune.get_context().get_trial_id()}
-    marker = _marker(loop_config)
-    # A failed trial is retried by Tune (FailureConfig in study/runner.py); the retry finds the
-    # latest checkpoint in the trial's `train-<id>` folder (Ray Train's run of the same name,
-    # with workers). Retrying a diverged trial would only diverge again: it ends at once.
+def tune_trial(config: dict[str, Any], run: RunSettings) -> None:
+    """A Tune function trial: one Ray Train run (local mode or a worker group) of this config.
+
+    `config` is the searched flat form; it becomes a `TrialSpec` here and nothing below sees
+    a dict. `run` (paths, resources) comes through `tune.with_parameters`, never the config.
+    """
+    spec = TrialSpec.from_tune(config, run)
+    trial_id = ray.tune.get_context().get_trial_id()
+    marker = run.divergence_marker(trial_id)
+    # A failed trial is retried by Tune (FailureConfig in study/); the retry finds the latest
+    # checkpoint in the trial's `train-<id>` folder (Ray Train's run of the same name, with
+    # workers). Retrying a diverged trial would only diverge again: it ends at once.
     if marker.is_file():
         raise DivergenceError(marker.read_text())
-    _trainer(worker_loop, loop_config).fit()
+    _trainer(worker_loop, spec, trial_id).fit()
+
+
+def trainable(run: RunSettings, resources: dict[str, float]):
+    """The Tune trainable of one search or final evaluation: the run settings bound as a
+    parameter, the trial's reservation as its resources (see `trial_resources`)."""
+    return ray.tune.with_resources(ray.tune.with_parameters(tune_trial, run=run), resources)

@@ -1,0 +1,134 @@
+"""What the driver plugs into Ray Tune: trial callbacks (placement-group reaper, progress
+printer, interrupt watch), short trial folders, and an OptunaSearch that survives a resume."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+
+import optuna
+import ray
+from ray.tune import Callback
+from ray.tune.search.optuna import OptunaSearch
+from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+from study.schema import Metric
+from study.summary import config_text
+from trainables.ray_train import WORKER_PG
+
+
+class PlacementGroupReaper(Callback):
+    """Removes a finished trial's Train worker placement group if Ray Train left it behind.
+
+    Ray Train's own cleaner races when Tune ends a trial from outside (ASHA), and a leaked group
+    keeps its CPU reserved forever, so the next trial waits for a worker that never comes.
+    """
+
+    def __init__(self) -> None:
+        self.groups: dict[str, str] = {}
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        if result.get(WORKER_PG):
+            self.groups[trial.trial_id] = result[WORKER_PG]
+
+    def _reap(self, trial) -> None:
+        pg_hex = self.groups.pop(trial.trial_id, None)
+        if not pg_hex:
+            return
+        pg = PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_hex)))
+        state = ray.util.placement_group_table(pg).get("state")
+        if state not in (None, "REMOVED"):
+            remove_placement_group(pg)
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self._reap(trial)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._reap(trial)
+
+
+class TrialPrinter(Callback):
+    """One line per finished trial, with a running count and an estimate of the time left."""
+
+    def __init__(self, label: str, total: int, max_t: int) -> None:
+        self.label, self.total, self.max_t = label, total, max_t
+        self.done, self.start, self.last = 0, time.monotonic(), {}
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        self.last[trial.trial_id] = result
+
+    def _line(self, trial, status: str) -> None:
+        self.done += 1
+        res = self.last.get(trial.trial_id) or trial.last_result or {}
+        elapsed = time.monotonic() - self.start
+        eta = elapsed / self.done * (self.total - self.done)
+        params = config_text(trial.config)
+        epochs = int(res.get(Metric.EPOCH, 0))
+        if status == "done" and epochs < self.max_t:
+            status = "stopped early"
+        print(f"  [{self.done}/{self.total}] {self.label} {params} "
+                  f"val_auroc={res.get(Metric.BEST_VAL_AUROC, float('nan')):.4f} epochs={epochs} "
+                  f"{status} (about {eta:.0f}s left)", flush=True)
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self._line(trial, "done")
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._line(trial, "FAILED")
+
+
+def trial_dirname(trial) -> str:
+    """Short trial folders (Tune's default spells out the whole config in the name)."""
+    return f"trial_{trial.trial_id}"
+
+
+# Experiment folder -> whether its last fit ended with trials neither finished nor failed.
+_UNFINISHED: dict[str, bool] = {}
+
+
+class InterruptWatch(Callback):
+    """Tells an interrupted fit from a finished one.
+
+    On Ctrl-C Tune saves its state (trials RUNNING), then stops the trials, which then look
+    TERMINATED in the ResultGrid; only trials Tune reported complete or errored (or that were
+    already over when a restored fit started) have really ended.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.key, self.before = str(path), None
+        self.ended: set[str] = set()
+
+    def on_step_begin(self, iteration, trials, **info) -> None:
+        if self.before is None:
+            self.before = {t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")}
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self.ended.add(trial.trial_id)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self.ended.add(trial.trial_id)
+
+    def on_experiment_end(self, trials, **info) -> None:
+        if self.before is None:  # no step ran: a restored experiment that had already ended
+            self.before = {t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")}
+        over = self.ended | self.before
+        _UNFINISHED[self.key] = any(t.trial_id not in over for t in trials)
+
+
+class ResumableOptunaSearch(OptunaSearch):
+    """OptunaSearch that survives a resume racing its storage.
+
+    A driver killed after Optuna was told a trial's outcome but before Tune saved that the trial
+    ended restores the trial as running; its next report would hit a finished Optuna trial.
+    The outcome is already recorded, so those calls are skipped.
+    """
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+            super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None,
+                          error: bool = False) -> None:
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+            super().on_trial_complete(trial_id, result, error)

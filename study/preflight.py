@@ -1,0 +1,78 @@
+"""Before a study trains: every input checked without writing anything, then each task's
+image cache built or reused. No Ray: `cxr-study data prepare` uses it too."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from study.config import ArmSpec, StudyConfig, TaskSpec
+from trainables.cache import build_cache, label_names
+from trainables.config import LORA_KEYS, LoraSpec, flatten, unflatten
+from trainables.datasets import DatasetSplits, load_splits
+from trainables.errors import ConfigError
+from trainables.foundation import get_foundation, load_foundation
+from trainables.lora import apply_lora
+from trainables.models import build_backbone, get_backbone
+
+
+@dataclass
+class TaskData:
+    cache_dir: Path
+    num_classes: int
+    content_hash: str
+
+
+def prepare_task_data(task: TaskSpec, cache_root: Path, splits: DatasetSplits | None = None
+                      ) -> TaskData:
+    """Load the task's splits and build (or reuse) the shared image cache at the model's size."""
+    splits = splits or load_splits(task.data_spec())
+    size = get_backbone(get_foundation(task.foundation.name).backbone).img_size
+    cache = build_cache(splits, size, cache_root)
+    return TaskData(cache, len(label_names(cache)), splits.content_hash)
+
+
+def preflight(cfg: StudyConfig) -> dict[str, DatasetSplits]:
+    """Everything that can be wrong with the inputs, found before Ray, MLflow or any training,
+    and without writing anything: every task's splits, every foundation checkpoint against its
+    architecture, every fixed LoRA setting."""
+    for ref in {t.foundation for t in cfg.tasks}:
+        check_foundation(ref.name, ref.checkpoint)
+    for arm in cfg.arms:
+        for name in {t.foundation.name for t in cfg.tasks}:
+            check_arm(arm, name)
+    return {task.key: load_splits(task.data_spec()) for task in cfg.tasks}
+
+
+def prepare_caches(cfg: StudyConfig, splits: dict[str, DatasetSplits],
+                   emit: Callable[[str], None]) -> dict[str, TaskData]:
+    """Each task's image cache (built once, reused by later runs and other studies)."""
+    data = {}
+    for task in cfg.tasks:
+        emit(f"task {task.key}: preparing data")
+        data[task.key] = prepare_task_data(task, cfg.cache_dir, splits[task.key])
+    return data
+
+
+def check_foundation(name: str, checkpoint: str | None) -> None:
+    """The checkpoint loads into the foundation's architecture (weights only, real shapes)."""
+    if not checkpoint:
+        return
+    model = build_backbone(get_foundation(name).backbone, 2)
+    load_foundation(model, Path(checkpoint))
+
+
+def check_arm(arm: ArmSpec, foundation: str) -> None:
+    """Fixed LoRA settings fit the model (rank <= width, targets that exist): on meta tensors."""
+    if arm.kind != "lora":
+        return
+    probe = {**flatten(LoraSpec(1, 1.0)), **{k: v for k, v in arm.fixed if k in LORA_KEYS}}
+    with torch.device("meta"):
+        model = build_backbone(get_foundation(foundation).backbone, 2)
+        try:
+            apply_lora(model, unflatten(LoraSpec, probe))
+        except ConfigError as exc:
+            raise ConfigError(f"arms.{arm.name}.fixed: {exc}") from exc
