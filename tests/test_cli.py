@@ -43,7 +43,7 @@ def test_missing_data_root_is_a_one_line_error(capsys, tmp_path):
                      'datasets=[{name="nih", root="missing", splits="lists", '
                      'list_dir="missing"}]\n[arms.lora]\nspace="lora"\ntrials=2\n')
     from study.config import load_study
-    from study.runner import prepare_task_data
+    from study.preflight import prepare_task_data
     from trainables.errors import DataError
     with pytest.raises(DataError, match="missing"):
         prepare_task_data(load_study(study).tasks[0], tmp_path / "store")

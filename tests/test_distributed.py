@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
-from trainables.config import TrialConfig
+from tests.specs import demo_spec
 from trainables.fit import fit
 from trainables.lora import trainable_state_dict
 
@@ -29,12 +29,9 @@ class Keep:
         return None
 
 
-def _flat(cache) -> dict:
+def _spec(cache):
     # no augmentation and no dropout: the only randomness left is the (shared) shuffle order
-    return {"arm": "lora", "foundation": "demo", "num_classes": 14, "cache_dir": str(cache),
-            "epochs": 2, "warmup_epochs": 1, "optimizer": "sgd", "lr": 0.05,
-            "batch_size": 32, "seed": 3, "rank": 4, "alpha": 8.0, "targets": "q+v",
-            "checkpoint_every": 0}
+    return demo_spec(cache, optimizer="sgd", lr=0.05, epochs=2, seed=3, checkpoint_every=0)
 
 
 def _worker(rank: int, port: int, cache: str, out: str) -> None:
@@ -48,7 +45,7 @@ def _worker(rank: int, port: int, cache: str, out: str) -> None:
         def wrap(model):
             model_box["m"] = model
             return DistributedDataParallel(model)
-        fit(TrialConfig.from_flat(_flat(cache)), rep, wrap_model=wrap)
+        fit(_spec(cache), rep, wrap_model=wrap)
         if rank == 0:
             torch.save({"val": [m["val_auroc"] for m in rep.metrics],
                         "weights": trainable_state_dict(model_box["m"])}, out)
@@ -72,7 +69,7 @@ def test_two_workers_match_one_worker_with_double_batch(phantom_cache, tmp_path)
     def keep(model):
         box["m"] = model
         return model
-    fit(TrialConfig.from_flat(_flat(phantom_cache)), rep, wrap_model=keep)
+    fit(_spec(phantom_cache), rep, wrap_model=keep)
     single = trainable_state_dict(box["m"])
     assert ddp["val"] == pytest.approx([m["val_auroc"] for m in rep.metrics], abs=2e-3)
     for name, tensor in single.items():

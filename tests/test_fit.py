@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainables.config import TrialConfig
-from trainables.fit import DivergenceError, fit
+from tests.specs import demo_spec
+from trainables.errors import DivergenceError
+from trainables.fit import fit
 
 
 class ListReporter:
@@ -32,15 +33,9 @@ class ListReporter:
         return self.resume_from
 
 
-def _flat(cache: Path, **extra) -> dict:
-    return {"arm": "lora", "foundation": "demo", "num_classes": 14, "cache_dir": str(cache),
-            "epochs": 3, "warmup_epochs": 1, "optimizer": "adamw", "lr": 3e-3,
-            "batch_size": 32, "seed": 5, "rank": 4, "alpha": 8.0, "targets": "q+v", **extra}
-
-
 def test_reports_every_epoch_and_counts_parameters(phantom_cache, tmp_path):
     rep = ListReporter(tmp_path)
-    result = fit(TrialConfig.from_flat(_flat(phantom_cache)), rep)
+    result = fit(demo_spec(phantom_cache), rep)
     assert [m["epoch"] for m in rep.metrics] == [1, 2, 3]
     assert all(0.0 <= m["val_auroc"] <= 1.0 for m in rep.metrics)
     assert result.trainable_params == rep.metrics[0]["trainable_params"]
@@ -53,7 +48,7 @@ def test_reports_every_epoch_and_counts_parameters(phantom_cache, tmp_path):
 def test_same_seed_same_metrics(phantom_cache, tmp_path):
     runs = [ListReporter(tmp_path / str(i)) for i in range(2)]
     for rep in runs:
-        fit(TrialConfig.from_flat(_flat(phantom_cache, augmentation="crop_flip")), rep)
+        fit(demo_spec(phantom_cache, augmentation="crop_flip"), rep)
     assert [m["val_auroc"] for m in runs[0].metrics] == [m["val_auroc"] for m in runs[1].metrics]
     assert [m["train_loss"] for m in runs[0].metrics] == [
         m["train_loss"] for m in runs[1].metrics]
@@ -61,12 +56,12 @@ def test_same_seed_same_metrics(phantom_cache, tmp_path):
 
 @pytest.mark.parametrize("arm", ["lora", "fft"])
 def test_resume_continues_bit_identically(phantom_cache, tmp_path, arm):
-    extra = {} if arm == "lora" else {"rank": 0, "layer_decay": 0.75}
-    flat = _flat(phantom_cache, augmentation="crop_flip", arm=arm, **extra)
+    extra = {} if arm == "lora" else {"layer_decay": 0.75}
+    spec = demo_spec(phantom_cache, arm, augmentation="crop_flip", **extra)
     full = ListReporter(tmp_path / "full")
-    fit(TrialConfig.from_flat(flat), full)
+    fit(spec, full)
     resumed = ListReporter(tmp_path / "resumed", resume_from=full.checkpoints[0])
-    fit(TrialConfig.from_flat(flat), resumed)
+    fit(spec, resumed)
     assert [m["epoch"] for m in resumed.metrics] == [2, 3]
     for a, b in zip(full.metrics[1:], resumed.metrics):
         assert a["train_loss"] == b["train_loss"] and a["val_auroc"] == b["val_auroc"]
@@ -77,11 +72,11 @@ def test_resume_continues_bit_identically(phantom_cache, tmp_path, arm):
 
 
 def test_resume_after_the_last_epoch_reports_it_again(phantom_cache, tmp_path):
-    flat = _flat(phantom_cache)
+    spec = demo_spec(phantom_cache)
     full = ListReporter(tmp_path / "full")
-    fit(TrialConfig.from_flat(flat), full)
+    fit(spec, full)
     again = ListReporter(tmp_path / "again", resume_from=full.checkpoints[-1])
-    fit(TrialConfig.from_flat(flat), again)
+    fit(spec, again)
     assert len(again.metrics) == 1 and not again.checkpoints
     assert again.metrics[0]["epoch"] == 3
     assert again.metrics[0]["val_auroc"] == full.metrics[-1]["val_auroc"]
@@ -91,8 +86,8 @@ def test_final_phase_scores_test_and_writes_predictions(phantom_cache, tmp_path)
     import pyarrow.parquet as pq
     out = tmp_path / "pred" / "seed{seed}.parquet"
     rep = ListReporter(tmp_path)
-    fit(TrialConfig.from_flat(_flat(phantom_cache, phase="final", predictions_path=str(out),
-                                    patient_salt="s")), rep)
+    fit(demo_spec(phantom_cache, phase="final", predictions_path=str(out), patient_salt="s"),
+        rep)
     last = rep.metrics[-1]
     assert "test_auroc" in last and 1 <= last["best_epoch"] <= 3
     table = pq.read_table(tmp_path / "pred" / "seed5.parquet").to_pandas()
@@ -108,5 +103,5 @@ def test_divergence_stops_at_once(phantom_cache, tmp_path, monkeypatch):
     monkeypatch.setattr(fit_mod, "masked_bce", lambda logits, labels: logits.sum() * torch.nan)
     rep = ListReporter(tmp_path)
     with pytest.raises(DivergenceError, match="loss became nan at epoch 1"):
-        fit(TrialConfig.from_flat(_flat(phantom_cache)), rep)
+        fit(demo_spec(phantom_cache), rep)
     assert rep.metrics == []

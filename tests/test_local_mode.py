@@ -83,10 +83,13 @@ def test_sequential_local_mode_and_patient_split_settings_come_from_the_study_fi
 
 
 def test_trial_lines_and_the_summary_show_what_the_arm_searches():
-    lora = {"rank": 4, "alpha": 8.0, "targets": "q+v", "lr": 0.0020004, "weight_decay": 0.05}
+    lora = {"kind": "lora", "rank": 4, "alpha": 8.0, "targets": "q+v", "lr": 0.0020004,
+            "weight_decay": 0.05}
     assert config_text(lora) == "rank=4 alpha=8 targets=q+v lr=0.002"
-    assert config_text({"rank": 0, "lr": 1e-3, "layer_decay": 0.75}) == (
-        "lr=0.001 layer_decay=0.75")
+    # The arm's kind decides, never a value: an FFT config shows its own searched values.
+    fft = {"kind": "fft", "lr": 1e-3, "layer_decay": 0.75}
+    assert config_text(fft) == "lr=0.001 layer_decay=0.75"
+    assert config_text({"lr": 1e-3, "layer_decay": 0.75}, "fft") == config_text(fft)
 
 
 def test_every_warning_is_one_line_printed_once(capsys):
@@ -106,10 +109,11 @@ def test_every_warning_is_one_line_printed_once(capsys):
 
 
 def test_the_optuna_study_names_its_objective(tmp_path):
-    from study.runner import name_objective
+    from search_spaces.define_by_run import name_objective
+    from study.schema import SEARCH_METRIC, SEARCH_MODE
     storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'optuna.db'}")
-    name_objective(storage, "s/task/lora")
-    name_objective(storage, "s/task/lora")  # a resumed search finds it named
+    name_objective(storage, "s/task/lora", SEARCH_METRIC, SEARCH_MODE)
+    name_objective(storage, "s/task/lora", SEARCH_METRIC, SEARCH_MODE)  # found named on resume
     study = optuna.load_study(study_name="s/task/lora", storage=storage)
     assert study.metric_names == ["val_auroc"]
     assert study.direction == optuna.study.StudyDirection.MAXIMIZE
@@ -118,7 +122,8 @@ def test_the_optuna_study_names_its_objective(tmp_path):
 def test_study_experiments_open_on_their_runs_in_the_mlflow_ui(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from study.tracking import EXPERIMENT_KIND, connect
+    from study.schema import EXPERIMENT_KIND
+    from study.tracking import connect
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     _, exp_id = connect(uri, "fresh", tmp_path)
     client = MlflowClient(uri)

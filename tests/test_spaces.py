@@ -5,11 +5,11 @@ import pytest
 
 from search_spaces import SPACES, fft_recipe, get_space, lora_recipe, preset_point
 from search_spaces.presets import demo_recipes, scaled_lr
-from trainables.config import TrialConfig
+from tests.specs import DEMO_TASK
+from trainables.config import TrialSpec, flatten
 from trainables.errors import ConfigError
 
-BASE = {"arm": "x", "foundation": "demo", "num_classes": 14, "cache_dir": "/nowhere",
-        "epochs": 4, "optimizer": "adamw"}
+BASE = {**flatten(DEMO_TASK), "arm": "x", "epochs": 4, "optimizer": "adamw"}
 
 
 @pytest.mark.parametrize("name", sorted(SPACES))
@@ -23,8 +23,8 @@ def test_space_samples_build_valid_trial_configs(name, optimizer):
     for _ in range(150):
         trial = study.ask()
         derived = space.fn(trial, optimizer, recipe)
-        flat = {**BASE, "optimizer": optimizer, **trial.params, **derived}
-        cfg = TrialConfig.from_flat(flat)
+        flat = {**BASE, "kind": space.kind, "optimizer": optimizer, **trial.params, **derived}
+        cfg = TrialSpec.from_tune(flat)
         assert (cfg.lora is not None) == (space.kind == "lora")
         if cfg.lora:
             assert cfg.lora.alpha == pytest.approx(flat["alpha"])
@@ -41,8 +41,8 @@ def test_every_sampled_lora_config_builds_a_model():
     for _ in range(12):
         trial = study.ask()
         derived = space.fn(trial, "adamw", None)
-        flat = {**BASE, **trial.params, **derived}
-        model = build_model(TrialConfig.from_flat(flat))
+        flat = {**BASE, "kind": "lora", **trial.params, **derived}
+        model = build_model(TrialSpec.from_tune(flat))
         assert any("lora_A" in n for n, _ in model.named_parameters())
         study.tell(trial, 0.5)
 
@@ -70,21 +70,3 @@ def test_presets_match_the_published_tables():
 def test_unknown_space_is_a_config_error():
     with pytest.raises(ConfigError, match="use one of"):
         get_space("lora_typo")
-
-
-def test_define_by_run_keeps_samples_and_pins_fixed_values():
-    """Constants of the arm never overwrite what Optuna sampled; fixed values are not sampled."""
-    from study.runner import DefineByRun
-    base = {**BASE, "weight_decay": 0.05, "layer_decay": 0.75}
-    fft = DefineByRun("fft", base, {}, "adamw", None)
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
-    trial = study.ask()
-    out = fft(trial)
-    assert "layer_decay" not in out and "weight_decay" not in out  # Tune fills in the samples
-    assert {"layer_decay", "weight_decay", "lr"} <= set(trial.params)
-    lora = DefineByRun("lora", base, {"targets": "q+v", "rank": 8}, "adamw", None)
-    trial = study.ask()
-    out = lora(trial)
-    assert "targets" not in trial.params and "rank" not in trial.params
-    assert out["targets"] == "q+v" and out["rank"] == 8
-    assert out["alpha"] == trial.params["alpha_ratio"] * 8

@@ -200,3 +200,60 @@ def test_status_answers_from_mlflow(small_study, capsys):
     # finished + stopped early = planned trials, none failed, none left running
     assert len(counts) == 4 and all(c[0] + c[1] == 3 for c in counts.values())
     assert all(c[2] == 0 and c[3] == 0 for c in counts.values())
+
+
+def test_the_trial_contract_is_what_mlflow_holds(small_study):
+    """Every trial run's params are its TrialSpec's flat form, key for key; the arm's kind is
+    explicit on arm and trial runs; arm runs carry their task's factors; no path or resource
+    rides in a trial's params."""
+    from study.schema import Param, Tag, read_param, tag
+    from trainables.config import FLAT_KINDS, RunSettings, TrialSpec
+    runs = small_study["runs"]
+    trials = runs[runs[tag(Tag.TRIAL_ID)].notna()]
+    settings = {f for f in RunSettings.__dataclass_fields__}
+    for _, row in trials.iterrows():
+        params = {k: row[k] for k in FLAT_KINDS if k in row and not _missing(row[k])}
+        spec = TrialSpec.from_tune(params)
+        assert spec.to_tune().keys() == params.keys()
+        assert spec.kind == row[tag(Tag.KIND)] == row[tag(Tag.ARM)]  # arms named after kinds
+        assert not settings & {k for k in row.index if not _missing(row[k])}
+    fft = trials[trials[tag(Tag.KIND)] == "fft"]
+    assert fft[Param.RANK].isna().all()  # FFT is not "rank 0": it has no rank
+    arms = runs[runs[tag(Tag.LEVEL)] == "arm"]
+    assert set(arms[tag(Tag.KIND)]) == {"lora", "fft"}
+    assert (arms[Param.KIND] == arms[tag(Tag.KIND)]).all()
+    for _, arm in arms.iterrows():
+        assert arm[Param.FOUNDATION] == "demo" and arm[Param.DATASET] == "nih"
+        assert arm[tag(Tag.TASK)] == f"demo-nih-{arm[Param.LABEL_FRACTION]:g}-s0"
+    assert read_param(Param.RANK, "4") == 4
+
+
+def _missing(value) -> bool:
+    import pandas as pd
+    return value is None or (not isinstance(value, (list, dict)) and pd.isna(value))
+
+
+def test_best_names_the_final_runs_and_export_says_which_epoch(small_study, tmp_path, capsys):
+    import json
+
+    from study.cli import main
+    cfg, runs = small_study["cfg"], small_study["runs"]
+    assert main(["best", "--tracking-uri", cfg.tracking.uri, "--experiment",
+                 cfg.tracking.experiment, "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    by_id = runs.set_index("run_id")
+    for row in rows:
+        assert by_id.loc[row["run_id"], "tag.phase"] == "final"
+        assert row["final_run_ids"] == [row["run_id"]]
+        assert by_id.loc[row["search_run_id"], "tag.phase"] == "search"
+        if row["arm"] == "lora":
+            assert isinstance(row["config"]["rank"], int)  # typed, not "4"
+    lora = next(r for r in rows if r["arm"] == "lora")
+    best_epoch = int(by_id.loc[lora["run_id"], "metric.best_epoch"])
+    assert main(["export", lora["run_id"], "--tracking-uri", cfg.tracking.uri,
+                 "--adapter", str(tmp_path / "a.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "best.safetensors" in out and f"the best-validation epoch, {best_epoch}" in out
+    assert main(["export", lora["search_run_id"], "--tracking-uri", cfg.tracking.uri,
+                 "--adapter", str(tmp_path / "s.safetensors")]) == 0
+    assert "the trial's last" in capsys.readouterr().out

@@ -14,9 +14,12 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from study.runner import _UNFINISHED, InterruptWatch, check_shared_storage, fail_orphans
+from search_spaces.define_by_run import fail_orphans
+from study.callbacks import _UNFINISHED, InterruptWatch
+from study.cluster import check_shared_storage
 from study.state import Segment, StudyState, config_hash
-from study.tracking import MlflowTrialTracker, TrackingUnavailable, end_open_runs, start_run
+from study.tracking import MlflowTrialTracker, end_open_runs, start_run, supersede_finals
+from trainables.errors import TrackingUnavailable
 from trainables.errors import ConfigError
 from trainables.fit import TrainState
 from trainables.ray_train import usable_checkpoint
@@ -85,7 +88,7 @@ def test_background_writer_keeps_tune_unblocked_and_drains_everything(store):
         tracker.on_trial_result(0, [], trial, _result(epoch))
     tracker.on_trial_complete(0, [], trial)
     tracker.drain()
-    assert not tracker.backlog.exists()
+    assert not tracker.backlog.path.exists()
     client, exp, _, _ = store
     (run,) = client.search_runs([exp], filter_string="tags.trial_id = 'bg'")
     assert run.info.status == "FINISHED"
@@ -93,7 +96,7 @@ def test_background_writer_keeps_tune_unblocked_and_drains_everything(store):
     assert sorted(steps) == [1, 2, 3]
     import pickle  # Tune saves callbacks with the experiment: the tracker must survive it
     again = pickle.loads(pickle.dumps(tracker))
-    assert again.backlog == tracker.backlog and again._writer is None
+    assert again.backlog.path == tracker.backlog.path and again.backlog._writer is None
 
 
 def _result(epoch: int, **extra) -> dict:
@@ -110,13 +113,13 @@ def test_tracker_buffers_when_mlflow_fails_and_writes_in_order_later(store, monk
     monkeypatch.setattr(tracker.client, "log_batch", down)
     tracker.on_trial_result(0, [], trial, _result(1))
     tracker.on_trial_result(0, [], trial, _result(2))
-    kept = [json.loads(line) for line in tracker.backlog.read_text().splitlines()]
+    kept = tracker.backlog.pending()
     assert [r["step"] for r in kept] == [1, 2]  # nothing dropped, order kept
     with pytest.raises(TrackingUnavailable, match=r"2 record\(s\) are kept in .*seg\.jsonl"):
         tracker.drain()
     monkeypatch.setattr(tracker.client, "log_batch", real)
     tracker.on_trial_result(0, [], trial, _result(3))
-    assert not tracker.backlog.exists()
+    assert not tracker.backlog.path.exists()
     run_id = tracker.runs["t1"]
     history = tracker.client.get_metric_history(run_id, "val_auroc")
     assert sorted(m.step for m in history) == [1, 2, 3]
@@ -226,12 +229,11 @@ def test_local_only_storage_is_refused_on_a_multi_node_cluster(tmp_path):
 
 def test_superseded_final_runs_drop_out_of_the_analysis(store):
     from analysis.runs import load_runs
-    from study.runner import _supersede
     client, exp, arm, _ = store
     for digest in ("old", "new"):
         start_run(client, exp, f"final-{digest}", {"phase": "final", "final_config": digest,
                                                    "trial_id": digest}, arm)
-    _supersede(client, exp, arm, "old")
+    assert supersede_finals(client, exp, arm, "old") == 1
     uri = client.tracking_uri
     shown = load_runs(uri, "e")
     assert "old" not in set(shown["tag.trial_id"].dropna())

@@ -274,10 +274,10 @@ def unflatten(cls, flat: Mapping[str, Any]):
         value = flat[name]
         kwargs[f.name] = decode(value) if decode and value is not None else cast(
             FLAT_KINDS[name], value)
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:  # a required factor is missing
-        raise ConfigError(f"trial config: {exc}") from None
+    missing = [name for name, f in _flat_names(cls).items() if f.name not in kwargs and
+               f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    _require(not missing, "trial config", f"missing {missing} (needed by {cls.__name__})")
+    return cls(**kwargs)
 
 
 def kind_of(hint: Any) -> type:
