@@ -10,19 +10,21 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import tomllib
+import typing
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from search_spaces import get_space
-from trainables.config import TrainSpec, parse_targets
+from search_spaces.define_by_run import SAMPLERS
+from study.schema import SEARCH_METRIC, SEARCH_MODE, task_key
+from trainables.config import FLAT_KINDS, LORA_KEYS, TRAIN_KEYS, TrainSpec, kind_of, parse_targets
 from trainables.datasets import DataSpec
 from trainables.errors import ConfigError
 from trainables.foundation import get_foundation
 from trainables.paths import tracking_store, writable_dir
 
-SAMPLERS = ("tpe", "random", "cmaes", "qmc")
 DATASETS = ("nih", "chexpert", "rsna")
 
 
@@ -80,9 +82,9 @@ class TaskSpec:
 
     @property
     def key(self) -> str:
-        """A stable, readable id: foundation/dataset/fraction/split seed."""
-        return (f"{self.foundation.name}-{self.dataset.name}-{self.label_fraction:g}"
-                f"-s{self.split_seed}")
+        """A stable, readable id: foundation-dataset-fraction-s<split seed>."""
+        return task_key(self.foundation.name, self.dataset.name, self.label_fraction,
+                        self.split_seed)
 
 
 @dataclass(frozen=True)
@@ -114,8 +116,6 @@ class SearchSpec:
     max_t: int = 10
     grace_period: int = 2
     reduction_factor: int = 2
-    metric: str = "val_auroc"
-    mode: str = "max"
     # One trial at a time, in the order the searcher asks for them: ASHA and the sampler then
     # see every result in the same order on every run, so a rerun picks the same configs.
     # Concurrent trials race (whichever reports first decides ASHA's rungs).
@@ -127,8 +127,6 @@ class SearchSpec:
         _check(1 <= self.grace_period <= self.max_t, "search.grace_period",
                "must be between 1 and max_t")
         _check(self.reduction_factor >= 2, "search.reduction_factor", "must be >= 2")
-        _check(self.metric == "val_auroc" and self.mode == "max", "search.metric",
-               "only metric 'val_auroc' with mode 'max' is supported")
 
 
 @dataclass(frozen=True)
@@ -184,22 +182,31 @@ class StudyConfig:
 
 
 _SECTIONS = {"study", "tasks", "arms", "search", "train", "resources", "final", "tracking"}
-_TRAIN_KEYS = {f.name for f in dataclasses.fields(TrainSpec)} - {"lr", "seed"}
-_FIXABLE = _TRAIN_KEYS | {"lr", "rank", "alpha", "alpha_ratio", "targets", "lora_dropout",
-                          "weight_decay", "layer_decay"}
-# TOML value types per annotation; TOML has no null, so `X | None` means X.
-_KINDS: dict[str, tuple[type, ...]] = {"str": (str,), "int": (int,), "float": (int, float),
-                                       "bool": (bool,)}
+# TOML value types per Python type (TOML has no null: `X | None` means X, see `kind_of`);
+# an int is a valid float, a bool is never an int.
+_TOML_KINDS: dict[type, tuple[type, ...]] = {str: (str,), int: (int,), float: (int, float),
+                                             bool: (bool,)}
 
 
-def _kinds(annotation: Any) -> tuple[type, ...]:
-    text = str(getattr(annotation, "__name__", annotation))  # "int", or int itself
-    return tuple(k for part in text.split("|") for k in _KINDS.get(part.strip(), ()))
+def _toml_kinds(kind: type) -> tuple[type, ...]:
+    return _TOML_KINDS.get(kind, ())
 
 
-_FIELD_KINDS = {f.name: _kinds(f.type) for f in dataclasses.fields(TrainSpec)}
-_FIXED_KINDS = {**_FIELD_KINDS, "rank": (int,), "alpha": (int, float),
-                "alpha_ratio": (int, float), "lora_dropout": (int, float), "targets": (str,)}
+# Every key list and type below derives from the trial contract (trainables.config).
+# [train]: the recipe's fields, except lr (searched) and seed (the search's, then the final's).
+_TRAIN_KEYS = set(TRAIN_KEYS) - {"lr", "seed"}
+# arms.X.fixed: a training field, lr, or a LoRA setting (the seed stays the study's).
+_FIXABLE = (set(TRAIN_KEYS) - {"seed"}) | set(LORA_KEYS)
+_FIELD_KINDS = {name: _toml_kinds(FLAT_KINDS[name]) for name in TRAIN_KEYS}
+_FIXED_KINDS = {name: _toml_kinds(FLAT_KINDS[name]) for name in (*TRAIN_KEYS, *LORA_KEYS)}
+# `[search] metric` and `mode` of older study files: only these values, which change nothing.
+_FIXED_OBJECTIVE = {"metric": SEARCH_METRIC, "mode": SEARCH_MODE}
+
+
+def _kinds(cls) -> dict[str, tuple[type, ...]]:
+    """The TOML value types of a dataclass's fields."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: _toml_kinds(kind_of(hints[f.name])) for f in dataclasses.fields(cls)}
 
 
 def _known(table: dict, known: set[str], where: str) -> None:
@@ -241,7 +248,7 @@ def _build(cls, table: dict, where: str):
     _table(table, where)
     fields = dataclasses.fields(cls)
     _known(table, {f.name for f in fields}, where)
-    _typed_fields({f.name: _kinds(f.type) for f in fields}, table, where.strip("[]"))
+    _typed_fields(_kinds(cls), table, where.strip("[]"))
     try:
         return cls(**table)
     except TypeError as exc:
@@ -262,6 +269,18 @@ def _path(base: Path, value: str | None, where: str) -> str | None:
     _check(value.strip() != "", where, "is blank: give a path")
     path = Path(value).expanduser()
     return str(path if path.is_absolute() else (base / path).resolve())
+
+
+def _objective(search: Any) -> Any:
+    """[search] without `metric`/`mode`: the search's objective is not a setting. An older file
+    that names the one objective still loads; any other value is refused."""
+    if not isinstance(search, dict):
+        return search  # _build says it is not a table
+    for key, value in _FIXED_OBJECTIVE.items():
+        _check(search.get(key, value) == value, f"search.{key}",
+               f"the search always maximises validation macro AUROC ({SEARCH_METRIC}): "
+               "remove the key")
+    return {k: v for k, v in search.items() if k not in _FIXED_OBJECTIVE}
 
 
 def _check_recipe(train: dict[str, Any], max_t: int, where: str) -> None:
@@ -346,7 +365,7 @@ def parse_study(data: dict[str, Any], base: Path, source: Path | None = None) ->
     train = _table(data.get("train", {}), "[train]")
     _known(train, _TRAIN_KEYS, "[train]")
     _typed_fields(_FIELD_KINDS, train, "train")
-    search = _build(SearchSpec, data.get("search", {}), "[search]")
+    search = _build(SearchSpec, _objective(data.get("search", {})), "[search]")
     _check_recipe(train, search.max_t, "train")  # defaults must make a valid recipe
     _check(search.grace_period >= train.get("warmup_epochs", 1), "search.grace_period",
            "must be >= train.warmup_epochs: ASHA must not judge trials still warming up")

@@ -1,37 +1,116 @@
-"""What a study will cost before it runs: tasks, arms, trials, epochs and checkpoint disk."""
+"""What a study will cost before it runs: tasks, arms, trials, epochs and checkpoint disk.
+
+Each task x arm is planned as the runner will run it: the optimiser the runner picks
+(`study.trials`), and the largest adapter the arm's search space can sample, asked of the space
+itself with the arm's fixed values pinned (`DefineByRun`, as the runner's searcher calls it).
+"""
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
+import optuna
 import torch
 
-from search_spaces import default_optimizer, get_space
-from search_spaces.spaces import RANKS
-from study.config import ArmSpec, StudyConfig
+from search_spaces.define_by_run import DefineByRun
+from search_spaces.presets import Recipe
+from study import trials
+from study.config import ArmSpec, StudyConfig, TaskSpec
+from study.schema import Param
+from trainables.config import TARGETS, LoraSpec, join_targets, parse_targets
+from trainables.errors import ConfigError
 from trainables.foundation import get_foundation
-from trainables.lora import TARGETS, LoraSpec, apply_lora, count_parameters
+from trainables.lora import apply_lora, count_parameters
 from trainables.models import build_backbone
 
 BYTES = 4  # float32
+OPTIMIZER_STATES = {"sgd": 1, "adamw": 2}  # momentum; first and second moments
+
+
+@dataclass(frozen=True)
+class ArmPlan:
+    """One task x arm: its optimiser, its largest adapter (None: full fine-tuning) and the
+    upper bound of one of its checkpoints."""
+
+    optimizer: str
+    lora: LoraSpec | None
+    trainable: int
+    checkpoint_bytes: int
+
+
+def _probe(arm: ArmSpec, optimizer: str, recipe: Recipe | None
+           ) -> tuple[dict[str, optuna.distributions.BaseDistribution], dict]:
+    """The arm's search space asked once: what it samples (distributions) and the constants it
+    derives or the arm fixes (values)."""
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "new study created" line
+    try:
+        trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    values = DefineByRun(arm.space, {}, dict(arm.fixed), optimizer, recipe)(trial)
+    return dict(trial.distributions), values
+
+
+def _largest(dist: optuna.distributions.BaseDistribution | None) -> int | None:
+    if isinstance(dist, optuna.distributions.CategoricalDistribution):
+        return max(dist.choices)
+    if isinstance(dist, optuna.distributions.IntDistribution):
+        return dist.high
+    return None
+
+
+def _targets(dist: optuna.distributions.BaseDistribution | None) -> tuple[str, ...]:
+    """Every target any offered target set adapts (a set the space offers is a subset)."""
+    if isinstance(dist, optuna.distributions.CategoricalDistribution):
+        chosen = {t for choice in dist.choices for t in parse_targets(choice)}
+        return tuple(t for t in TARGETS if t in chosen)
+    return TARGETS  # not a choice among sets: plan for every target
+
+
+def largest_lora(arm: ArmSpec, optimizer: str, recipe: Recipe | None) -> LoraSpec | None:
+    """The largest adapter the arm can train: the space's largest rank and the union of the
+    target sets it offers, unless the space or the arm fixes them (a fixed value wins)."""
+    if arm.kind != "lora":
+        return None
+    distributions, values = _probe(arm, optimizer, recipe)
+    rank = values.get(Param.RANK, _largest(distributions.get(Param.RANK)))
+    if rank is None:
+        raise ConfigError(f"search space {arm.space!r} neither samples nor sets a LoRA rank")
+    targets = (parse_targets(values[Param.TARGETS]) if Param.TARGETS in values
+               else _targets(distributions.get(Param.TARGETS)))
+    return LoraSpec(rank=int(rank), alpha=float(rank), targets=targets)
 
 
 @functools.cache
-def _largest_trainable(foundation: str, arm: ArmSpec, num_classes: int = 14) -> int:
-    """Trainable parameters of the largest config the arm can sample (meta tensors: no memory)."""
+def _largest_trainable(foundation: str, lora: LoraSpec | None, num_classes: int = 14) -> int:
+    """Trainable parameters of the model with this adapter (None: all of them), counted on
+    meta tensors (no memory)."""
     with torch.device("meta"):
         model = build_backbone(get_foundation(foundation).backbone, num_classes)
-        if arm.kind == "lora":
-            rank = 32 if arm.space == "lora_paper" else max(RANKS)
-            targets = ("q", "v") if arm.space == "lora_paper" else TARGETS
-            apply_lora(model, LoraSpec(rank, float(rank), 0.0, targets))
+        if lora is not None:
+            apply_lora(model, lora)
     return count_parameters(model)[0]
 
 
-def checkpoint_bytes(cfg: StudyConfig, arm: ArmSpec, foundation: str, optimizer: str) -> int:
-    """Upper bound of one checkpoint: trainable weights + optimiser state (+ best copy)."""
-    states = 2 if optimizer == "adamw" else 1
-    return _largest_trainable(foundation, arm) * BYTES * (1 + states + 1)
+def arm_plan(task: TaskSpec, arm: ArmSpec) -> ArmPlan:
+    """The task x arm as the runner runs it: its recipe's (or the arm's) optimiser and the
+    largest config its space can sample. A checkpoint holds the trainable weights, the
+    optimiser's state and the best weights so far."""
+    recipe = trials.arm_recipe(task, arm)
+    optimizer = trials.arm_optimizer(task, arm, recipe)
+    lora = largest_lora(arm, optimizer, recipe)
+    trainable = _largest_trainable(task.foundation.name, lora)
+    return ArmPlan(optimizer, lora, trainable,
+                   trainable * BYTES * (1 + OPTIMIZER_STATES[optimizer] + 1))
+
+
+def _describe(plan: ArmPlan) -> str:
+    if plan.lora is None:
+        return f"{plan.optimizer}, every parameter trained"
+    targets = join_targets(plan.lora.targets)
+    return f"{plan.optimizer}, largest adapter rank {plan.lora.rank} on {targets}"
 
 
 def plan_text(cfg: StudyConfig) -> str:
@@ -41,15 +120,14 @@ def plan_text(cfg: StudyConfig) -> str:
     lines += [f"  task {t.key}" for t in cfg.tasks]
     disk = 0
     for arm in cfg.arms:
-        get_space(arm.space)
+        plans = [arm_plan(task, arm) for task in cfg.tasks]
+        described = list(dict.fromkeys(_describe(p) for p in plans))  # distinct, in task order
         lines.append(f"  arm {arm.name}: space {arm.space}, {arm.trials} trials x at most "
                      f"{cfg.search.max_t} epochs (ASHA grace {cfg.search.grace_period}, "
-                     f"reduction {cfg.search.reduction_factor}); final seeds {cfg.final.seeds}")
-        for task in cfg.tasks:
-            optimizer = arm.optimizer or default_optimizer(task.foundation.name)
-            runs = arm.trials + cfg.final.seeds
-            disk += runs * cfg.checkpoints_to_keep * checkpoint_bytes(
-                cfg, arm, task.foundation.name, optimizer)
+                     f"reduction {cfg.search.reduction_factor}); final seeds {cfg.final.seeds}; "
+                     f"{' | '.join(described)}")
+        runs = arm.trials + cfg.final.seeds
+        disk += sum(runs * cfg.checkpoints_to_keep * p.checkpoint_bytes for p in plans)
     epochs = len(cfg.tasks) * sum(a.trials + cfg.final.seeds for a in cfg.arms) * (
         cfg.search.max_t)
     res = cfg.resources

@@ -271,6 +271,12 @@ CASES = [
                      edits={'space = "lora"': 'space = "lora_xl"'}), id="unknown-space"),
     pytest.param(Bad(("search.sampler", "use one of"),
                      edits={"max_t = 2": 'max_t = 2\nsampler = "grid"'}), id="unknown-sampler"),
+    pytest.param(Bad(("search.metric", "always maximises validation macro AUROC (val_auroc)",
+                      "remove the key"),
+                     edits={"max_t = 2": 'max_t = 2\nmetric = "val_auprc"'}),
+                 id="search-metric-not-val-auroc"),
+    pytest.param(Bad(("search.mode", "always maximises", "remove the key"),
+                     edits={"max_t = 2": 'max_t = 2\nmode = "min"'}), id="search-mode-min"),
     # arms and LoRA settings that cannot work
     pytest.param(Bad(("[arms]", "define at least one arm"),
                      edits={"[arms.lora]\n" + LORA: "[arms]"}), id="arms-empty"),

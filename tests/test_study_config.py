@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import tomllib
 from importlib import resources
 from pathlib import Path
 
 import pytest
 
-from study.config import load_study, parse_study
+from search_spaces import define_by_run
+from study import config
+from study.config import SearchSpec, load_study, parse_study
+from study.schema import task_key
+from trainables.config import FLAT_KINDS, LORA_KEYS, TRAIN_KEYS, TrainSpec
 from trainables.errors import ConfigError
 
 GOOD = {
@@ -78,7 +84,7 @@ def test_missing_and_malformed_files(tmp_path):
 STUDIES = Path(__file__).resolve().parents[1] / "studies"
 
 
-@pytest.mark.parametrize("name", ["demo", "quick_nih", "paper_mrm", "paper_cxrmae"])
+@pytest.mark.parametrize("name", ["quick_nih", "paper_mrm", "paper_cxrmae"])
 def test_shipped_study_files_validate(name):
     cfg = load_study(STUDIES / f"{name}.toml")
     assert cfg.arms and cfg.tasks
@@ -88,9 +94,90 @@ def test_shipped_study_files_validate(name):
         assert cfg.search.grace_period >= dict(cfg.train)["warmup_epochs"]
 
 
-def test_repo_demo_study_matches_the_embedded_one(tmp_path):
-    text = resources.files("study").joinpath("demo.toml").read_text()
-    (tmp_path / "study.toml").write_text(text)
-    embedded, repo = load_study(tmp_path / "study.toml"), load_study(STUDIES / "demo.toml")
-    for field in ("arms", "search", "train", "resources", "final"):
-        assert getattr(embedded, field) == getattr(repo, field), field
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_the_demo_study_has_one_source():
+    """`cxr-study demo` runs the package's study/demo.toml; no second copy to drift from it."""
+    skip = {".venv", ".git", "demo_run", "runs"}
+    demos = sorted(str(p.relative_to(REPO)) for p in REPO.rglob("*.toml")
+                   if not skip & set(p.relative_to(REPO).parts)
+                   and tomllib.loads(p.read_text()).get("study", {}).get("name") == "demo")
+    assert demos == ["study/demo.toml"]
+
+
+# --- the key lists come from the trial contract (trainables.config) ---------------------------
+
+def _train_defaults(*drop: str) -> dict:
+    return {k: v for k, v in dataclasses.asdict(TrainSpec()).items() if k not in drop}
+
+
+def test_train_takes_every_recipe_field_but_lr_and_seed(tmp_path):
+    train = _train_defaults("lr", "seed")
+    assert set(train) == set(TRAIN_KEYS) - {"lr", "seed"}
+    cfg = parse_study(_with("train", **train), tmp_path)
+    assert dict(cfg.train) == train
+    for key in ("lr", "seed"):
+        with pytest.raises(ConfigError, match=rf"\[train\]: unknown keys \['{key}'\]"):
+            parse_study(_with("train", **{key: 1}), tmp_path)
+
+
+def test_fixed_takes_recipe_fields_lr_and_every_lora_key(tmp_path):
+    lora = {"rank": 4, "alpha": 8, "alpha_ratio": 2, "lora_dropout": 0, "targets": "q+v"}
+    assert set(lora) == set(LORA_KEYS)  # alpha_ratio included
+    fixed = {**_train_defaults("seed"), **lora, "lr": 0.01}
+    cfg = parse_study(_with("arms", lora={"space": "lora", "fixed": fixed}), tmp_path)
+    assert dict(cfg.arms[0].fixed) == fixed
+    with pytest.raises(ConfigError, match=r"arms.lora.fixed: unknown keys \['seed'\]"):
+        parse_study(_with("arms", lora={"space": "lora", "fixed": {"seed": 1}}), tmp_path)
+
+
+def test_toml_kinds_follow_the_contract_types():
+    toml = {str: (str,), int: (int,), float: (int, float), bool: (bool,)}
+    assert config._FIXED_KINDS == {k: toml[FLAT_KINDS[k]] for k in (*TRAIN_KEYS, *LORA_KEYS)}
+
+
+@pytest.mark.parametrize("section, key, value, match", [
+    ("train", "batch_size", 64.0, r"train.batch_size: expected int, got 64.0"),
+    ("train", "batch_size", True, r"train.batch_size: expected int, got True"),
+    ("train", "weight_decay", "0.1", r"train.weight_decay: expected int/float"),
+    ("fixed", "rank", 4.0, r"arms.lora.fixed.rank: expected int, got 4.0"),
+    ("fixed", "alpha_ratio", False, r"arms.lora.fixed.alpha_ratio: expected int/float"),
+    ("fixed", "targets", ["q", "v"], r"arms.lora.fixed.targets: expected str"),
+])
+def test_toml_kinds_are_checked(tmp_path, section, key, value, match):
+    data = (_with("train", **{key: value}) if section == "train" else
+            _with("arms", lora={"space": "lora", "fixed": {key: value}}))
+    with pytest.raises(ConfigError, match=match):
+        parse_study(data, tmp_path)
+
+
+def test_samplers_and_task_keys_have_one_definition(tmp_path):
+    assert config.SAMPLERS is define_by_run.SAMPLERS
+    task = parse_study(GOOD, tmp_path).tasks[0]
+    assert task.key == task_key("demo", "nih", 0.01, 0) == "demo-nih-0.01-s0"
+
+
+# --- the search objective is fixed -------------------------------------------------------------
+
+def test_search_objective_is_not_a_setting():
+    assert not {"metric", "mode"} & {f.name for f in dataclasses.fields(SearchSpec)}
+
+
+def test_older_files_naming_the_one_objective_still_load(tmp_path):
+    cfg = parse_study(_with("search", metric="val_auroc", mode="max"), tmp_path)
+    assert cfg.search == parse_study(GOOD, tmp_path).search
+
+
+@pytest.mark.parametrize("values, key", [
+    ({"metric": "val_auprc"}, "metric"),
+    ({"mode": "min"}, "mode"),
+    ({"metric": "val_auroc", "mode": "min"}, "mode"),
+    ({"metric": 1}, "metric"),
+])
+def test_any_other_objective_is_refused(tmp_path, values, key):
+    with pytest.raises(ConfigError) as err:
+        parse_study(_with("search", **values), tmp_path)
+    message = str(err.value)
+    assert message == (f"search.{key}: the search always maximises validation macro AUROC "
+                       "(val_auroc): remove the key")
