@@ -18,7 +18,7 @@ from typing import Any
 
 from search_spaces import get_space
 from search_spaces.define_by_run import SAMPLERS
-from study.schema import SEARCH_METRIC, SEARCH_MODE, task_key
+from study.schema import SEARCH_METRIC, SEARCH_MODE, Param, task_key
 from trainables.config import FLAT_KINDS, LORA_KEYS, TRAIN_KEYS, TrainSpec, kind_of, parse_targets
 from trainables.datasets import DataSpec
 from trainables.errors import ConfigError
@@ -193,10 +193,11 @@ def _toml_kinds(kind: type) -> tuple[type, ...]:
 
 
 # Every key list and type below derives from the trial contract (trainables.config).
-# [train]: the recipe's fields, except lr (searched) and seed (the search's, then the final's).
-_TRAIN_KEYS = set(TRAIN_KEYS) - {"lr", "seed"}
+# [train]: the recipe's fields, except lr (searched), seed (the search's, then the final's) and
+# optimizer (an arm's own: its lr range depends on it, so it is `arms.X.optimizer`).
+_TRAIN_KEYS = set(TRAIN_KEYS) - {Param.LR, Param.SEED, Param.OPTIMIZER}
 # arms.X.fixed: a training field, lr, or a LoRA setting (the seed stays the study's).
-_FIXABLE = (set(TRAIN_KEYS) - {"seed"}) | set(LORA_KEYS)
+_FIXABLE = (set(TRAIN_KEYS) - {Param.SEED, Param.OPTIMIZER}) | set(LORA_KEYS)
 _FIELD_KINDS = {name: _toml_kinds(FLAT_KINDS[name]) for name in TRAIN_KEYS}
 _FIXED_KINDS = {name: _toml_kinds(FLAT_KINDS[name]) for name in (*TRAIN_KEYS, *LORA_KEYS)}
 # `[search] metric` and `mode` of older study files: only these values, which change nothing.
@@ -291,10 +292,18 @@ def _check_recipe(train: dict[str, Any], max_t: int, where: str) -> None:
         raise ConfigError(f"{where}.{exc}") from None  # TrainSpec says "field: problem"
 
 
+def _not_optimizer(table: dict, where: str, arm: str) -> None:
+    """The optimiser is an arm's choice (its lr range follows it), never a trial value."""
+    _check(Param.OPTIMIZER not in table, f"{where}.{Param.OPTIMIZER}",
+           f"set it per arm, e.g. [arms.{arm}] optimizer = "
+           f"{table.get(Param.OPTIMIZER, 'adamw')!r}: the arm's lr range depends on it")
+
+
 def _parse_arm(name: str, arm: Any, train: dict[str, Any], max_t: int) -> ArmSpec:
     where = f"arms.{name}"
     _known(_table(arm, where), {"space", "trials", "fixed", "optimizer"}, f"[{where}]")
     fixed = _table(arm.get("fixed", {}), f"{where}.fixed")
+    _not_optimizer(fixed, f"{where}.fixed", name)
     _known(fixed, _FIXABLE, f"{where}.fixed")
     _typed_fields(_FIXED_KINDS, fixed, f"{where}.fixed")
     if "targets" in fixed:
@@ -363,6 +372,7 @@ def parse_study(data: dict[str, Any], base: Path, source: Path | None = None) ->
     _check(bool(arms_table), "[arms]", "define at least one arm, e.g. [arms.lora] space='lora'")
 
     train = _table(data.get("train", {}), "[train]")
+    _not_optimizer(train, "train", next(iter(arms_table), "NAME"))
     _known(train, _TRAIN_KEYS, "[train]")
     _typed_fields(_FIELD_KINDS, train, "train")
     search = _build(SearchSpec, _objective(data.get("search", {})), "[search]")

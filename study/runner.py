@@ -89,7 +89,6 @@ class ArmOutcome:
     final_test: list[float] = field(default_factory=list)
 
 
-
 class StudyInterrupted(KeyboardInterrupt):
     """Ctrl-C reached a search: Tune saved its state, the study can be resumed."""
 

@@ -116,11 +116,11 @@ def provenance(files: dict[str, Path | None]) -> dict[str, str]:
     """Git commit of the code and SHA-256 of the given files, as tags for every run."""
     tags = {}
     try:
-        tags["git_commit"] = subprocess.run(
+        tags[Tag.GIT_COMMIT] = subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
             cwd=Path(__file__).parent).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
-        tags["git_commit"] = "unknown"
+        tags[Tag.GIT_COMMIT] = "unknown"
     for key, path in files.items():
         if path is not None and Path(path).is_file():
             tags[key] = sha256_file(Path(path))

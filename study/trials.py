@@ -15,7 +15,6 @@ from study.preflight import TaskData
 from study.schema import Phase
 from trainables.config import RunSettings, TaskFactors, TrainSpec, flatten
 from trainables.foundation import get_foundation
-from trainables.ray_train import trainable, trial_resources
 
 
 def recipes(task: TaskSpec) -> tuple[Recipe | None, Recipe | None]:
@@ -81,6 +80,7 @@ def run_settings(cfg: StudyConfig, data: TaskData, predictions: Path | None = No
 
 def study_trainable(cfg: StudyConfig, run: RunSettings):
     """The Tune trainable with these run settings and what each trial reserves."""
+    from trainables.ray_train import trainable, trial_resources  # Ray: not for a plan
     res = cfg.resources
     return trainable(run, trial_resources(res.num_workers, res.cpus_per_worker,
                                           res.gpus_per_worker, res.local_mode))

@@ -277,6 +277,13 @@ CASES = [
                  id="search-metric-not-val-auroc"),
     pytest.param(Bad(("search.mode", "always maximises", "remove the key"),
                      edits={"max_t = 2": 'max_t = 2\nmode = "min"'}), id="search-mode-min"),
+    # the optimiser is an arm's (its lr range follows it), not a trial value
+    pytest.param(Bad(("train.optimizer", "set it per arm", "[arms.lora] optimizer = 'sgd'"),
+                     edits={"[search]": '[train]\noptimizer = "sgd"\n[search]'}),
+                 id="train-optimizer"),
+    pytest.param(Bad(("arms.lora.fixed.optimizer", "set it per arm"),
+                     edits={LORA: LORA + '\nfixed = { optimizer = "sgd" }'}),
+                 id="fixed-optimizer"),
     # arms and LoRA settings that cannot work
     pytest.param(Bad(("[arms]", "define at least one arm"),
                      edits={"[arms.lora]\n" + LORA: "[arms]"}), id="arms-empty"),
