@@ -105,3 +105,30 @@ def test_divergence_stops_at_once(phantom_cache, tmp_path, monkeypatch):
     with pytest.raises(DivergenceError, match="loss became nan at epoch 1"):
         fit(demo_spec(phantom_cache), rep)
     assert rep.metrics == []
+
+
+def test_accumulated_steps_train_like_one_big_batch(phantom_cache, tmp_path, monkeypatch):
+    """`accumulate = 2` makes each optimiser step of 32 images from two passes of 16, with the
+    same weights after every epoch as one pass of 32 (to float summation order)."""
+    import trainables.fit as fit_mod
+    from safetensors.torch import load_file
+    passes: list[int] = []
+    real = fit_mod.to_model_input
+
+    def counted(images, *args, **kwargs):
+        passes.append(len(images))
+        return real(images, *args, **kwargs)
+    monkeypatch.setattr(fit_mod, "to_model_input", counted)
+    runs = {}
+    for accumulate in (1, 2):
+        passes.clear()
+        rep = ListReporter(tmp_path / str(accumulate))
+        fit(demo_spec(phantom_cache, "fft", epochs=2, batch_size=32, accumulate=accumulate), rep)
+        runs[accumulate] = (rep, passes[0])  # the first training pass (validation follows)
+    (one, big), (two, half) = runs[1], runs[2]
+    assert (big, half) == (32, 16)
+    for a, b in zip(one.checkpoints, two.checkpoints, strict=True):
+        wa, wb = (load_file(str(c / "trainable.safetensors")) for c in (a, b))
+        for name in wa:
+            torch.testing.assert_close(wa[name], wb[name], atol=2e-5, rtol=1e-4)
+    assert [m["lr"] for m in one.metrics] == pytest.approx([m["lr"] for m in two.metrics])

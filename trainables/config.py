@@ -54,6 +54,9 @@ class TrainSpec:
     augmentation: str = "none"
     drop_path: float = 0.0
     grad_clip: float = 0.0
+    # Gradient-accumulation steps: each optimiser step still sees `batch_size` images, in this
+    # many forward/backward passes of batch_size / accumulate (a large batch on one GPU).
+    accumulate: int = 1
 
     def __post_init__(self) -> None:
         _require(self.optimizer in OPTIMIZERS, "optimizer", f"use one of {OPTIMIZERS}")
@@ -68,6 +71,8 @@ class TrainSpec:
         _require(self.augmentation in AUGMENTATIONS, "augmentation", f"use one of {AUGMENTATIONS}")
         _require(0 <= self.drop_path < 1, "drop_path", "must be in [0, 1)")
         _require(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 disables clipping)")
+        _require(self.accumulate >= 1 and self.batch_size % self.accumulate == 0, "accumulate",
+                 f"must be >= 1 and divide batch_size ({self.batch_size})")
 
 
 def join_targets(targets: Iterable[str]) -> str:

@@ -282,7 +282,8 @@ def fit(cfg: TrialSpec, reporter: Reporter,
     model = build_model(cfg)
     trainable, total = count_parameters(model)
     model = wrap_model(model)
-    per_worker = max(1, cfg.train.batch_size // world)
+    steps = cfg.train.accumulate  # forward/backward passes per optimiser step
+    per_worker = max(1, cfg.train.batch_size // (world * steps))
     dataset = CachedImages(train, cfg.train.augmentation)
     # One sampler for any world size: the epoch's permutation depends only on (seed, epoch), and
     # rank r takes every world-th index, so N workers see exactly the batches of one worker with
@@ -292,7 +293,8 @@ def fit(cfg: TrialSpec, reporter: Reporter,
     loader = wrap_loader(DataLoader(dataset, batch_size=per_worker, sampler=sampler,
                                     num_workers=0))
     optimizer = build_optimizer(_unwrap(model), cfg.train)
-    scheduler = build_scheduler(optimizer, cfg.train, len(loader))
+    updates = math.ceil(len(loader) / steps)  # optimiser steps per epoch
+    scheduler = build_scheduler(optimizer, cfg.train, updates)
     state = TrainState()
     restored = reporter.latest_checkpoint()
     resumed: dict[str, object] = {}
@@ -313,7 +315,10 @@ def fit(cfg: TrialSpec, reporter: Reporter,
         model.train()
         loss_sum, batches = 0.0, 0
         for step, (images, labels, _) in enumerate(loader):
-            scheduler.step_update(epoch * len(loader) + step)
+            update, part = divmod(step, steps)
+            if part == 0:
+                scheduler.step_update(epoch * updates + update)
+                optimizer.zero_grad(set_to_none=True)
             x = to_model_input(images, mean, std, cfg.train.augmentation == "crop_flip_erase")
             with _autocast(device):
                 logits = model(x.to(device))
@@ -321,11 +326,14 @@ def fit(cfg: TrialSpec, reporter: Reporter,
             if not torch.isfinite(loss):
                 raise DivergenceError(f"loss became {loss.item()} at epoch {epoch + 1}, step "
                                       f"{step}: lr {cfg.train.lr:g} is probably too high")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.train.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
-            optimizer.step()
+            # Each pass weighs its images' share of the step's batch, so the accumulated
+            # gradient is the mean over the whole batch (the last batch may be short).
+            in_step = min(per_worker * steps, len(sampler) - update * per_worker * steps)
+            (loss * (len(images) / in_step)).backward()
+            if part == steps - 1 or step == len(loader) - 1:
+                if cfg.train.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
+                optimizer.step()
             loss_sum, batches, seen = loss_sum + loss.item(), batches + 1, seen + len(images)
         val_metrics = classification_metrics(val.labels, predict(model, val, mean, std), names)
         state.epoch = epoch + 1
