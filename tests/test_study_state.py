@@ -19,8 +19,7 @@ from study.callbacks import _UNFINISHED, InterruptWatch
 from study.cluster import check_shared_storage
 from study.state import Segment, StudyState, config_hash
 from study.tracking import MlflowTrialTracker, end_open_runs, start_run, supersede_finals
-from trainables.errors import TrackingUnavailable
-from trainables.errors import ConfigError
+from trainables.errors import ConfigError, TrackingUnavailable
 from trainables.fit import TrainState
 from trainables.ray_train import usable_checkpoint
 
@@ -240,3 +239,28 @@ def test_superseded_final_runs_drop_out_of_the_analysis(store):
     assert "new" in set(shown["tag.trial_id"].dropna())
     everything = load_runs(uri, "e", include_superseded=True)
     assert set(everything["tag.trial_id"].dropna()) == {"old", "new"}
+
+
+def test_a_divergence_is_named_by_its_marker_not_by_the_traceback(store, tmp_path):
+    """The trial leaves its reason in a marker file; the driver reads that, whatever Ray's
+    error file says around it."""
+    from trainables.config import RunSettings
+    client, exp, parent, backlog = store
+    run = RunSettings("", storage_path=str(tmp_path / "train"))
+    tracker = MlflowTrialTracker(client, exp, parent, {"arm": "lora", "phase": "search"}, 3,
+                                 backlog, background=False, run=run)
+    error_file = tmp_path / "error.txt"
+    error_file.write_text("Traceback (most recent call last):\n  ...\nRayTaskError: wrapped\n")
+    for trial_id, diverged in (("d1", True), ("e1", False)):
+        trial = _trial(trial_id)
+        trial.error_file = str(error_file)
+        if diverged:
+            marker = run.divergence_marker(trial_id)
+            marker.parent.mkdir(parents=True)
+            marker.write_text("loss became nan at epoch 2, step 0")
+        tracker.on_trial_start(0, [], trial)
+        tracker.on_trial_error(0, [], trial)
+    errors = {r.data.tags["trial_id"]: r.data.tags["error"] for r in client.search_runs([exp])
+              if "trial_id" in r.data.tags}
+    assert errors["d1"] == "DivergenceError: loss became nan at epoch 2, step 0"
+    assert errors["e1"] == "RayTaskError: wrapped"
