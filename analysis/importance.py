@@ -24,9 +24,15 @@ from optuna.distributions import (
 )
 from optuna.importance import FanovaImportanceEvaluator, get_param_importances
 
-# Candidates when an arm's space is not in the registry (a study from an older version).
-HYPERPARAMS = ("rank", "alpha_ratio", "alpha", "targets", "lr", "weight_decay", "layer_decay",
-               "lora_dropout", "warmup_epochs", "batch_size", "augmentation")
+from analysis.study_data import TASK_ARM
+from study.schema import Metric, Param, Tag
+from trainables.config import LORA_KEYS, TRAIN_KEYS
+
+# Candidates when an arm's space is not in the registry (a study from an older version): every
+# adapter and training param a search could vary but the optimiser, budget and seed (those that
+# did not vary in an arm's trials are left out there).
+HYPERPARAMS = (*LORA_KEYS, *(k for k in TRAIN_KEYS
+                             if k not in (Param.OPTIMIZER, Param.EPOCHS, Param.SEED)))
 
 
 def space_distributions(space: str | None, optimizer: str) -> dict[str, BaseDistribution]:
@@ -75,7 +81,7 @@ def _fit(name: str, values: pd.Series, declared: BaseDistribution | None) -> Bas
 def arm_study(trials: pd.DataFrame, space: str | None = None,
               optimizer: str = "sgd") -> optuna.Study:
     """An in-memory Optuna study of one task x arm's finished search trials."""
-    done = trials[(trials["status"] == "FINISHED") & trials["best_val_auroc"].notna()]
+    done = trials[(trials["status"] == "FINISHED") & trials[Metric.BEST_VAL_AUROC].notna()]
     declared = space_distributions(space, optimizer)
     names = list(declared) if declared else [p for p in HYPERPARAMS if p in done]
     names = [n for n in names if n in done and done[n].notna().all() and done[n].nunique() > 1]
@@ -84,7 +90,8 @@ def arm_study(trials: pd.DataFrame, space: str | None = None,
     for row in done.itertuples(index=False):
         params = {n: _python(getattr(row, n)) for n in names}
         study.add_trial(optuna.trial.create_trial(
-            params=params, distributions=distributions, value=float(row.best_val_auroc)))
+            params=params, distributions=distributions,
+            value=float(getattr(row, Metric.BEST_VAL_AUROC))))
     return study
 
 
@@ -99,17 +106,17 @@ def param_importance(trials: pd.DataFrame, arms: pd.DataFrame | None = None,
     spaces = {} if arms is None or arms.empty else {
         (r.task, r.arm): (r.space, r.optimizer) for r in arms.itertuples()}
     rows = []
-    for (task, arm), group in trials.groupby(["task", "arm"], sort=True):
-        space, optimizer = spaces.get((task, arm), (None, _first(group, "optimizer", "sgd")))
+    for (task, arm), group in trials.groupby(TASK_ARM, sort=True):
+        space, optimizer = spaces.get((task, arm), (None, _first(group, Param.OPTIMIZER, "sgd")))
         study = arm_study(group, space, str(optimizer))
         complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
         if len(complete) < 3 or not complete[0].distributions:
             continue
         scores = get_param_importances(study, evaluator=FanovaImportanceEvaluator(seed=seed))
-        kind = _first(group, "kind", "")
-        rows += [{"task": task, "arm": arm, "kind": kind, "param": p, "importance": v,
-                  "trials": len(complete)} for p, v in scores.items()]
-    return pd.DataFrame(rows, columns=["task", "arm", "kind", "param", "importance", "trials"])
+        kind = _first(group, Tag.KIND, "")
+        rows += [{Tag.TASK: task, Tag.ARM: arm, Tag.KIND: kind, "param": p, "importance": v,
+                  Tag.TRIALS: len(complete)} for p, v in scores.items()]
+    return pd.DataFrame(rows, columns=[*TASK_ARM, Tag.KIND, "param", "importance", Tag.TRIALS])
 
 
 def _first(frame: pd.DataFrame, column: str, default):
@@ -137,23 +144,24 @@ def lr_band(lr: float) -> str:
     return "–" if np.isnan(edge) else f"{10 ** edge:.0e}..{10 ** (edge + 0.5):.0e}"
 
 
-MARGINAL_PARAMS = ("rank", "alpha", "alpha_ratio", "targets", "lr")
+MARGINAL_PARAMS = (Param.RANK, Param.ALPHA, Param.ALPHA_RATIO, Param.TARGETS, Param.LR)
 
 
 def marginal_effects(trials: pd.DataFrame,
                      params: Sequence[str] = MARGINAL_PARAMS) -> pd.DataFrame:
     """Best validation AUROC by value of each parameter (lr in half-decade bands)."""
-    done = trials[(trials["status"] == "FINISHED") & trials["best_val_auroc"].notna()]
+    best = Metric.BEST_VAL_AUROC
+    done = trials[(trials["status"] == "FINISHED") & trials[best].notna()]
     rows = []
     for name in [p for p in params if p in done]:
         # lr is continuous: group it by half-decade, ordered by the band's lower edge.
-        keys = done[name].map(_band_edge) if name == "lr" else done[name]
+        keys = done[name].map(_band_edge) if name == Param.LR else done[name]
         keyed = done.assign(key=keys)
         keyed = keyed[keyed["key"].notna()]
-        for (task, arm, key), group in keyed.groupby(["task", "arm", "key"], sort=True):
-            value = lr_band(10 ** (key + 0.25)) if name == "lr" else str(key)
-            rows.append({"task": task, "arm": arm, "param": name, "value": value,
-                         "trials": len(group), "mean_val_auroc": group["best_val_auroc"].mean(),
-                         "best_val_auroc": group["best_val_auroc"].max()})
-    return pd.DataFrame(rows, columns=["task", "arm", "param", "value", "trials",
-                                       "mean_val_auroc", "best_val_auroc"])
+        for (task, arm, key), group in keyed.groupby([*TASK_ARM, "key"], sort=True):
+            value = lr_band(10 ** (key + 0.25)) if name == Param.LR else str(key)
+            rows.append({Tag.TASK: task, Tag.ARM: arm, "param": name, "value": value,
+                         Tag.TRIALS: len(group), "mean_val_auroc": group[best].mean(),
+                         best: group[best].max()})
+    return pd.DataFrame(rows, columns=[*TASK_ARM, "param", "value", Tag.TRIALS,
+                                       "mean_val_auroc", best])

@@ -18,7 +18,8 @@ from matplotlib.lines import Line2D
 from sklearn.metrics import roc_curve
 
 from analysis.stats import Predictions, class_aurocs
-from analysis.study_data import StudyData
+from analysis.study_data import TASK_ARM, StudyData
+from study.schema import Metric, Param, Phase, Tag
 
 ARM_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
 
@@ -57,24 +58,24 @@ def learning_curves(data: StudyData, task: str) -> Figure:
     Trials that ran the whole budget are solid; ASHA-stopped ones are dashed and end in a cross,
     failed ones are dotted: the plot shows where the budget went, not only the winners.
     """
-    epochs = data.epochs[(data.epochs["task"] == task) & (data.epochs["phase"] == "search")]
-    trials = data.trials[data.trials["task"] == task].set_index("run_id")
-    arms = sorted(trials["arm"].unique())
+    epochs = data.epochs[(data.epochs[Tag.TASK] == task) & (data.epochs[Tag.PHASE] == Phase.SEARCH)]
+    trials = data.trials[data.trials[Tag.TASK] == task].set_index("run_id")
+    arms = sorted(trials[Tag.ARM].unique())
     colors = arm_colors(arms)
     fig = _figure(5.0 * max(1, min(len(arms), 3)), 3.6)
     for ax, arm in zip(_grid(fig, len(arms)), arms):
-        for run_id, curve in epochs[epochs["arm"] == arm].groupby("run_id"):
-            curve = curve.sort_values("epoch")
+        for run_id, curve in epochs[epochs[Tag.ARM] == arm].groupby("run_id"):
+            curve = curve.sort_values(Metric.EPOCH)
             info = trials.loc[run_id] if run_id in trials.index else None
             failed = info is not None and info["status"] == "FAILED"
-            stopped = info is not None and pd.notna(info["stopped_early"]) and bool(
-                info["stopped_early"])
+            stopped = info is not None and pd.notna(info[Tag.STOPPED_EARLY]) and bool(
+                info[Tag.STOPPED_EARLY])
             style = {"color": "0.55" if stopped else ("black" if failed else colors[arm]),
                      "linestyle": ":" if failed else ("--" if stopped else "-"), "lw": 1.3,
                      "alpha": 0.85}
-            ax.plot(curve["epoch"], curve["val_auroc"], **style)
+            ax.plot(curve[Metric.EPOCH], curve[Metric.VAL_AUROC], **style)
             if stopped or failed:
-                ax.plot(curve["epoch"].iloc[-1], curve["val_auroc"].iloc[-1], "x",
+                ax.plot(curve[Metric.EPOCH].iloc[-1], curve[Metric.VAL_AUROC].iloc[-1], "x",
                         color=style["color"], ms=6)
         ax.set(title=f"{arm}", xlabel="epoch", ylabel="validation macro AUROC")
         ax.grid(alpha=0.3)
@@ -103,20 +104,21 @@ def auroc_vs_params(data: StudyData) -> Figure:
     the Pareto front is the line, final test AUROC of each arm the star."""
     tasks = data.tasks
     trials = data.trials[data.trials["status"] == "FINISHED"]
-    colors = arm_colors(data.trials["arm"].unique())
+    size = Metric.TRAINABLE_PARAMS
+    colors = arm_colors(data.trials[Tag.ARM].unique())
     fig = _figure(5.0 * max(1, min(len(tasks), 3)), 3.8 * math.ceil(max(1, len(tasks)) / 3))
     for ax, task in zip(_grid(fig, len(tasks)), tasks):
-        part = trials[(trials["task"] == task) & trials["trainable_params"].notna()]
-        for arm, group in part.groupby("arm"):
-            ax.scatter(group["trainable_params"], group["best_val_auroc"], s=22,
+        part = trials[(trials[Tag.TASK] == task) & trials[size].notna()]
+        for arm, group in part.groupby(Tag.ARM):
+            ax.scatter(group[size], group[Metric.BEST_VAL_AUROC], s=22,
                        color=colors[arm], alpha=0.75, label=f"{arm} trials")
-        front = part[pareto_front(part["trainable_params"], part["best_val_auroc"])]
-        front = front.sort_values("trainable_params")
-        ax.step(front["trainable_params"], front["best_val_auroc"], where="post", color="black",
+        front = part[pareto_front(part[size], part[Metric.BEST_VAL_AUROC])]
+        front = front.sort_values(size)
+        ax.step(front[size], front[Metric.BEST_VAL_AUROC], where="post", color="black",
                 lw=1.2, label="Pareto front")
-        finals = data.finals[data.finals["task"] == task] if len(data.finals) else data.finals
-        for arm, group in finals.groupby("arm") if len(finals) else []:
-            ax.scatter(group["trainable_params"].mean(), group["test_auroc"].mean(), marker="*",
+        finals = data.finals[data.finals[Tag.TASK] == task] if len(data.finals) else data.finals
+        for arm, group in finals.groupby(Tag.ARM) if len(finals) else []:
+            ax.scatter(group[size].mean(), group[Metric.TEST_AUROC].mean(), marker="*",
                        s=160, color=colors.get(arm, "black"), edgecolor="black",
                        label=f"{arm} test (final)")
         ax.set_xscale("log")
@@ -129,24 +131,25 @@ def auroc_vs_params(data: StudyData) -> Figure:
 
 def rank_lr_heatmap(data: StudyData, task: str, arm: str, bins: int = 6) -> Figure:
     """Best validation AUROC over LoRA rank (rows) and log-spaced lr bins (columns)."""
-    trials = data.trials[(data.trials["task"] == task) & (data.trials["arm"] == arm)
+    trials = data.trials[(data.trials[Tag.TASK] == task) & (data.trials[Tag.ARM] == arm)
                          & (data.trials["status"] == "FINISHED")]
-    trials = trials[trials["rank"].notna() & trials["lr"].notna()] if "rank" in trials else (
-        trials.iloc[0:0])
+    trials = trials[trials[Param.RANK].notna() & trials[Param.LR].notna()] if (
+        Param.RANK in trials) else trials.iloc[0:0]
     fig = _figure(6.0, 3.8)
     ax = fig.subplots()
     if trials.empty:
         ax.text(0.5, 0.5, "no finished LoRA trials", ha="center", va="center")
         ax.set_axis_off()
         return fig
-    lrs = trials["lr"].astype(float)
+    lrs = trials[Param.LR].astype(float)
     low, high = math.log10(lrs.min()), math.log10(lrs.max())
     edges = np.logspace(low, high + 1e-9, bins + 1) if high > low else np.array(
         [lrs.min() * 0.99, lrs.max() * 1.01])
     column = np.clip(np.searchsorted(edges, lrs, side="right") - 1, 0, len(edges) - 2)
-    ranks = sorted(int(r) for r in trials["rank"].unique())
+    ranks = sorted(int(r) for r in trials[Param.RANK].unique())
     grid = np.full((len(ranks), len(edges) - 1), np.nan)
-    for (r, c), v in zip(zip(trials["rank"].astype(int), column), trials["best_val_auroc"]):
+    best = trials[Metric.BEST_VAL_AUROC]
+    for (r, c), v in zip(zip(trials[Param.RANK].astype(int), column), best):
         i = ranks.index(r)
         grid[i, c] = v if np.isnan(grid[i, c]) else max(grid[i, c], v)
     image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap="viridis", origin="lower")
@@ -166,18 +169,18 @@ def rank_lr_heatmap(data: StudyData, task: str, arm: str, bins: int = 6) -> Figu
 
 def importance_bars(importance: pd.DataFrame) -> Figure:
     """fANOVA importance per task and arm, one panel each."""
-    groups = list(importance.groupby(["task", "arm"], sort=True)) if len(importance) else []
+    groups = list(importance.groupby(TASK_ARM, sort=True)) if len(importance) else []
     fig = _figure(4.6 * max(1, min(len(groups), 3)), 3.2 * math.ceil(max(1, len(groups)) / 3))
     if not groups:
         ax = fig.subplots()
         ax.text(0.5, 0.5, "not enough finished trials for fANOVA", ha="center", va="center")
         ax.set_axis_off()
         return fig
-    colors = arm_colors(importance["arm"].unique())
+    colors = arm_colors(importance[Tag.ARM].unique())
     for ax, ((task, arm), group) in zip(_grid(fig, len(groups)), groups):
         group = group.sort_values("importance")
         ax.barh(group["param"], group["importance"], color=colors[arm])
-        ax.set(title=f"{task}\n{arm} ({int(group['trials'].iloc[0])} trials)",
+        ax.set(title=f"{task}\n{arm} ({int(group[Tag.TRIALS].iloc[0])} trials)",
                xlabel="fANOVA importance", xlim=(0, 1))
         ax.grid(alpha=0.3, axis="x")
     fig.suptitle("Hyperparameter importance (Optuna fANOVA)")
@@ -220,11 +223,11 @@ def forest_plot(comparison: pd.DataFrame) -> Figure:
 
 def roc_curves(data: StudyData, task: str) -> Figure:
     """ROC per class of each arm's final model (lowest seed), one panel per arm."""
-    finals = data.finals[data.finals["task"] == task] if len(data.finals) else data.finals
-    arms = sorted(finals["arm"].unique()) if len(finals) else []
+    finals = data.finals[data.finals[Tag.TASK] == task] if len(data.finals) else data.finals
+    arms = sorted(finals[Tag.ARM].unique()) if len(finals) else []
     fig = _figure(4.6 * max(1, min(len(arms), 3)), 4.2)
     for ax, arm in zip(_grid(fig, max(1, len(arms))), arms or [None]):
-        run = finals[finals["arm"] == arm].sort_values("seed").head(1) if arm else finals
+        run = finals[finals[Tag.ARM] == arm].sort_values(Param.SEED).head(1) if arm else finals
         frame = data.predictions(run["run_id"].iloc[0]) if len(run) else None
         if frame is None:
             ax.text(0.5, 0.5, "no saved test predictions", ha="center", va="center")
@@ -240,7 +243,7 @@ def roc_curves(data: StudyData, task: str) -> Figure:
             fpr, tpr, _ = roc_curve(y, pred.probs[known, k])
             ax.plot(fpr, tpr, lw=1.1, label=f"{name} ({aucs[name]:.3f})")
         ax.plot([0, 1], [0, 1], color="0.6", ls="--", lw=0.8)
-        ax.set(title=f"{arm} (seed {int(run['seed'].iloc[0])})", xlabel="false positive rate",
+        ax.set(title=f"{arm} (seed {int(run[Param.SEED].iloc[0])})", xlabel="false positive rate",
                ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.01))
         ax.legend(fontsize=6, loc="lower right")
     fig.suptitle(f"Test ROC per class: {task}")
@@ -249,18 +252,18 @@ def roc_curves(data: StudyData, task: str) -> Figure:
 
 def budget_plot(curve: pd.DataFrame) -> Figure:
     """Best validation AUROC found so far against epochs spent, per task and arm (ASHA)."""
-    tasks = sorted(curve["task"].unique()) if len(curve) else []
+    tasks = sorted(curve[Tag.TASK].unique()) if len(curve) else []
     fig = _figure(5.0 * max(1, min(len(tasks), 3)), 3.4 * math.ceil(max(1, len(tasks)) / 3))
-    colors = arm_colors(curve["arm"].unique()) if len(curve) else {}
+    colors = arm_colors(curve[Tag.ARM].unique()) if len(curve) else {}
     for ax, task in zip(_grid(fig, max(1, len(tasks))), tasks or [None]):
         if task is None:
             ax.text(0.5, 0.5, "no search trials", ha="center", va="center")
             ax.set_axis_off()
             continue
-        for arm, group in curve[curve["task"] == task].groupby("arm"):
+        for arm, group in curve[curve[Tag.TASK] == task].groupby(Tag.ARM):
             ax.step(group["cumulative_epochs"], group["running_best"], where="post",
                     color=colors[arm], label=arm)
-            full = int(group["trials"].iloc[0]) * int(group["max_t"].iloc[0])
+            full = int(group[Tag.TRIALS].iloc[0]) * int(group[Param.MAX_T].iloc[0])
             ax.axvline(full, color=colors[arm], ls=":", lw=1)
         ax.set(title=task, xlabel="epochs spent (dotted: budget without early stopping)",
                ylabel="best val AUROC so far")

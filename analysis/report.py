@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import html
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -35,6 +35,7 @@ from analysis.tables import (
     to_markdown,
     val_test_gap,
 )
+from study.schema import StudyParams, Tag, tag
 
 
 @dataclass
@@ -75,7 +76,7 @@ def build_sections(data: StudyData, figures: Path, n_boot: int = 1000,
     sections.append(Section("Selected configurations", [
         "The best search trial of each task and arm (by best validation AUROC); its test AUROC "
         "is the mean over the final seeds."], [("best configs", best.drop(
-            columns=["run_id"], errors="ignore"))]))
+            columns=["run_id", "final_run_ids", "search_run_id"], errors="ignore"))]))
     sections.append(_budget(data, figures))
     sections.append(_honesty(data))
     sections.append(_importance(data, figures))
@@ -93,15 +94,17 @@ def _figure(fig, figures: Path, name: str) -> Path:
 
 def _overview(data: StudyData) -> Section:
     study = data.study.iloc[0] if len(data.study) else pd.Series(dtype=object)
+    # The study run's params, by their record's fields ("–" where a store lacks one).
+    record = StudyParams(**{f.name: study.get(f.name, "–") for f in fields(StudyParams)})
     facts = {
         "experiment": data.experiment, "tracking URI": data.tracking_uri,
         "study run": study.get("run_name", "–"), "status": study.get("status", "–"),
-        "git commit": study.get("tag.git_commit", "–"),
+        "git commit": study.get(tag(Tag.GIT_COMMIT), "–"),
         "tasks": ", ".join(data.tasks) or "–",
         "arms": ", ".join(f"{r.arm} ({r.kind}, space {r.space})" for r in
-                          data.arms.drop_duplicates("arm").itertuples()) or "–",
-        "epochs per trial (max_t)": study.get("max_t", "–"),
-        "final seeds": study.get("final_seeds", "–"),
+                          data.arms.drop_duplicates(Tag.ARM).itertuples()) or "–",
+        "epochs per trial (max_t)": record.max_t,
+        "final seeds": record.final_seeds,
         "search trials": len(data.trials), "final runs": len(data.finals),
         "report written": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }
@@ -112,7 +115,7 @@ def _overview(data: StudyData) -> Section:
 def _comparison(data: StudyData, n_boot: int, lora_arm: str | None, fft_arm: str | None,
                 seed: int) -> pd.DataFrame | str:
     """The comparison table, or why there is none (a study without one of the two kinds)."""
-    kinds = set(data.arms["kind"]) if len(data.arms) else set()
+    kinds = set(data.arms[Tag.KIND]) if len(data.arms) else set()
     missing = [k for k in ("lora", "fft") if k not in kinds]
     if missing and not (lora_arm and fft_arm):
         return f"no comparison: the study has no {' or '.join(missing)} arm"
@@ -206,12 +209,13 @@ def _curves(data: StudyData, figures: Path) -> Section:
     for task in data.tasks:
         section.figures.append((f"Learning curves: {task}", _figure(
             plots.learning_curves(data, task), figures, f"learning_curves_{task}")))
-        lora_arms = sorted(data.trials.loc[(data.trials["task"] == task)
-                                           & (data.trials["kind"] == "lora"), "arm"].unique())
+        trials = data.trials
+        lora_arms = sorted(trials.loc[(trials[Tag.TASK] == task) & (trials[Tag.KIND] == "lora"),
+                                      Tag.ARM].unique())
         for arm in lora_arms:
             section.figures.append((f"Rank x lr: {task} {arm}", _figure(
                 plots.rank_lr_heatmap(data, task, arm), figures, f"rank_lr_{task}_{arm}")))
-        if len(data.finals) and (data.finals["task"] == task).any():
+        if len(data.finals) and (data.finals[Tag.TASK] == task).any():
             section.figures.append((f"Test ROC per class: {task}", _figure(
                 plots.roc_curves(data, task), figures, f"roc_{task}")))
     return section

@@ -1,41 +1,68 @@
 """MLflow runs as typed pandas DataFrames.
 
-MLflow hands params back as strings; this is the one place that types them, so analysis code
-compares numbers with numbers and never parses run names.
+MLflow hands params back as strings; this is the one place that types them (by the types
+`study.schema` declares), so analysis code compares numbers with numbers and never parses run
+names. Every tag, param and metric name comes from `study.schema`.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import Any
 
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
+from study.schema import (
+    PARAM_KINDS,
+    PARENT,
+    TRUE,
+    Metric,
+    Param,
+    Phase,
+    Tag,
+    metric,
+    read_param,
+    tag,
+)
+from trainables.config import KINDS
 from trainables.errors import ConfigError
 from trainables.paths import tracking_store
 
-INT_PARAMS = ("rank", "epochs", "warmup_epochs", "batch_size", "seed", "split_seed",
-              "num_classes", "num_workers", "trials", "max_t")
-FLOAT_PARAMS = ("alpha", "alpha_ratio", "lr", "weight_decay", "layer_decay", "lora_dropout",
-                "label_fraction", "min_lr", "drop_path", "grad_clip", "cpus_per_worker",
-                "gpus_per_worker")
+# Params held as integers: a column of them is pandas' nullable "Int64", so runs without one
+# (a full fine-tune has no rank) keep a real integer dtype.
+INT_PARAMS = tuple(name for name, kind in PARAM_KINDS.items() if kind is int)
+# What `best_configs` shows of the selected config, each with its declared type.
+CONFIG_KEYS = (Param.RANK, Param.ALPHA, Param.TARGETS, Param.LR, Param.WEIGHT_DECAY,
+               Param.LAYER_DECAY, Param.LORA_DROPOUT, Param.OPTIMIZER)
 
 
-def _typed(name: str, value: str) -> Any:
-    if value in ("None", ""):
-        return None
-    if name in INT_PARAMS:
-        return int(float(value))
-    if name in FLOAT_PARAMS:
-        return float(value)
-    if value.startswith(("{", "[")):
+def typed_params(params: dict[str, str]) -> dict[str, Any]:
+    """A run's params (MLflow's text) as their declared types, via `schema.read_param`. A value
+    an older version logged in another form stays text rather than failing the whole load."""
+    out = {}
+    for name, text in params.items():
         try:
-            return json.loads(value)
-        except json.JSONDecodeError:
-            return value
-    return value
+            out[name] = read_param(name, text)
+        except (TypeError, ValueError):
+            out[name] = text
+    return out
+
+
+def legacy_kind(space: Any, has_rank: bool) -> str:
+    """The kind of an arm of an older version, whose runs carry no `kind` tag: its search
+    space's in the registry, else 'lora' when its trials logged a rank (those versions logged
+    rank=0 for full fine-tuning, which counts as none)."""
+    from search_spaces import get_space
+    try:
+        return get_space(str(space)).kind
+    except ConfigError:
+        return "lora" if has_rank else "fft"
+
+
+def known_kind(value: Any) -> str | None:
+    """A `kind` tag's value if it names a kind, else None (a run of an older version)."""
+    return value if isinstance(value, str) and value in KINDS else None
 
 
 def _client(tracking_uri: str) -> MlflowClient:
@@ -45,9 +72,22 @@ def _client(tracking_uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri)
 
 
+def _col(frame: pd.DataFrame, name: str) -> pd.Series:
+    """A column, or an empty (NA) one where no run has it."""
+    return frame[name] if name in frame else pd.Series(pd.NA, index=frame.index, dtype=object)
+
+
+def _int_column(values: pd.Series) -> pd.Series:
+    try:
+        return values.astype("Int64")
+    except (TypeError, ValueError):  # an older version logged text there: leave it as it is
+        return values
+
+
 def load_runs(tracking_uri: str, experiment: str,
               include_superseded: bool = False) -> pd.DataFrame:
-    """One row per run: ids, status, tags (`tag.*`), typed params, latest metrics.
+    """One row per run: ids, status, tags (`schema.tag(name)`), params by their own names with
+    their declared types, latest metrics (`schema.metric(name)`).
 
     Final runs of a config that a grown search has since replaced carry `superseded=true` and
     are left out unless asked for."""
@@ -58,19 +98,19 @@ def load_runs(tracking_uri: str, experiment: str,
                           "--tracking-uri and --experiment (see `mlflow experiments search`)")
     rows = []
     for run in client.search_runs([exp.experiment_id], max_results=50000):
-        if run.data.tags.get("superseded") == "true" and not include_superseded:
+        if run.data.tags.get(Tag.SUPERSEDED) == TRUE and not include_superseded:
             continue
         row: dict[str, Any] = {"run_id": run.info.run_id, "run_name": run.info.run_name,
                                "status": run.info.status,
                                "start_time": run.info.start_time, "end_time": run.info.end_time}
-        row.update({f"tag.{k}": v for k, v in run.data.tags.items()})
-        row.update({k: _typed(k, v) for k, v in run.data.params.items()})
-        row.update({f"metric.{k}": v for k, v in run.data.metrics.items()})
+        row.update({tag(k): v for k, v in run.data.tags.items()})
+        row.update(typed_params(run.data.params))
+        row.update({metric(k): v for k, v in run.data.metrics.items()})
         rows.append(row)
     frame = pd.DataFrame(rows)
-    for name in INT_PARAMS:  # runs without the param (FFT has no rank) keep a real integer dtype
+    for name in INT_PARAMS:
         if name in frame:
-            frame[name] = frame[name].astype("Int64")
+            frame[name] = _int_column(frame[name])
     return frame
 
 
@@ -90,7 +130,7 @@ def metric_histories(tracking_uri: str, run_ids: Sequence[str],
     the query MLflow's UI uses). Other stores (a tracking server, a file store) lack it and
     are asked per run.
     """
-    columns = ["run_id", "epoch", "metric", "timestamp", "value"]
+    columns = ["run_id", Metric.EPOCH, "metric", "timestamp", "value"]
     client = _client(tracking_uri)
     bulk = getattr(getattr(client, "_tracking_client", None), "store", None)
     bulk = getattr(bulk, "get_metric_history_bulk", None)
@@ -115,67 +155,112 @@ def metric_histories(tracking_uri: str, run_ids: Sequence[str],
     return frame.iloc[order.argsort(kind="stable")].reset_index(drop=True)
 
 
+def _native(name: str, value: Any) -> Any:
+    """A param's value as its declared plain Python type (numpy's int64 prints as "4" in
+    `json.dumps(..., default=str)`; an int prints as 4)."""
+    kind = PARAM_KINDS.get(name)
+    if kind in (int, float, str) and not isinstance(value, bool):
+        try:
+            return kind(value)
+        except (TypeError, ValueError):
+            return value
+    return value.item() if hasattr(value, "item") else value
+
+
+def _kind(best: pd.Series, runs: pd.DataFrame, group: pd.DataFrame) -> str:
+    """The selected trial's kind: its `kind` tag (or param); for runs of older versions
+    without either, its arm's search space in the registry, else whether it logged a rank."""
+    kind = known_kind(best.get(tag(Tag.KIND))) or known_kind(best.get(Param.KIND))
+    if kind:
+        return kind
+    parent = runs[runs["run_id"] == best.get(tag(PARENT))]  # legacy: ask the arm's space
+    space = next((v for v in (*_col(parent, tag(Tag.SPACE)), *_col(parent, Param.SPACE))
+                  if isinstance(v, str)), None)
+    ranks = pd.to_numeric(_col(group, Param.RANK), errors="coerce")
+    return legacy_kind(space, bool((ranks > 0).any()))
+
+
 def best_configs(runs: pd.DataFrame, task: str | None = None,
                  arm: str | None = None) -> pd.DataFrame:
-    """Best search trial per task and arm (by best validation AUROC), with its test AUROC
-    (mean over the final seeds) and trainable share."""
-    if runs.empty or "tag.phase" not in runs:
+    """The best search trial of each task and arm (by best validation AUROC): its kind, its
+    config (each value its declared type), its validation AUROC, its test AUROC (mean over
+    the final seeds) and trainable share, and the runs that hold it.
+
+    `run_id` is the first final run (lowest seed) of the task x arm when it has final runs:
+    they retrained the selected config and keep its best-validation weights, the ones the test
+    AUROC scores (`cxr-study export` wants these); else the search trial. `final_run_ids` lists
+    the final runs by seed, `search_run_id` names the search trial.
+    """
+    phase, trial_id = tag(Tag.PHASE), tag(Tag.TRIAL_ID)
+    best_val, test = metric(Metric.BEST_VAL_AUROC), metric(Metric.TEST_AUROC)
+    if runs.empty or phase not in runs or trial_id not in runs or best_val not in runs:
         return pd.DataFrame()
-    search = runs[(runs["tag.phase"] == "search") & runs["tag.trial_id"].notna()
-                  & runs["metric.best_val_auroc"].notna()]
-    finals = runs[(runs["tag.phase"] == "final") & runs["metric.test_auroc"].notna()] if (
-        "metric.test_auroc" in runs) else runs.iloc[0:0]
+    trials = runs[runs[trial_id].notna()]
+    search = trials[(trials[phase] == Phase.SEARCH) & trials[best_val].notna()]
+    finals = trials[(trials[phase] == Phase.FINAL) & _col(trials, test).notna()
+                    & (_col(trials, tag(Tag.SUPERSEDED)) != TRUE)]
+    task_col, arm_col = tag(Tag.TASK), tag(Tag.ARM)
     if task:
-        search = search[search["tag.task"] == task]
+        search = search[search[task_col] == task]
     if arm:
-        search = search[search["tag.arm"] == arm]
+        search = search[search[arm_col] == arm]
     rows = []
-    for (task_key, arm_name), group in search.groupby(["tag.task", "tag.arm"], sort=True):
-        best = group.loc[group["metric.best_val_auroc"].idxmax()]
-        tests = finals[(finals["tag.task"] == task_key) & (finals["tag.arm"] == arm_name)]
-        trainable, total = best["metric.trainable_params"], best["metric.total_params"]
+    for (task_key, arm_name), group in search.groupby([task_col, arm_col], sort=True):
+        best = group.loc[group[best_val].idxmax()]
+        tests = finals[(finals[task_col] == task_key) & (finals[arm_col] == arm_name)]
+        if Param.SEED in tests:
+            tests = tests.sort_values([Param.SEED, "start_time"], kind="stable")
+        final_ids = [str(r) for r in tests["run_id"]]
+        trainable = best.get(metric(Metric.TRAINABLE_PARAMS))
+        total = best.get(metric(Metric.TOTAL_PARAMS))
         rows.append({
-            "task": task_key, "arm": arm_name, "val_auroc": best["metric.best_val_auroc"],
-            "test_auroc": tests["metric.test_auroc"].mean() if len(tests) else float("nan"),
-            "test_seeds": len(tests), "trainable_params": int(trainable),
-            "trainable_pct": 100.0 * trainable / total,
-            "trials": len(group),
-            "stopped_early": int((group["tag.stopped_early"] == "true").sum()),
-            "config": {k: best[k] for k in ("rank", "alpha", "targets", "lr", "weight_decay",
-                                            "layer_decay", "lora_dropout", "optimizer")
+            Tag.TASK: task_key, Tag.ARM: arm_name, Tag.KIND: _kind(best, runs, group),
+            "val_auroc": float(best[best_val]),  # the selected trial's best
+            Metric.TEST_AUROC: float(tests[test].mean()) if len(tests) else float("nan"),
+            "test_seeds": len(tests),
+            Metric.TRAINABLE_PARAMS: int(trainable) if pd.notna(trainable) else None,
+            "trainable_pct": 100.0 * trainable / total if pd.notna(trainable) and total
+            else float("nan"),
+            Tag.TRIALS: len(group),
+            Tag.STOPPED_EARLY: int((_col(group, tag(Tag.STOPPED_EARLY)) == TRUE).sum()),
+            "config": {k: _native(k, best[k]) for k in CONFIG_KEYS
                        if k in best and pd.notna(best[k])},
-            "run_id": best["run_id"],
+            "run_id": final_ids[0] if final_ids else str(best["run_id"]),
+            "final_run_ids": final_ids,
+            "search_run_id": str(best["run_id"]),
         })
     return pd.DataFrame(rows)
 
 
 def run_record(tracking_uri: str, run_id: str) -> tuple[dict[str, Any], dict[str, str]]:
-    """One run's typed params and its tags; an unknown run id is a ConfigError."""
+    """One run's params (their declared types) and its tags; an unknown run id is a
+    ConfigError."""
     client = _client(tracking_uri)
     try:
         run = client.get_run(run_id)
     except Exception as exc:  # noqa: BLE001 - MLflow raises several types for "no such run"
-        raise ConfigError(f"run {run_id} not found at {tracking_uri}: pass a trial run id "
-                          "from `cxr-study best --json`") from exc
-    return {k: _typed(k, v) for k, v in run.data.params.items()}, dict(run.data.tags)
+        raise ConfigError(f"run {run_id} not found at {tracking_uri}: pass a final or trial "
+                          "run id from `cxr-study best --json`") from exc
+    return typed_params(run.data.params), dict(run.data.tags)
 
 
 def trial_status(runs: pd.DataFrame) -> pd.DataFrame:
     """Trials per task, arm and phase: finished, stopped early, failed, still running."""
-    trials = runs[runs.get("tag.trial_id", pd.Series(dtype=object)).notna()] if (
-        "tag.trial_id" in runs) else runs.iloc[0:0]
+    columns = [Tag.TASK, Tag.ARM, Tag.PHASE, "finished", Tag.STOPPED_EARLY, "failed", "running"]
+    trials = runs[runs[tag(Tag.TRIAL_ID)].notna()] if tag(Tag.TRIAL_ID) in runs else (
+        runs.iloc[0:0])
     if trials.empty:
-        return pd.DataFrame(columns=["task", "arm", "phase", "finished", "stopped_early",
-                                     "failed", "running"])
-    stopped = trials["tag.stopped_early"].eq("true")
+        return pd.DataFrame(columns=columns)
+    stopped = _col(trials, tag(Tag.STOPPED_EARLY)).eq(TRUE)
     frame = pd.DataFrame({
-        "task": trials["tag.task"], "arm": trials["tag.arm"], "phase": trials["tag.phase"],
+        Tag.TASK: trials[tag(Tag.TASK)], Tag.ARM: trials[tag(Tag.ARM)],
+        Tag.PHASE: trials[tag(Tag.PHASE)],
         "finished": trials["status"].eq("FINISHED") & ~stopped,
-        "stopped_early": trials["status"].eq("FINISHED") & stopped,
+        Tag.STOPPED_EARLY: trials["status"].eq("FINISHED") & stopped,
         "failed": trials["status"].isin(["FAILED", "KILLED"]),
         "running": trials["status"].eq("RUNNING"),
     })
-    return frame.groupby(["task", "arm", "phase"], as_index=False).sum()
+    return frame.groupby(columns[:3], as_index=False).sum()
 
 
 def experiments_in(tracking_uri: str) -> list[str]:

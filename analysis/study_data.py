@@ -8,6 +8,7 @@ never changes, so a study that is still running costs only its new runs.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -23,15 +24,33 @@ import numpy as np
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from analysis.runs import load_runs, metric_histories
+from analysis.runs import known_kind, legacy_kind, load_runs, metric_histories
+from study.schema import (
+    FALSE,
+    PARAM_KINDS,
+    PARENT,
+    TASK_FACTORS,
+    TRUE,
+    ArmParams,
+    Level,
+    Metric,
+    Param,
+    Phase,
+    Tag,
+    metric,
+    tag,
+)
 from trainables.errors import ConfigError
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 # Per-epoch series worth a learning curve; per-class validation series stay in MLflow.
-EPOCH_METRICS = ("val_auroc", "val_auprc", "train_loss", "lr", "best_val_auroc")
+EPOCH_METRICS = (Metric.VAL_AUROC, Metric.VAL_AUPRC, Metric.TRAIN_LOSS, Metric.LR,
+                 Metric.BEST_VAL_AUROC)
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
 _INFO = ("run_id", "run_name", "status", "start_time", "end_time")
 _TABLES = ("study", "arms", "trials", "finals", "epochs")
+# The key of a task x arm in every table (the run tags the columns copy).
+TASK_ARM = [Tag.TASK, Tag.ARM]
 
 
 @dataclass(frozen=True, eq=False)
@@ -56,7 +75,7 @@ class StudyData:
     @property
     def tasks(self) -> list[str]:
         """Task keys (foundation-dataset-fraction-split seed) that have runs, sorted."""
-        keys = [t["task"] for t in (self.arms, self.trials, self.finals) if len(t)]
+        keys = [t[Tag.TASK] for t in (self.arms, self.trials, self.finals) if len(t)]
         return sorted(set(pd.concat(keys).dropna())) if keys else []
 
     def predictions(self, run_id: str) -> pd.DataFrame | None:
@@ -72,7 +91,7 @@ def load_study(tracking_uri: str, experiment: str, cache_dir: Path | None = None
                refresh: bool = False) -> StudyData:
     """Read a study; reuse the parquet cache unless MLflow has new or changed runs."""
     runs = load_runs(tracking_uri, experiment)
-    if runs.empty or "tag.level" not in runs:
+    if runs.empty or tag(Tag.LEVEL) not in runs:
         raise ConfigError(f"experiment {experiment!r} at {tracking_uri} has no study runs yet: "
                           "run `cxr-study run` first")
     cache = Path(cache_dir) if cache_dir else default_cache_dir(tracking_uri, experiment)
@@ -111,17 +130,15 @@ def default_cache_dir(tracking_uri: str, experiment: str) -> Path:
 
 def build_tables(runs: pd.DataFrame) -> dict[str, pd.DataFrame]:
     """study, arms, trials and finals tables from `load_runs` output (no epochs)."""
-    level = _col(runs, "tag.level")
-    phase = _col(runs, "tag.phase")
-    has_trial = _col(runs, "tag.trial_id").notna()
-    children = runs[has_trial]
-    ranked = set(_col(children, "tag.mlflow.parentRunId")[_col(children, "rank").notna()])
-    arms = _arm_table(runs[level == "arm"], ranked)
-    kinds = dict(zip(zip(arms["task"], arms["arm"]), arms["kind"]))
-    trials = _trial_table(runs[(phase == "search") & has_trial], kinds)
-    finals = _final_table(runs[(phase == "final") & has_trial], kinds)
-    arms = _add_task_factors(arms, trials if len(trials) else finals)
-    study = runs[level == "study"].dropna(axis=1, how="all").reset_index(drop=True)
+    level = _col(runs, tag(Tag.LEVEL))
+    phase = _col(runs, tag(Tag.PHASE))
+    has_trial = _col(runs, tag(Tag.TRIAL_ID)).notna()
+    arms = _arm_table(runs[level == Level.ARM], runs[has_trial])
+    kinds = dict(zip(zip(arms[Tag.TASK], arms[Tag.ARM]), arms[Tag.KIND]))
+    trials = _trial_table(runs[(phase == Phase.SEARCH) & has_trial], kinds)
+    finals = _final_table(runs[(phase == Phase.FINAL) & has_trial], kinds)
+    arms = _legacy_task_factors(arms, trials if len(trials) else finals)
+    study = runs[level == Level.STUDY].dropna(axis=1, how="all").reset_index(drop=True)
     return {"study": study, "arms": arms, "trials": trials, "finals": finals}
 
 
@@ -130,65 +147,94 @@ def _col(frame: pd.DataFrame, name: str) -> pd.Series:
 
 
 def _params(frame: pd.DataFrame) -> list[str]:
-    return [c for c in frame.columns if c not in _INFO and not c.startswith(("tag.", "metric."))]
+    return [c for c in frame.columns if c not in _INFO and not c.startswith((tag(""), metric("")))]
 
 
-def arm_kind(space: str | None, has_rank: bool) -> str:
-    """'lora' or 'fft', asked of the search-space registry; the rank param decides otherwise."""
-    from search_spaces import get_space
-    try:
-        return get_space(str(space)).kind
-    except ConfigError:
-        return "lora" if has_rank else "fft"
+def _numeric(values: pd.Series) -> np.ndarray:
+    return pd.to_numeric(values, errors="coerce").to_numpy()
 
 
-def _arm_table(arm_runs: pd.DataFrame, ranked: set[str]) -> pd.DataFrame:
-    metrics = ("best_val_auroc", "epochs_spent", "epochs_saved", "trials_stopped_early",
-               "trials_failed", "wall_s", "trainable_params", "total_params")
+def _tagged_kinds(frame: pd.DataFrame) -> list[str | None]:
+    """Each run's kind: its `kind` tag, else its `kind` param; None for runs of older versions
+    that carry neither."""
+    return [known_kind(t) or known_kind(p)
+            for t, p in zip(_col(frame, tag(Tag.KIND)), _col(frame, Param.KIND))]
+
+
+def _ranked(children: pd.DataFrame) -> set[str]:
+    """Legacy: the arm runs whose trials logged a LoRA rank (rank=0 meant full fine-tuning)."""
+    ranks = pd.to_numeric(_col(children, Param.RANK), errors="coerce")
+    return set(_col(children, tag(PARENT))[ranks > 0].dropna())
+
+
+def _arm_table(arm_runs: pd.DataFrame, children: pd.DataFrame) -> pd.DataFrame:
+    """One row per task x arm run: its tags, its params (`ArmParams`: the search and the task's
+    factors) and the search summary the runner logged as metrics."""
+    metrics = (Metric.BEST_VAL_AUROC, Metric.EPOCHS_SPENT, Metric.EPOCHS_SAVED,
+               Metric.TRIALS_STOPPED_EARLY, Metric.TRIALS_FAILED, Metric.WALL_S,
+               Metric.TRAINABLE_PARAMS, Metric.TOTAL_PARAMS)
+    arm_runs = arm_runs.reset_index(drop=True)
     out = pd.DataFrame({
-        "run_id": arm_runs["run_id"].to_numpy(), "task": _col(arm_runs, "tag.task").to_numpy(),
-        "arm": _col(arm_runs, "tag.arm").to_numpy(), "status": arm_runs["status"].to_numpy(),
-        "space": _col(arm_runs, "tag.space").to_numpy()})
-    for name in ("optimizer", "trials", "max_t", "preset", "split_hash"):
-        out[name] = _col(arm_runs, name).to_numpy()
-    if "tag.trials" in arm_runs:  # a tag, not a param: a grown search raises it
-        tagged = pd.to_numeric(arm_runs["tag.trials"], errors="coerce").to_numpy()
-        out["trials"] = pd.Series(tagged).fillna(pd.Series(out["trials"])).to_numpy()
+        "run_id": arm_runs["run_id"], Tag.TASK: _col(arm_runs, tag(Tag.TASK)),
+        Tag.ARM: _col(arm_runs, tag(Tag.ARM)), "status": arm_runs["status"],
+        Tag.SPACE: _col(arm_runs, tag(Tag.SPACE)).fillna(_col(arm_runs, Param.SPACE))})
+    tagged = _tagged_kinds(arm_runs)
+    if not all(tagged):  # runs of older versions: the space registry, then the trials' rank
+        ranked = _ranked(children)
+        tagged = [k or legacy_kind(s, r in ranked)
+                  for k, s, r in zip(tagged, out[Tag.SPACE], out["run_id"])]
+    out[Tag.KIND] = tagged
+    for f in dataclasses.fields(ArmParams):
+        if f.name not in out:
+            out[f.name] = _col(arm_runs, f.name)
+    # A tag, not a param: a grown search raises it (older versions also logged a param).
+    out[Tag.TRIALS] = pd.Series(_numeric(_col(arm_runs, tag(Tag.TRIALS)))).fillna(
+        pd.Series(_numeric(_col(arm_runs, Tag.TRIALS))))
     for name in metrics:
-        out[name] = pd.to_numeric(_col(arm_runs, f"metric.{name}"), errors="coerce").to_numpy()
-    out["kind"] = [arm_kind(s, r in ranked) for s, r in zip(out["space"], out["run_id"])]
-    for name in ("trials", "max_t"):
-        out[name] = pd.to_numeric(out[name], errors="coerce").astype("Int64")
-    return out.sort_values(["task", "arm"]).reset_index(drop=True)
+        out[name] = _numeric(_col(arm_runs, metric(name)))
+    out = _typed_factors(out)
+    out[Tag.TRIALS] = out[Tag.TRIALS].astype("Int64")
+    return out.sort_values([Tag.TASK, Tag.ARM]).reset_index(drop=True)
+
+
+def _typed_factors(arms: pd.DataFrame) -> pd.DataFrame:
+    """Numeric arm params as numbers (integers as "Int64") whatever filled them."""
+    for name, kind in PARAM_KINDS.items():
+        if name in arms and kind in (int, float):
+            values = pd.to_numeric(arms[name], errors="coerce")
+            arms[name] = values.astype("Int64") if kind is int else values.astype(float)
+    return arms
 
 
 def _child_table(frame: pd.DataFrame, kinds: dict[tuple[str, str], str]) -> pd.DataFrame:
     """Columns shared by trial and final runs: ids, outcome, then every param."""
     out = pd.DataFrame({
         "run_id": frame["run_id"].to_numpy(),
-        "task": _col(frame, "tag.task").to_numpy(), "arm": _col(frame, "tag.arm").to_numpy(),
-        "phase": _col(frame, "tag.phase").to_numpy(),
-        "trial_id": _col(frame, "tag.trial_id").to_numpy(),
-        "trial_index": pd.to_numeric(_col(frame, "tag.trial_index"), errors="coerce").to_numpy(),
+        Tag.TASK: _col(frame, tag(Tag.TASK)).to_numpy(),
+        Tag.ARM: _col(frame, tag(Tag.ARM)).to_numpy(),
+        Tag.PHASE: _col(frame, tag(Tag.PHASE)).to_numpy(),
+        Tag.TRIAL_ID: _col(frame, tag(Tag.TRIAL_ID)).to_numpy(),
+        Tag.TRIAL_INDEX: _numeric(_col(frame, tag(Tag.TRIAL_INDEX))),
         "status": frame["status"].to_numpy(),
-        "epochs_run": pd.to_numeric(_col(frame, "tag.epochs_run"), errors="coerce").to_numpy(),
-        "stopped_early": _col(frame, "tag.stopped_early").map(
-            {"true": True, "false": False}).to_numpy(),
-        "error": _col(frame, "tag.error").to_numpy(),
+        Tag.EPOCHS_RUN: _numeric(_col(frame, tag(Tag.EPOCHS_RUN))),
+        Tag.STOPPED_EARLY: _col(frame, tag(Tag.STOPPED_EARLY)).map(
+            {TRUE: True, FALSE: False}).to_numpy(),
+        Tag.ERROR: _col(frame, tag(Tag.ERROR)).to_numpy(),
         "start_time": pd.to_datetime(frame["start_time"], unit="ms").to_numpy(),
         "end_time": pd.to_datetime(frame["end_time"], unit="ms").to_numpy(),
     })
-    out["wall_s"] = (out["end_time"] - out["start_time"]).dt.total_seconds()
-    for name in ("trial_index", "epochs_run"):
+    out[Metric.WALL_S] = (out["end_time"] - out["start_time"]).dt.total_seconds()
+    for name in (Tag.TRIAL_INDEX, Tag.EPOCHS_RUN):
         out[name] = out[name].astype("Int64")
-    out["stopped_early"] = out["stopped_early"].astype("boolean")
-    ranks = _col(frame, "rank")
-    out["kind"] = [kinds.get((t, a)) or ("lora" if pd.notna(r) else "fft")
-                   for t, a, r in zip(out["task"], out["arm"], ranks)]
-    for name in ("best_val_auroc", "val_auroc", "val_auprc", "train_loss", "trainable_params",
-                 "total_params"):
-        out[name] = pd.to_numeric(_col(frame, f"metric.{name}"), errors="coerce").to_numpy()
-    out["trainable_pct"] = 100.0 * out["trainable_params"] / out["total_params"]
+    out[Tag.STOPPED_EARLY] = out[Tag.STOPPED_EARLY].astype("boolean")
+    # Its own `kind` tag; runs of older versions take their arm's (which says how it knows).
+    ranks = pd.to_numeric(_col(frame, Param.RANK), errors="coerce").to_numpy()
+    out[Tag.KIND] = [k or kinds.get((t, a)) or ("lora" if r > 0 else "fft") for k, t, a, r in
+                     zip(_tagged_kinds(frame), out[Tag.TASK], out[Tag.ARM], ranks)]
+    for name in (Metric.BEST_VAL_AUROC, Metric.VAL_AUROC, Metric.VAL_AUPRC, Metric.TRAIN_LOSS,
+                 Metric.TRAINABLE_PARAMS, Metric.TOTAL_PARAMS):
+        out[name] = _numeric(_col(frame, metric(name)))
+    out["trainable_pct"] = 100.0 * out[Metric.TRAINABLE_PARAMS] / out[Metric.TOTAL_PARAMS]
     # Params of other run levels (the study's `arms`, an arm's `preset`) are empty here.
     params = frame[[p for p in _params(frame) if p not in out.columns]].dropna(axis=1, how="all")
     return pd.concat([out, params.reset_index(drop=True)], axis=1)
@@ -196,32 +242,38 @@ def _child_table(frame: pd.DataFrame, kinds: dict[tuple[str, str], str]) -> pd.D
 
 def _trial_table(frame: pd.DataFrame, kinds: dict[tuple[str, str], str]) -> pd.DataFrame:
     if frame.empty:
-        return pd.DataFrame(columns=["run_id", "task", "arm", "kind", "trial_id"])
+        return pd.DataFrame(columns=["run_id", Tag.TASK, Tag.ARM, Tag.KIND, Tag.TRIAL_ID])
     out = _child_table(frame, kinds)
     out["failed"] = out["status"] == "FAILED"
-    return out.sort_values(["task", "arm", "trial_index", "start_time"]).reset_index(drop=True)
+    return out.sort_values([Tag.TASK, Tag.ARM, Tag.TRIAL_INDEX, "start_time"]).reset_index(
+        drop=True)
 
 
 def _final_table(frame: pd.DataFrame, kinds: dict[tuple[str, str], str]) -> pd.DataFrame:
     if frame.empty:
-        return pd.DataFrame(columns=["run_id", "task", "arm", "kind", "seed", "test_auroc"])
+        return pd.DataFrame(columns=["run_id", Tag.TASK, Tag.ARM, Tag.KIND, Param.SEED,
+                                     Metric.TEST_AUROC])
     out = _child_table(frame, kinds)
-    wanted = ("metric.test_", "metric.val_auroc_", "metric.best_epoch")
+    # Test metrics (macro and per class), per-class validation AUROC, the best epoch.
+    wanted = (metric("test_"), metric(f"{Metric.VAL_AUROC}_"), metric(Metric.BEST_EPOCH))
     tests = sorted(c for c in frame.columns if c.startswith(wanted))
-    extra = {c.removeprefix("metric."): pd.to_numeric(frame[c], errors="coerce").to_numpy()
-             for c in tests}
+    extra = {c.removeprefix(metric("")): _numeric(frame[c]) for c in tests}
     out = pd.concat([out, pd.DataFrame(extra)], axis=1)
-    return out.sort_values(["task", "arm", "seed"]).reset_index(drop=True)
+    return out.sort_values([Tag.TASK, Tag.ARM, Param.SEED]).reset_index(drop=True)
 
 
-def _add_task_factors(arms: pd.DataFrame, children: pd.DataFrame) -> pd.DataFrame:
-    """Arm runs carry no task params: take foundation/dataset/fraction/split from a child."""
-    factors = ["foundation", "dataset", "label_fraction", "split_seed"]
-    have = [f for f in factors if f in children]
-    if not have or children.empty:
+def _legacy_task_factors(arms: pd.DataFrame, children: pd.DataFrame) -> pd.DataFrame:
+    """Legacy: arm runs of older versions carry no task factors (foundation, dataset, label
+    fraction, split seed); take them from a child run of the task. Arms that have them keep
+    their own."""
+    missing = arms[list(TASK_FACTORS)].isna().all(axis=1)
+    have = [f for f in TASK_FACTORS if f in children]
+    if not missing.any() or not have or children.empty:
         return arms
-    first = children.groupby("task", sort=False)[have].first().reset_index()
-    return arms.merge(first, on="task", how="left")
+    first = children.groupby(Tag.TASK, sort=False)[have].first()
+    for name in have:
+        arms[name] = arms[name].astype(object).where(~missing, arms[Tag.TASK].map(first[name]))
+    return _typed_factors(arms)
 
 
 # --- epochs --------------------------------------------------------------------------------
@@ -229,7 +281,7 @@ def _add_task_factors(arms: pd.DataFrame, children: pd.DataFrame) -> pd.DataFram
 def _epochs(tracking_uri: str, trials: pd.DataFrame, finals: pd.DataFrame,
             old: pd.DataFrame | None, reusable: set[str]) -> pd.DataFrame:
     """Per-epoch metrics of every trial and final run, long in epochs, wide in metrics."""
-    keys = ["run_id", "task", "arm", "kind", "phase"]
+    keys = ["run_id", Tag.TASK, Tag.ARM, Tag.KIND, Tag.PHASE]
     children = pd.concat([t[keys] for t in (trials, finals) if len(t)], ignore_index=True) if (
         len(trials) or len(finals)) else pd.DataFrame(columns=keys)
     kept = old[old["run_id"].isin(reusable)] if old is not None and len(old) else None
@@ -237,24 +289,25 @@ def _epochs(tracking_uri: str, trials: pd.DataFrame, finals: pd.DataFrame,
     fresh = metric_histories(tracking_uri, wanted, EPOCH_METRICS)
     if len(fresh):
         fresh = (fresh.sort_values("timestamp")
-                 .pivot_table(index=["run_id", "epoch"], columns="metric", values="value",
+                 .pivot_table(index=["run_id", Metric.EPOCH], columns="metric", values="value",
                               aggfunc="last").reset_index())
         fresh.columns.name = None
         fresh = fresh.merge(children, on="run_id", how="left")
     else:
-        fresh = pd.DataFrame(columns=[*keys, "epoch"])
+        fresh = pd.DataFrame(columns=[*keys, Metric.EPOCH])
     parts = [p for p in (kept, fresh) if p is not None and len(p)]
     epochs = pd.concat(parts, ignore_index=True) if parts else fresh
-    epochs = epochs[[*keys, "epoch", *[m for m in EPOCH_METRICS if m in epochs]]]
-    epochs["epoch"] = epochs["epoch"].astype("int64")
-    return epochs.sort_values(["task", "arm", "phase", "run_id", "epoch"]).reset_index(drop=True)
+    epochs = epochs[[*keys, Metric.EPOCH, *[m for m in EPOCH_METRICS if m in epochs]]]
+    epochs[Metric.EPOCH] = epochs[Metric.EPOCH].astype("int64")
+    return epochs.sort_values([Tag.TASK, Tag.ARM, Tag.PHASE, "run_id", Metric.EPOCH]).reset_index(
+        drop=True)
 
 
 # --- cache ---------------------------------------------------------------------------------
 
 def _run_states(runs: pd.DataFrame) -> dict[str, list]:
     """run_id -> [status, end_time, digest of latest metrics while it is still running]."""
-    metric_cols = [c for c in runs.columns if c.startswith("metric.")]
+    metric_cols = [c for c in runs.columns if c.startswith(metric(""))]
     states = {}
     for row in runs.itertuples(index=False):
         status = row.status

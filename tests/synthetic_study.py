@@ -8,24 +8,45 @@ significantly). Validation AUROC of a search trial is driven by its learning rat
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
-from mlflow.entities import Metric, Param
+from mlflow.entities import Metric as MlflowMetric
+from mlflow.entities import Param as MlflowParam
+from mlflow.entities import RunTag
 from mlflow.tracking import MlflowClient
 
+from study.schema import (
+    EXPERIMENT_KIND,
+    FALSE,
+    PARENT,
+    TRUE,
+    ArmParams,
+    Level,
+    Metric,
+    Param,
+    Phase,
+    StudyParams,
+    Tag,
+    params,
+    task_key,
+)
+from trainables.config import LoraSpec, TaskFactors, TrainSpec, TrialSpec, parse_targets
 from trainables.metrics import classification_metrics
 
 CLASSES = ("Atelectasis", "Cardiomegaly", "Effusion")
 T0 = 1_767_225_600_000  # 2026-01-01, in ms: fixed so runs sort the same every time
 BACKBONE = 85_798_656
 LR_BEST = 0.02  # the validation optimum of the synthetic objective
+ARMS = {"lora": "lora", "fft": "fft"}  # arm name -> kind; each arm's space is its name
 
 
 @dataclass(frozen=True)
@@ -39,7 +60,7 @@ class SyntheticTask:
 
     @property
     def key(self) -> str:
-        return f"{self.foundation}-{self.dataset}-{self.label_fraction:g}-s{self.split_seed}"
+        return task_key(self.foundation, self.dataset, self.label_fraction, self.split_seed)
 
 
 DEFAULT_TASKS = (SyntheticTask("mrm", "nih", 0.01, lora_signal=1.5, fft_signal=0.4),
@@ -60,54 +81,96 @@ class SyntheticStudy:
 def write_synthetic_study(root: Path, experiment: str = "synthetic",
                           tasks: tuple[SyntheticTask, ...] = DEFAULT_TASKS, trials: int = 6,
                           seeds: int = 2, max_t: int = 6, patients: int = 90,
-                          tracking_uri: str | None = None) -> SyntheticStudy:
-    """Write study, arm, trial and final runs (with prediction artifacts) into one experiment."""
+                          tracking_uri: str | None = None,
+                          spaces: dict[str, str] | None = None) -> SyntheticStudy:
+    """Write study, arm, trial and final runs (with prediction artifacts) into one experiment.
+    `spaces` names each arm's search space (default: the arm's name, a registered space)."""
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     root.mkdir(parents=True, exist_ok=True)
     uri = tracking_uri or f"sqlite:///{root / 'mlflow.db'}"
     client = MlflowClient(uri)
-    exp_id = client.create_experiment(experiment, artifact_location=(root / "artifacts").as_uri())
+    exp_id = client.create_experiment(experiment, artifact_location=(root / "artifacts").as_uri(),
+                                      tags=dict([EXPERIMENT_KIND]))
     rng = np.random.default_rng(len(experiment))
     clock = [T0]
-    study = _run(client, exp_id, clock, experiment, {"level": "study", "git_commit": "synthetic"},
-                 {"tasks": len(tasks), "arms": json.dumps(["lora", "fft"]), "max_t": max_t,
-                  "final_seeds": seeds})
+    study = open_study(client, exp_id, clock, experiment, StudyParams(
+        arms=list(ARMS), max_t=max_t, final_seeds=seeds), len(tasks))
     test = _test_set(rng, patients)
     for t, task in enumerate(tasks):
-        for arm in ("lora", "fft"):
-            _write_arm(client, exp_id, clock, study, task, arm, trials, seeds, max_t, rng, test,
-                       fail_one=(t == 0 and arm == "lora"))
+        for arm, kind in ARMS.items():
+            space = (spaces or {}).get(arm, arm)
+            _write_arm(client, exp_id, clock, study, task, arm, kind, space, trials, seeds,
+                       max_t, rng, test, fail_one=(t == 0 and arm == "lora"))
     client.set_terminated(study, "FINISHED", end_time=clock[0])
     return SyntheticStudy(uri, experiment, root, tasks, trials, seeds, max_t)
 
 
+def _param_value(value: Any) -> str:
+    """As `study.tracking` logs a param: lists and dicts as JSON, the rest as text."""
+    return json.dumps(value) if isinstance(value, (list, dict, tuple)) else str(value)
+
+
 def _run(client: MlflowClient, exp_id: str, clock: list[int], name: str, tags: dict[str, str],
-         params: dict[str, object], parent: str | None = None) -> str:
+         run_params: dict[str, Any], parent: str | None = None) -> str:
     if parent:
-        tags = {**tags, "mlflow.parentRunId": parent}
+        tags = {**tags, PARENT: parent}
     run = client.create_run(exp_id, start_time=clock[0], tags=tags, run_name=name)
-    client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.items()])
+    client.log_batch(run.info.run_id, params=[
+        MlflowParam(k, _param_value(v)) for k, v in sorted(run_params.items())])
     return run.info.run_id
 
 
-def _trial_params(task: SyntheticTask, arm: str, rng: np.random.Generator,
-                  max_t: int) -> dict[str, object]:
+def open_study(client: MlflowClient, exp_id: str, clock: list[int], name: str,
+               record: StudyParams, tasks: int) -> str:
+    """The study run as `study.tracking.open_study_run` writes it."""
+    tags = {Tag.LEVEL: Level.STUDY, Tag.GIT_COMMIT: "synthetic", Tag.TASKS: str(tasks)}
+    return _run(client, exp_id, clock, name, tags, params(record))
+
+
+def arm_tags(arm: str, task: str, kind: str, phase: str = Phase.SEARCH) -> dict[str, str]:
+    """As `study.tracking.arm_tags` (imported from there it would bring Ray in)."""
+    return {Tag.ARM: arm, Tag.TASK: task, Tag.KIND: kind, Tag.PHASE: phase}
+
+
+def open_arm(client: MlflowClient, exp_id: str, clock: list[int], study: str,
+             task: SyntheticTask, arm: str, kind: str, space: str, max_t: int,
+             trials: int) -> str:
+    """A task x arm run as `study.tracking.open_arm_run` and `set_trial_count` write it."""
+    record = ArmParams(space=space, kind=kind, max_t=max_t, optimizer="sgd",
+                       preset={Param.LR: 0.05}, split_hash="abc123", foundation=task.foundation,
+                       dataset=task.dataset, label_fraction=task.label_fraction,
+                       split_seed=task.split_seed)
+    tags = {**arm_tags(arm, task.key, kind), Tag.LEVEL: Level.ARM, Tag.SPACE: space}
+    run = _run(client, exp_id, clock, f"{task.key}/{arm}", tags, params(record), study)
+    _tag(client, run, {Tag.TRIALS: str(trials)})
+    return run
+
+
+def _tag(client: MlflowClient, run_id: str, tags: dict[str, str]) -> None:
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+
+
+def _trial_spec(task: SyntheticTask, arm: str, kind: str, rng: np.random.Generator,
+                max_t: int) -> TrialSpec:
+    """A search trial's spec: what the runner's define-by-run space would hand Tune."""
     lr = float(10 ** rng.uniform(-3, -0.5))
-    params: dict[str, object] = {
-        "arm": arm, "task": task.key, "foundation": task.foundation, "model": "vit_base_patch16",
-        "dataset": task.dataset, "label_fraction": task.label_fraction,
-        "split_seed": task.split_seed, "num_classes": len(CLASSES), "optimizer": "sgd",
-        "lr": lr, "weight_decay": float(rng.uniform(0, 0.1)), "epochs": max_t,
-        "warmup_epochs": 1, "batch_size": 64, "seed": 0, "augmentation": "none",
-        "phase": "search", "num_workers": 1,
-        "layer_decay": float(rng.uniform(0.5, 1.0)) if arm == "fft" else 1.0}
-    if arm == "lora":
+    weight_decay = float(rng.uniform(0, 0.1))
+    layer_decay = float(rng.uniform(0.5, 1.0)) if kind == "fft" else 1.0
+    factors = TaskFactors(task=task.key, foundation=task.foundation, model="vit_base_patch16",
+                          dataset=task.dataset, label_fraction=task.label_fraction,
+                          split_seed=task.split_seed, num_classes=len(CLASSES))
+    train = TrainSpec(optimizer="sgd", lr=lr, weight_decay=weight_decay,
+                      layer_decay=layer_decay, epochs=max_t, warmup_epochs=1, batch_size=64,
+                      seed=0, augmentation="none")
+    lora = None
+    if kind == "lora":
         rank = int(rng.choice([4, 8, 16]))
         ratio = float(rng.choice([1.0, 2.0]))
-        params.update(rank=rank, alpha_ratio=ratio, alpha=rank * ratio,
-                      targets=str(rng.choice(["q+v", "q+k+v"])),
-                      lora_dropout=float(rng.uniform(0, 0.2)))
-    return params
+        lora = LoraSpec(rank=rank, alpha=rank * ratio, alpha_ratio=ratio,
+                        targets=parse_targets(str(rng.choice(["q+v", "q+k+v"]))),
+                        dropout=float(rng.uniform(0, 0.2)))
+    return TrialSpec(arm=arm, kind=kind, task=factors, train=train, lora=lora,
+                     phase=Phase.SEARCH)
 
 
 def _plateau(lr: float) -> float:
@@ -119,77 +182,94 @@ def _curve(lr: float, epochs: int) -> list[float]:
     return [0.5 + (_plateau(lr) - 0.5) * (1 - np.exp(-(e + 1) / 2)) for e in range(epochs)]
 
 
-def _trainable(params: dict[str, object]) -> int:
-    if params["arm"] == "fft":
+def _trainable(spec: TrialSpec) -> int:
+    if spec.lora is None:
         return BACKBONE + 2307
-    return 2307 + 12 * int(params["rank"]) * 3072  # q+v adapters, head, fc_norm
+    return 2307 + 12 * spec.lora.rank * 3072  # q+v adapters, head, fc_norm
 
 
-def _total(params: dict[str, object]) -> int:
-    return _trainable(params) + (BACKBONE if params["arm"] == "lora" else 0)
+def _total(spec: TrialSpec) -> int:
+    return _trainable(spec) + (BACKBONE if spec.lora is not None else 0)
 
 
-def _epoch_metrics(curve: list[float], params: dict[str, object]) -> list[Metric]:
+def _epoch_metrics(curve: list[float], spec: TrialSpec) -> list[MlflowMetric]:
     out, best = [], 0.0
     for step, val in enumerate(curve, start=1):
         best = max(best, val)
         ts = T0 + step
-        values = {"val_auroc": val, "val_auprc": val - 0.3, "train_loss": 0.7 - 0.3 * val,
-                  "lr": 0.01 / step, "best_val_auroc": best,
-                  "trainable_params": _trainable(params), "total_params": _total(params)}
+        values = {Metric.VAL_AUROC: val, Metric.VAL_AUPRC: val - 0.3,
+                  Metric.TRAIN_LOSS: 0.7 - 0.3 * val, Metric.LR: 0.01 / step,
+                  Metric.BEST_VAL_AUROC: best, Metric.TRAINABLE_PARAMS: _trainable(spec),
+                  Metric.TOTAL_PARAMS: _total(spec)}
         for k, name in enumerate(CLASSES):
-            values[f"val_auroc_{name}"] = val + 0.01 * (k - 1)
+            values[f"{Metric.VAL_AUROC}_{name}"] = val + 0.01 * (k - 1)
             values[f"val_sens90_{name}"] = val - 0.4
-        out += [Metric(k, float(v), ts, step) for k, v in values.items()]
+        out += [MlflowMetric(k, float(v), ts, step) for k, v in values.items()]
     return out
 
 
+def _trial_run(client: MlflowClient, exp_id: str, clock: list[int], arm_run: str,
+               tags: dict[str, str], trial_id: str, index: int, spec: TrialSpec) -> str:
+    """A trial run as `MlflowTrialTracker` creates it: the arm's tags, its trial id and index,
+    the spec's flat form as params, the config as an artifact."""
+    run_tags = {**tags, Tag.TRIAL_ID: trial_id, Tag.TRIAL_INDEX: str(index)}
+    config = spec.to_tune()
+    run = _run(client, exp_id, clock, f"{spec.arm}-{trial_id}", run_tags, config, arm_run)
+    client.log_dict(run, config, "config.json")
+    return run
+
+
 def _write_arm(client: MlflowClient, exp_id: str, clock: list[int], study: str,
-               task: SyntheticTask, arm: str, trials: int, seeds: int, max_t: int,
-               rng: np.random.Generator, test: pd.DataFrame, fail_one: bool) -> None:
-    space = "lora" if arm == "lora" else "fft"
-    tags = {"arm": arm, "task": task.key, "phase": "search"}
-    arm_run = _run(client, exp_id, clock, f"{task.key}/{arm}",
-                   {**tags, "level": "arm", "space": space},
-                   {"space": space, "trials": trials, "max_t": max_t, "optimizer": "sgd",
-                    "preset": json.dumps({"lr": 0.05}), "split_hash": "abc123"}, study)
+               task: SyntheticTask, arm: str, kind: str, space: str, trials: int, seeds: int,
+               max_t: int, rng: np.random.Generator, test: pd.DataFrame,
+               fail_one: bool) -> None:
+    tags = arm_tags(arm, task.key, kind)
+    arm_run = open_arm(client, exp_id, clock, study, task, arm, kind, space, max_t, trials)
     start, spent, stopped, failed = clock[0], 0, 0, 0
-    best: tuple[float, dict[str, object]] = (-1.0, {})
+    best: tuple[float, TrialSpec | None] = (-1.0, None)
     plateaus = []
     for i in range(trials):
-        params = _trial_params(task, arm, rng, max_t)
-        plateau = _plateau(float(params["lr"]))
+        spec = _trial_spec(task, arm, kind, rng, max_t)
+        plateau = _plateau(spec.train.lr)
         # ASHA-like: a trial below the median of those before it stops at the grace period.
         epochs = 2 if plateaus and plateau < float(np.median(plateaus)) else max_t
         failure = fail_one and i == trials - 1
         epochs = 1 if failure else epochs
         plateaus.append(plateau)
-        curve = _curve(float(params["lr"]), epochs)
-        trial_tags = {**tags, "trial_id": f"{arm}{task.label_fraction:g}_{i:05d}",
-                      "trial_index": str(i + 1), "epochs_run": str(epochs),
-                      "stopped_early": str(epochs < max_t and not failure).lower(),
-                      "checkpoint_path": f"/tmp/ckpt/{arm}/{i}"}
+        curve = _curve(spec.train.lr, epochs)
+        run = _trial_run(client, exp_id, clock, arm_run, tags,
+                         f"{arm}{task.label_fraction:g}_{i:05d}", i + 1, spec)
+        client.log_batch(run, metrics=_epoch_metrics(curve, spec),
+                         tags=[RunTag(Tag.CHECKPOINT_PATH, f"/tmp/ckpt/{arm}/{i}")])
+        finish = {Tag.EPOCHS_RUN: str(epochs),
+                  Tag.STOPPED_EARLY: TRUE if epochs < max_t and not failure else FALSE}
         if failure:
-            trial_tags["error"] = "RuntimeError: CUDA out of memory"
-        run = _run(client, exp_id, clock, f"{arm}-{i}", trial_tags, params, arm_run)
-        client.log_batch(run, metrics=_epoch_metrics(curve, params))
+            finish[Tag.ERROR] = "RuntimeError: CUDA out of memory"
+        _tag(client, run, finish)
         clock[0] += 1000 * 10 * epochs
         client.set_terminated(run, "FAILED" if failure else "FINISHED", end_time=clock[0])
         spent += epochs
         stopped += int(epochs < max_t and not failure)
         failed += int(failure)
         if not failure and max(curve) > best[0]:
-            best = (max(curve), params)
-    summary = {"best_val_auroc": best[0], "epochs_spent": spent,
-               "epochs_saved": trials * max_t - spent, "trials_stopped_early": stopped,
-               "trials_failed": failed, "wall_s": (clock[0] - start) / 1000,
-               "trainable_params": _trainable(best[1]), "total_params": _total(best[1])}
-    client.log_batch(arm_run, metrics=[Metric(k, float(v), clock[0], 0)
+            best = (max(curve), spec)
+    assert best[1] is not None
+    summary = {Metric.BEST_VAL_AUROC: best[0], Metric.EPOCHS_SPENT: spent,
+               Metric.EPOCHS_SAVED: trials * max_t - spent,
+               Metric.TRIALS_STOPPED_EARLY: stopped, Metric.TRIALS_FAILED: failed,
+               Metric.WALL_S: (clock[0] - start) / 1000,
+               Metric.TRAINABLE_PARAMS: _trainable(best[1]),
+               Metric.TOTAL_PARAMS: _total(best[1])}
+    client.log_batch(arm_run, metrics=[MlflowMetric(k, float(v), clock[0], 0)
                                        for k, v in summary.items()])
-    signal = task.lora_signal if arm == "lora" else task.fft_signal
+    signal = task.lora_signal if kind == "lora" else task.fft_signal
+    digest = hashlib.sha256(repr(best[1].to_tune()).encode()).hexdigest()[:12]
     for seed in range(seeds):
-        _write_final(client, exp_id, clock, arm_run, {**best[1], "seed": seed, "phase": "final"},
-                     tags, seed, max_t, test, signal, rng)
+        final = dataclasses.replace(best[1], phase=Phase.FINAL,
+                                    train=dataclasses.replace(best[1].train, seed=seed))
+        _write_final(client, exp_id, clock, arm_run,
+                     {**arm_tags(arm, task.key, kind, Phase.FINAL), Tag.FINAL_CONFIG: digest},
+                     final, max_t, test, signal, rng)
     client.set_terminated(arm_run, "FINISHED", end_time=clock[0])
 
 
@@ -221,25 +301,26 @@ def _predict(test: pd.DataFrame, signal: float, rng: np.random.Generator) -> pd.
 
 
 def _write_final(client: MlflowClient, exp_id: str, clock: list[int], arm_run: str,
-                 params: dict[str, object], tags: dict[str, str], seed: int, max_t: int,
-                 test: pd.DataFrame, signal: float, rng: np.random.Generator) -> None:
-    final_tags = {**tags, "phase": "final", "trial_id": f"final_{arm_run[:6]}_{seed}",
-                  "trial_index": str(seed + 1), "epochs_run": str(max_t),
-                  "stopped_early": "false"}
-    run = _run(client, exp_id, clock, f"{tags['arm']}-final-{seed}", final_tags, params, arm_run)
-    curve = _curve(float(params["lr"]), max_t)
+                 tags: dict[str, str], spec: TrialSpec, max_t: int, test: pd.DataFrame,
+                 signal: float, rng: np.random.Generator) -> None:
+    seed = spec.train.seed
+    run = _trial_run(client, exp_id, clock, arm_run, tags, f"final_{arm_run[:6]}_{seed}",
+                     seed + 1, spec)
+    curve = _curve(spec.train.lr, max_t)
     preds = _predict(test, signal, rng)
     labels = preds[[f"label_{c}" for c in CLASSES]].to_numpy(dtype=float)
     probs = preds[[f"prob_{c}" for c in CLASSES]].to_numpy(dtype=float)
     result = classification_metrics(labels, probs, CLASSES)
-    tests = {**result.flat("test"), "best_epoch": float(int(np.argmax(curve)) + 1)}
-    metrics = _epoch_metrics(curve, params)
-    metrics += [Metric(k, float(v), T0 + max_t, max_t) for k, v in tests.items()]
-    client.log_batch(run, metrics=metrics)
+    tests = {**result.flat("test"), Metric.BEST_EPOCH: float(int(np.argmax(curve)) + 1)}
+    metrics = _epoch_metrics(curve, spec)
+    metrics += [MlflowMetric(k, float(v), T0 + max_t, max_t) for k, v in tests.items()]
+    client.log_batch(run, metrics=metrics,
+                     tags=[RunTag(Tag.CHECKPOINT_PATH, f"/tmp/ckpt/{spec.arm}/final{seed}")])
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"seed{seed}.parquet"
         preds.to_parquet(path, index=False)
         client.log_artifact(run, str(path))
+    _tag(client, run, {Tag.EPOCHS_RUN: str(max_t), Tag.STOPPED_EARLY: FALSE})
     clock[0] += 1000 * 10 * max_t
     client.set_terminated(run, "FINISHED", end_time=clock[0])
 

@@ -9,6 +9,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from analysis.study_data import default_cache_dir, load_study
+from study.schema import PARENT, Metric, Param, Phase, Tag
 from tests.synthetic_study import SyntheticTask, shared_study, write_synthetic_study
 from trainables.errors import ConfigError
 
@@ -71,11 +72,12 @@ def test_cache_is_reused_then_refreshed_when_mlflow_has_new_runs(study, monkeypa
     client = MlflowClient(small.tracking_uri)
     exp = client.get_experiment_by_name(small.experiment)
     parent = first.arms["run_id"].iloc[0]
+    arm = first.arms.iloc[0]
     run = client.create_run(exp.experiment_id, tags={
-        "mlflow.parentRunId": parent, "phase": "search", "arm": first.arms["arm"].iloc[0],
-        "task": first.arms["task"].iloc[0], "trial_id": "late_00001", "trial_index": "9"})
-    client.log_param(run.info.run_id, "lr", "0.01")
-    client.log_metric(run.info.run_id, "val_auroc", 0.7, step=1)
+        PARENT: parent, Tag.PHASE: Phase.SEARCH, Tag.ARM: arm[Tag.ARM], Tag.TASK: arm[Tag.TASK],
+        Tag.KIND: arm[Tag.KIND], Tag.TRIAL_ID: "late_00001", Tag.TRIAL_INDEX: "9"})
+    client.log_param(run.info.run_id, Param.LR, "0.01")
+    client.log_metric(run.info.run_id, Metric.VAL_AUROC, 0.7, step=1)
     fresh = load_study(small.tracking_uri, small.experiment)
     assert len(fresh.trials) == len(first.trials) + 1
     assert (fresh.epochs["run_id"] == run.info.run_id).sum() == 1
