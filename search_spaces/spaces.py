@@ -15,6 +15,7 @@ from typing import Any
 import optuna
 
 from search_spaces.presets import Recipe
+from study.schema import Param
 from trainables.errors import ConfigError
 
 RANKS = (1, 2, 4, 8, 16, 32, 64)
@@ -26,45 +27,45 @@ SpaceFn = Callable[[optuna.Trial, str, Recipe | None], dict[str, Any]]
 
 def _lr(trial: optuna.Trial, optimizer: str) -> float:
     low, high = LR_RANGE[optimizer]
-    return trial.suggest_float("lr", low, high, log=True)
+    return trial.suggest_float(Param.LR, low, high, log=True)
 
 
 def lora(trial: optuna.Trial, optimizer: str, recipe: Recipe | None) -> dict[str, Any]:
-    rank = trial.suggest_categorical("rank", RANKS)
-    ratio = trial.suggest_categorical("alpha_ratio", ALPHA_RATIOS)
-    trial.suggest_categorical("targets", TARGET_SETS)
+    rank = trial.suggest_categorical(Param.RANK, RANKS)
+    ratio = trial.suggest_categorical(Param.ALPHA_RATIO, ALPHA_RATIOS)
+    trial.suggest_categorical(Param.TARGETS, TARGET_SETS)
     _lr(trial, optimizer)
-    trial.suggest_float("weight_decay", 0.0, 0.1)
-    trial.suggest_float("lora_dropout", 0.0, 0.2)
-    return {"alpha": float(ratio * rank)}
+    trial.suggest_float(Param.WEIGHT_DECAY, 0.0, 0.1)
+    trial.suggest_float(Param.LORA_DROPOUT, 0.0, 0.2)
+    return {Param.ALPHA: float(ratio * rank)}
 
 
 def fft(trial: optuna.Trial, optimizer: str, recipe: Recipe | None) -> dict[str, Any]:
     _lr(trial, optimizer)
-    trial.suggest_float("layer_decay", 0.5, 1.0)
-    trial.suggest_float("weight_decay", 0.0, 0.1)
+    trial.suggest_float(Param.LAYER_DECAY, 0.5, 1.0)
+    trial.suggest_float(Param.WEIGHT_DECAY, 0.0, 0.1)
     return {}
 
 
 def _around(trial: optuna.Trial, recipe: Recipe | None, optimizer: str) -> float:
     if recipe is None:
         return _lr(trial, optimizer)
-    return trial.suggest_float("lr", recipe.lr / 3, recipe.lr * 3, log=True)
+    return trial.suggest_float(Param.LR, recipe.lr / 3, recipe.lr * 3, log=True)
 
 
 def lora_paper(trial: optuna.Trial, optimizer: str, recipe: Recipe | None) -> dict[str, Any]:
     """The reference recipe's neighbourhood: q+v, alpha fixed at 32, rank and lr searched."""
-    rank = trial.suggest_categorical("rank", (4, 8, 16, 32))
+    rank = trial.suggest_categorical(Param.RANK, (4, 8, 16, 32))
     _around(trial, recipe, optimizer)
     alpha = recipe.alpha if recipe else 32.0
-    return {"alpha": alpha, "alpha_ratio": alpha / rank, "targets": "q+v",
-            "lora_dropout": recipe.lora_dropout if recipe else 0.1}
+    return {Param.ALPHA: alpha, Param.ALPHA_RATIO: alpha / rank, Param.TARGETS: "q+v",
+            Param.LORA_DROPOUT: recipe.lora_dropout if recipe else 0.1}
 
 
 def fft_paper(trial: optuna.Trial, optimizer: str, recipe: Recipe | None) -> dict[str, Any]:
     _around(trial, recipe, optimizer)
     if optimizer == "adamw":
-        trial.suggest_categorical("layer_decay", (0.55, 0.65, 0.75))
+        trial.suggest_categorical(Param.LAYER_DECAY, (0.55, 0.65, 0.75))
     return {}
 
 
@@ -91,16 +92,16 @@ def preset_point(space: Space, recipe: Recipe | None, optimizer: str) -> dict[st
     if recipe is None:
         return None
     if space.kind == "lora":
-        point: dict[str, Any] = {"rank": recipe.rank, "lr": recipe.lr}
+        point: dict[str, Any] = {Param.RANK: recipe.rank, Param.LR: recipe.lr}
         if space.name == "lora":
             point.update(alpha_ratio=recipe.alpha / recipe.rank, targets="q+v",
                          weight_decay=recipe.weight_decay, lora_dropout=recipe.lora_dropout)
     else:
-        point = {"lr": recipe.lr}
+        point = {Param.LR: recipe.lr}
         if space.name == "fft":
             point.update(layer_decay=recipe.layer_decay, weight_decay=recipe.weight_decay)
         elif optimizer == "adamw":
-            point["layer_decay"] = recipe.layer_decay
+            point[Param.LAYER_DECAY] = recipe.layer_decay
     return point if _inside(space, point, recipe, optimizer) else None
 
 

@@ -64,10 +64,12 @@ def _cmd_best(args: argparse.Namespace) -> int:
     elif table.empty:
         print("no finished search trials yet")
     else:
-        shown = table.drop(columns=["config", "run_id"]).round(4)
+        ids = ["run_id", "final_run_ids", "search_run_id"]
+        shown = table.drop(columns=["config", *ids]).round(4)
         print(shown.to_string(index=False))
         for row in table.itertuples():
-            print(f"{row.task} {row.arm}: {json.dumps(row.config, default=str)}")
+            print(f"{row.task} {row.arm}: {json.dumps(row.config, default=str)}; export "
+                  f"{row.run_id} ({'a final run' if row.final_run_ids else 'a search trial'})")
     return 0
 
 

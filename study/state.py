@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from study.schema import Param
 from trainables.errors import ConfigError
 
 STATE_FILE = "study_state.json"
@@ -79,5 +80,5 @@ class StudyState:
 
 def config_hash(config: dict[str, Any]) -> str:
     """A short stable id of a trial config (which best config an arm's final runs used)."""
-    text = json.dumps({k: config[k] for k in sorted(config) if k != "seed"}, default=str)
+    text = json.dumps({k: config[k] for k in sorted(config) if k != Param.SEED}, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:10]
