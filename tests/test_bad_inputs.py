@@ -10,208 +10,47 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import sqlite3
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-import timm
-import torch
 
 from study.cli import main
-from study.state import STATE_FILE, StudyState
+from study.state import STATE_FILE
+from tests.bad_input_setups import (
+    BINARY,
+    DATASETS,
+    DEMO,
+    FRACTIONS,
+    LATIN1,
+    LORA,
+    ROOT,
+    STORAGE,
+    STORE,
+    Bad,
+    corrupt_image,
+    damaged_state,
+    empty_folder,
+    escaping_path,
+    export,
+    files,
+    folders,
+    no_root,
+    other_sqlite,
+    pickled_checkpoint,
+    read_only,
+    report,
+    snapshot,
+    state,
+    study_bytes,
+    study_text,
+    then,
+    tracking,
+    weights,
+    wide_checkpoint,
+)
 from tests.test_cli import _assert_one_line_error
-from trainables.models import build_backbone
 
 # A valid study: the demo foundation on the phantom (DATA), one LoRA arm, a two-epoch search.
-VALID = """\
-[study]
-name = "bad"
-storage = "store"
-
-[tasks]
-foundations = [{ name = "demo" }]
-datasets = [{ name = "nih", root = DATA, splits = "lists", list_dir = DATA }]
-label_fractions = [1.0]
-
-[arms.lora]
-space = "lora"
-trials = 2
-
-[search]
-max_t = 2
-grace_period = 1
-"""
-STORAGE = "store"
-
-
-class Evil:
-    """Not a tensor: a checkpoint holding it must be refused, never unpickled."""
-
-
-@dataclass(frozen=True)
-class Bad:
-    """One bad input: text edits of the valid study, the command, and what the error names.
-
-    `prepare(tmp_path, phantom_root)` writes the files the case needs (checkpoints, damaged
-    data, an existing study) and returns the data root to use, or None for the phantom.
-    `command` replaces `run <study> *args`; `{tmp}` in it and in `edits` is the test's folder.
-    """
-
-    needles: tuple[str, ...]
-    edits: dict[str, str] = field(default_factory=dict)
-    args: tuple[str, ...] = ()
-    prepare: Callable[[Path, Path], Path | None] | None = None
-    command: tuple[str, ...] | None = None
-
-
-def _study_text(data: Path, edits: dict[str, str]) -> str:
-    text = VALID
-    for old, new in edits.items():
-        assert old in text, old
-        text = text.replace(old, new)
-    return text.replace("DATA", json.dumps(str(data)))
-
-
-def _snapshot(root: Path) -> dict[str, bytes | None]:
-    """Every file (its bytes) and folder (None) under `root`."""
-    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None)
-            for p in sorted(root.rglob("*"))}
-
-
-# --- what the cases prepare ------------------------------------------------------------------
-
-def _wide_checkpoint(tmp: Path, phantom: Path) -> None:
-    """A real timm ViT of width 32 (the demo foundation is 64 wide), saved the MAE way."""
-    narrow = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=48,
-                               patch_size=8, embed_dim=32, depth=4, num_heads=4, mlp_ratio=2.0)
-    torch.save({"model": narrow.state_dict()}, tmp / "other.pth")
-
-
-def _pickled_checkpoint(tmp: Path, phantom: Path) -> None:
-    weights = build_backbone("vit_demo", 2).state_dict()
-    torch.save({"model": weights, "evil": Evil()}, tmp / "evil.pth")
-
-
-def _copy(phantom: Path, tmp: Path) -> Path:
-    return Path(shutil.copytree(phantom, tmp / "data"))
-
-
-def _corrupt_image(tmp: Path, phantom: Path) -> Path:
-    data = _copy(phantom, tmp)
-    first = (data / "val_list.txt").read_text().split()[0]
-    png = data / "images" / first
-    png.write_bytes(png.read_bytes()[:100])  # a truncated PNG
-    return data
-
-
-def _escaping_path(tmp: Path, phantom: Path) -> Path:
-    data = _copy(phantom, tmp)
-    train = data / "train_list.txt"
-    train.write_text("../x.png" + " 0" * 14 + "\n" + train.read_text())
-    return data
-
-
-def _no_root(tmp: Path, phantom: Path) -> Path:
-    return tmp / "nowhere"
-
-
-def _state(name: str) -> Callable[[Path, Path], None]:
-    def prepare(tmp: Path, phantom: Path) -> None:
-        (tmp / STORAGE).mkdir()
-        StudyState(name=name).save(tmp / STORAGE)
-    return prepare
-
-
-def _damaged_state(content: bytes) -> Callable[[Path, Path], None]:
-    def prepare(tmp: Path, phantom: Path) -> None:
-        (tmp / STORAGE).mkdir()
-        (tmp / STORAGE / STATE_FILE).write_bytes(content)
-    return prepare
-
-
-def _empty_folder(tmp: Path, phantom: Path) -> None:
-    (tmp / "nostudy").mkdir()
-
-
-def _study_bytes(name: str, content: bytes) -> Callable[[Path, Path], None]:
-    """A study file beside the valid one, holding `content` (e.g. not UTF-8)."""
-    def prepare(tmp: Path, phantom: Path) -> None:
-        (tmp / name).write_bytes(content)
-    return prepare
-
-
-# The valid study saved as Latin-1 (an editor's default on some systems): one accented name.
-LATIN1 = VALID.replace('"bad"', '"b\u00e9d"').replace("DATA", '"data"').encode("latin-1")
-BINARY = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe"
-
-
-def _files(*names: str) -> Callable[[Path, Path], None]:
-    """Regular text files (where a folder or a database is expected)."""
-    def prepare(tmp: Path, phantom: Path) -> None:
-        for name in names:
-            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-            (tmp / name).write_text("not what you think\n")
-    return prepare
-
-
-def _folders(*names: str) -> Callable[[Path, Path], None]:
-    def prepare(tmp: Path, phantom: Path) -> None:
-        for name in names:
-            (tmp / name).mkdir(parents=True)
-    return prepare
-
-
-def _read_only(name: str) -> Callable[[Path, Path], None]:
-    def prepare(tmp: Path, phantom: Path) -> None:
-        (tmp / name).mkdir()
-        (tmp / name).chmod(0o555)
-    return prepare
-
-
-def _other_sqlite(name: str) -> Callable[[Path, Path], None]:
-    """An sqlite database that is not an MLflow store, like the study's own optuna.db."""
-    def prepare(tmp: Path, phantom: Path) -> None:
-        (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-        with sqlite3.connect(tmp / name) as db:
-            db.execute("CREATE TABLE studies (study_id INTEGER PRIMARY KEY)")
-        db.close()
-    return prepare
-
-
-def _weights(tmp: Path, phantom: Path) -> None:
-    """A plain weights file for `convert` to read."""
-    torch.save({"w": torch.zeros(2)}, tmp / "w.pth")
-
-
-def _then(*steps: Callable[[Path, Path], None]) -> Callable[[Path, Path], None]:
-    def prepare(tmp: Path, phantom: Path) -> None:
-        for step in steps:
-            step(tmp, phantom)
-    return prepare
-
-
-LORA = 'space = "lora"\ntrials = 2'
-DEMO = '{ name = "demo" }'
-STORE = 'storage = "store"'
-FRACTIONS = "label_fractions = [1.0]"
-DATASETS = 'datasets = [{ name = "nih", root = DATA, splits = "lists", list_dir = DATA }]'
-ROOT = os.geteuid() == 0  # root writes into read-only folders: those cases cannot fail
-
-
-def _tracking(uri: str) -> dict[str, str]:
-    return {"[search]": f'[tracking]\nuri = "{uri}"\n[search]'}
-
-
-def _export(*args: str) -> tuple[str, ...]:
-    """`export` of some run from a store that does not exist (reading it must not create it)."""
-    return ("export", "someid", "--tracking-uri", "sqlite:///{tmp}/m.db", *args)
-
-
-def _report(*args: str) -> tuple[str, ...]:
-    return ("report", "--tracking-uri", "sqlite:///{tmp}/m.db", "--experiment", "bad", *args)
 
 CASES = [
     # the study file itself
@@ -299,20 +138,20 @@ CASES = [
     # foundation checkpoints
     pytest.param(Bad(("other.pth", "(1, 1, 32)", "(1, 1, 64)", "another architecture"),
                      edits={DEMO: '{ name = "demo", checkpoint = "other.pth" }'},
-                     prepare=_wide_checkpoint), id="checkpoint-wrong-architecture"),
+                     prepare=wide_checkpoint), id="checkpoint-wrong-architecture"),
     pytest.param(Bad(("evil.pth", "Evil", "only weights are accepted", "cxr-study convert"),
                      edits={DEMO: '{ name = "demo", checkpoint = "evil.pth" }'},
-                     prepare=_pickled_checkpoint), id="checkpoint-pickled-object"),
+                     prepare=pickled_checkpoint), id="checkpoint-pickled-object"),
     pytest.param(Bad(("absent.pth", "does not exist", "check the path"),
                      edits={DEMO: '{ name = "demo", checkpoint = "absent.pth" }'}),
                  id="checkpoint-missing"),
     # data
-    pytest.param(Bad(("nowhere", "missing dataset root", "data.root"), prepare=_no_root),
+    pytest.param(Bad(("nowhere", "missing dataset root", "data.root"), prepare=no_root),
                  id="data-root-missing"),
     pytest.param(Bad(("images/", "unreadable or truncated image", "re-download"),
-                     prepare=_corrupt_image), id="data-image-corrupt"),
+                     prepare=corrupt_image), id="data-image-corrupt"),
     pytest.param(Bad(("train_list.txt", "escaping path", "line 1: ../x.png", "without '..'"),
-                     prepare=_escaping_path), id="data-list-path-escapes-root"),
+                     prepare=escaping_path), id="data-list-path-escapes-root"),
     pytest.param(Bad(("class without a positive in train", "label_fraction = 0.01",
                       "larger label_fraction"),
                      edits={'splits = "lists", list_dir = DATA': 'splits = "patient"',
@@ -331,48 +170,48 @@ CASES = [
                      args=("--add-trials", "1", "--arm", "fft")), id="add-trials-unknown-arm"),
     # an existing storage
     pytest.param(Bad(("store", "holds study 'other'", "'bad'", "new storage"),
-                     args=("--resume",), prepare=_state("other")), id="resume-other-study"),
+                     args=("--resume",), prepare=state("other")), id="resume-other-study"),
     pytest.param(Bad(("store", "already holds study 'bad'", "--resume"),
-                     prepare=_state("bad")), id="storage-taken-without-resume"),
+                     prepare=state("bad")), id="storage-taken-without-resume"),
     pytest.param(Bad((STATE_FILE, "is damaged", "restore it"), args=("--resume",),
-                     prepare=_damaged_state(b'{"name": "bad", "segm')),
+                     prepare=damaged_state(b'{"name": "bad", "segm')),
                  id="state-file-truncated"),
     pytest.param(Bad((STATE_FILE, "is damaged", "utf-8", "restore it"), args=("--resume",),
-                     prepare=_damaged_state(b"\xff\xfe\x00\x13")), id="state-file-binary"),
+                     prepare=damaged_state(b"\xff\xfe\x00\x13")), id="state-file-binary"),
     pytest.param(Bad((STATE_FILE, "is damaged", "restore it"), args=("--resume",),
-                     prepare=_damaged_state(b'{"name": "bad", "segments": []}')),
+                     prepare=damaged_state(b'{"name": "bad", "segments": []}')),
                  id="state-file-wrong-shape"),
     # stores to read from
     pytest.param(Bad(("m.db does not exist", "check --tracking-uri"), command=(
         "best", "--tracking-uri", "sqlite:///{tmp}/m.db", "--experiment", "bad")),
         id="best-missing-store"),
     pytest.param(Bad(("nostudy", "holds no study", "pass the study directory"),
-                     prepare=_empty_folder, command=("status", "{tmp}/nostudy")),
+                     prepare=empty_folder, command=("status", "{tmp}/nostudy")),
                  id="status-folder-without-store"),
     pytest.param(Bad(("store/mlflow.db does not exist", "run the study first"),
                      command=("status", "{tmp}/study.toml")),
                  id="status-study-never-run"),
     # a study file that is not UTF-8 text, for every command that reads one
     pytest.param(Bad(("latin1.toml", "is not UTF-8 text", "byte 17", "saved as UTF-8"),
-                     prepare=_study_bytes("latin1.toml", LATIN1),
+                     prepare=study_bytes("latin1.toml", LATIN1),
                      command=("run", "{tmp}/latin1.toml")), id="study-file-latin1-run"),
     pytest.param(Bad(("binary.toml", "is not UTF-8 text", "saved as UTF-8"),
-                     prepare=_study_bytes("binary.toml", BINARY),
+                     prepare=study_bytes("binary.toml", BINARY),
                      command=("run", "{tmp}/binary.toml", "--dry-run")),
                  id="study-file-binary-dry-run"),
     pytest.param(Bad(("latin1.toml", "is not UTF-8 text"),
-                     prepare=_study_bytes("latin1.toml", LATIN1),
+                     prepare=study_bytes("latin1.toml", LATIN1),
                      command=("data", "check", "{tmp}/latin1.toml")),
                  id="study-file-latin1-data-check"),
     pytest.param(Bad(("binary.toml", "is not UTF-8 text"),
-                     prepare=_study_bytes("binary.toml", BINARY),
+                     prepare=study_bytes("binary.toml", BINARY),
                      command=("data", "prepare", "{tmp}/binary.toml")),
                  id="study-file-binary-data-prepare"),
     pytest.param(Bad(("binary.toml", "is not UTF-8 text"),
-                     prepare=_study_bytes("binary.toml", BINARY),
+                     prepare=study_bytes("binary.toml", BINARY),
                      command=("status", "{tmp}/binary.toml")), id="study-file-binary-status"),
     pytest.param(Bad(("is a folder", "pass the path of a .toml file"),
-                     prepare=_folders("s.toml"), command=("run", "{tmp}/s.toml")),
+                     prepare=folders("s.toml"), command=("run", "{tmp}/s.toml")),
                  id="study-file-is-a-folder"),
     # lists that need an entry, and values that must not be blank or repeated
     pytest.param(Bad(("tasks.label_fractions", "needs at least one entry", "[1.0]"),
@@ -409,106 +248,106 @@ CASES = [
     pytest.param(Bad(("study.storage /proc/nope", "cannot be created", "folder you can write"),
                      edits={STORE: 'storage = "/proc/nope"'}), id="storage-under-proc"),
     pytest.param(Bad(("study.storage", "notes.txt/store", "cannot be created",
-                      "notes.txt is a file"), prepare=_files("notes.txt"),
+                      "notes.txt is a file"), prepare=files("notes.txt"),
                      edits={STORE: 'storage = "notes.txt/store"'}), id="storage-under-a-file"),
     pytest.param(Bad(("study.storage", "notes.txt is a file, not a folder"),
-                     prepare=_files("notes.txt"), edits={STORE: 'storage = "notes.txt"'}),
+                     prepare=files("notes.txt"), edits={STORE: 'storage = "notes.txt"'}),
                  id="storage-is-a-file"),
     pytest.param(Bad(("study.storage", "ro/store", "cannot be created", "folder you can write"),
-                     prepare=_read_only("ro"), edits={STORE: 'storage = "ro/store"'}),
+                     prepare=read_only("ro"), edits={STORE: 'storage = "ro/store"'}),
                  id="storage-in-read-only-folder",
                  marks=pytest.mark.skipif(ROOT, reason="root writes into read-only folders")),
     pytest.param(Bad(("study.cache_dir /proc/nope", "cannot be created"),
                      edits={STORE: STORE + '\ncache_dir = "/proc/nope"'}),
                  id="cache-dir-under-proc"),
-    pytest.param(Bad(("study.cache_dir", "notes.txt is a file"), prepare=_files("notes.txt"),
+    pytest.param(Bad(("study.cache_dir", "notes.txt is a file"), prepare=files("notes.txt"),
                      edits={STORE: STORE + '\ncache_dir = "../notes.txt/cache"'}),
                  id="cache-dir-under-a-file"),
     pytest.param(Bad(("study.cache_dir /proc/nope", "cannot be created"),
                      edits={STORE: STORE + '\ncache_dir = "/proc/nope"'},
                      command=("data", "prepare", "{tmp}/study.toml")),
                  id="data-prepare-cache-dir-under-proc"),
-    pytest.param(Bad(("--dir", "notes.txt is a file, not a folder"), prepare=_files("notes.txt"),
+    pytest.param(Bad(("--dir", "notes.txt is a file, not a folder"), prepare=files("notes.txt"),
                      command=("demo", "--dir", "{tmp}/notes.txt")), id="demo-dir-is-a-file"),
     # tracking stores of the wrong kind, to write (run) and to read (best, report, export,
     # status)
     pytest.param(Bad(("tracking store", "db.d is a folder, not an sqlite file",
-                      "[tracking] uri"), prepare=_folders("db.d"),
-                     edits=_tracking("sqlite:///{tmp}/db.d")), id="tracking-uri-is-a-folder"),
+                      "[tracking] uri"), prepare=folders("db.d"),
+                     edits=tracking("sqlite:///{tmp}/db.d")), id="tracking-uri-is-a-folder"),
     pytest.param(Bad(("tracking store", "notes.db is not an sqlite database", "[tracking] uri"),
-                     prepare=_files("notes.db"), edits=_tracking("sqlite:///{tmp}/notes.db")),
+                     prepare=files("notes.db"), edits=tracking("sqlite:///{tmp}/notes.db")),
                  id="tracking-uri-text-file"),
     pytest.param(Bad(("tracking store", "optuna.db", "not an MLflow store"),
-                     prepare=_other_sqlite("optuna.db"),
-                     edits=_tracking("sqlite:///{tmp}/optuna.db")),
+                     prepare=other_sqlite("optuna.db"),
+                     edits=tracking("sqlite:///{tmp}/optuna.db")),
                  id="tracking-uri-other-database"),
     pytest.param(Bad(("tracking store", "notes.txt/m.db cannot be created", "is a file"),
-                     prepare=_files("notes.txt"), edits=_tracking("sqlite:///{tmp}/notes.txt/m.db")),
+                     prepare=files("notes.txt"), edits=tracking("sqlite:///{tmp}/notes.txt/m.db")),
                  id="tracking-uri-under-a-file"),
     pytest.param(Bad(("tracking store /proc/nope/m.db cannot be created",),
-                     edits=_tracking("sqlite:////proc/nope/m.db")),
+                     edits=tracking("sqlite:////proc/nope/m.db")),
                  id="tracking-uri-under-proc"),
     pytest.param(Bad(("tracking store", "db.d is a folder", "--tracking-uri"),
-                     prepare=_folders("db.d"), command=(
+                     prepare=folders("db.d"), command=(
                          "best", "--tracking-uri", "sqlite:///{tmp}/db.d", "--experiment", "bad")),
                  id="best-store-is-a-folder"),
     pytest.param(Bad(("tracking store", "notes.db is not an sqlite database", "--tracking-uri"),
-                     prepare=_files("notes.db"), command=(
+                     prepare=files("notes.db"), command=(
                          "best", "--tracking-uri", "sqlite:///{tmp}/notes.db", "--experiment",
                          "bad")), id="best-store-text-file"),
     pytest.param(Bad(("tracking store", "optuna.db", "not an MLflow store"),
-                     prepare=_other_sqlite("optuna.db"), command=(
+                     prepare=other_sqlite("optuna.db"), command=(
                          "best", "--tracking-uri", "sqlite:///{tmp}/optuna.db", "--experiment",
                          "bad")), id="best-store-other-database"),
     pytest.param(Bad(("tracking store", "e.db is an empty database"),
-                     prepare=_study_bytes("e.db", b""), command=(
+                     prepare=study_bytes("e.db", b""), command=(
                          "best", "--tracking-uri", "sqlite:///{tmp}/e.db", "--experiment", "bad")),
                  id="best-store-empty-file"),
     pytest.param(Bad(("tracking store", "notes.db is not an sqlite database"),
-                     prepare=_files("notes.db"), command=(
+                     prepare=files("notes.db"), command=(
                          "report", "--tracking-uri", "sqlite:///{tmp}/notes.db", "--experiment",
                          "bad", "--out", "{tmp}/rep")), id="report-store-text-file"),
     pytest.param(Bad(("tracking store", "notes.db is not an sqlite database"),
-                     prepare=_files("notes.db"), command=(
+                     prepare=files("notes.db"), command=(
                          "export", "someid", "--tracking-uri", "sqlite:///{tmp}/notes.db",
                          "--adapter", "{tmp}/a.safetensors")), id="export-store-text-file"),
     pytest.param(Bad(("m.db does not exist", "check --tracking-uri"),
-                     command=_export("--adapter", "{tmp}/a.safetensors")),
+                     command=export("--adapter", "{tmp}/a.safetensors")),
                  id="export-missing-store"),
     pytest.param(Bad(("tracking store", "mlflow.db is not an sqlite database"),
-                     prepare=_files("st/mlflow.db"), command=("status", "{tmp}/st")),
+                     prepare=files("st/mlflow.db"), command=("status", "{tmp}/st")),
                  id="status-folder-store-text-file"),
     pytest.param(Bad(("tracking store", "mlflow.db", "not an MLflow store"),
-                     prepare=_other_sqlite("st/mlflow.db"), command=("status", "{tmp}/st")),
+                     prepare=other_sqlite("st/mlflow.db"), command=("status", "{tmp}/st")),
                  id="status-folder-store-other-database"),
     # output paths of the wrong kind
-    pytest.param(Bad(("--out", "notes.txt is a file, not a folder"), prepare=_files("notes.txt"),
-                     command=_report("--out", "{tmp}/notes.txt")), id="report-out-is-a-file"),
+    pytest.param(Bad(("--out", "notes.txt is a file, not a folder"), prepare=files("notes.txt"),
+                     command=report("--out", "{tmp}/notes.txt")), id="report-out-is-a-file"),
     pytest.param(Bad(("--out /proc/nope", "cannot be created"),
-                     command=_report("--out", "/proc/nope")), id="report-out-under-proc"),
+                     command=report("--out", "/proc/nope")), id="report-out-under-proc"),
     pytest.param(Bad(("--adapter", "a.safetensors is a folder", "name a file"),
-                     prepare=_folders("a.safetensors"),
-                     command=_export("--adapter", "{tmp}/a.safetensors")),
+                     prepare=folders("a.safetensors"),
+                     command=export("--adapter", "{tmp}/a.safetensors")),
                  id="export-adapter-is-a-folder"),
     pytest.param(Bad(("--merged /proc/nope/m.safetensors", "cannot be created"),
-                     command=_export("--merged", "/proc/nope/m.safetensors")),
+                     command=export("--merged", "/proc/nope/m.safetensors")),
                  id="export-merged-under-proc"),
     pytest.param(Bad(("--merged", "cannot be created", "notes.txt is a file"),
-                     prepare=_files("notes.txt"),
-                     command=_export("--merged", "{tmp}/notes.txt/m.safetensors")),
+                     prepare=files("notes.txt"),
+                     command=export("--merged", "{tmp}/notes.txt/m.safetensors")),
                  id="export-merged-under-a-file"),
     pytest.param(Bad(("--adapter", "a.pth", "must end in .safetensors"),
-                     command=_export("--adapter", "{tmp}/a.pth")),
+                     command=export("--adapter", "{tmp}/a.pth")),
                  id="export-adapter-not-safetensors"),
     pytest.param(Bad(("--adapter and --merged", "a.safetensors", "give two files"),
-                     command=_export("--adapter", "{tmp}/a.safetensors", "--merged",
+                     command=export("--adapter", "{tmp}/a.safetensors", "--merged",
                                      "{tmp}/a.safetensors")), id="export-same-file-twice"),
     pytest.param(Bad(("DST", "w.safetensors is a folder"),
-                     prepare=_then(_weights, _folders("w.safetensors")),
+                     prepare=then(weights, folders("w.safetensors")),
                      command=("convert", "{tmp}/w.pth", "{tmp}/w.safetensors")),
                  id="convert-dst-is-a-folder"),
     pytest.param(Bad(("DST", "cannot be created", "notes.txt is a file"),
-                     prepare=_then(_weights, _files("notes.txt")),
+                     prepare=then(weights, files("notes.txt")),
                      command=("convert", "{tmp}/w.pth", "{tmp}/notes.txt/w.safetensors")),
                  id="convert-dst-under-a-file"),
     # `status` given a path that holds no study
@@ -524,17 +363,17 @@ def _refused_writing_nothing(capsys, tmp_path: Path, phantom: Path, case: Bad,
     if cache_dir is not None:
         edits['storage = "store"'] = f'storage = "store"\ncache_dir = {json.dumps(str(cache_dir))}'
     study = tmp_path / "study.toml"
-    study.write_text(_study_text(data, edits))
+    study.write_text(study_text(data, edits))
     argv = ([a.format(tmp=tmp_path) for a in case.command] if case.command
             else ["run", str(study), *case.args])
     storage_existed = (tmp_path / STORAGE).exists()
-    before = _snapshot(tmp_path)
+    before = snapshot(tmp_path)
 
     code = main(argv)
 
     _, err = capsys.readouterr()
     _assert_one_line_error(code, err, *case.needles)
-    assert _snapshot(tmp_path) == before
+    assert snapshot(tmp_path) == before
     assert (tmp_path / STORAGE).exists() == storage_existed
 
 
@@ -557,8 +396,8 @@ def test_destinations_that_can_be_written_pass_and_stay_untouched(tmp_path, monk
     (tmp_path / "empty.db").write_bytes(b"")
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     MlflowClient(store).search_experiments()
-    (tmp_path / "study.toml").write_text(_study_text(tmp_path, {}))
-    before = _snapshot(tmp_path)
+    (tmp_path / "study.toml").write_text(study_text(tmp_path, {}))
+    before = snapshot(tmp_path)
 
     check_destinations(load_study(tmp_path / "study.toml"))
     writable_dir(tmp_path / "new" / "deeper", "x")
@@ -569,14 +408,13 @@ def test_destinations_that_can_be_written_pass_and_stay_untouched(tmp_path, monk
     tracking_store(store, write=False)
     tracking_store("http://127.0.0.1:1", write=False)  # a server is asked when used
 
-    assert _snapshot(tmp_path) == before
+    assert snapshot(tmp_path) == before
 
 
 def test_resources_the_cluster_can_never_satisfy(capsys, tmp_path, phantom_root, phantom_cache):
     """More single-CPU workers than this machine's local Ray would have CPUs: refused before
     Ray starts or anything is written (the cache named is the session's, already built)."""
     import logging
-    import os
 
     import ray
 
@@ -584,7 +422,7 @@ def test_resources_the_cluster_can_never_satisfy(capsys, tmp_path, phantom_root,
     case = Bad(("resources", f"{workers} worker(s)", "lower num_workers"),
                edits={"[search]": f"[resources]\nnum_workers = {workers}\ncpus_per_worker = 1"
                                   "\n[search]"})
-    cache_before = _snapshot(phantom_cache.parent)
+    cache_before = snapshot(phantom_cache.parent)
     # Ray's own console log (a token-authentication notice when a local cluster starts) is not
     # the CLI's output; only its warnings are held back, so a traceback would still show.
     ray_log = logging.getLogger("ray")
@@ -596,4 +434,4 @@ def test_resources_the_cluster_can_never_satisfy(capsys, tmp_path, phantom_root,
     finally:
         ray_log.setLevel(level)
         ray.shutdown()
-    assert _snapshot(phantom_cache.parent) == cache_before
+    assert snapshot(phantom_cache.parent) == cache_before
