@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from study.schema import Param
+from study.schema import Param, Tag
 from trainables.errors import StudyError
 
 # What a trial line and the summary show of a config, per arm kind: what the arm searches.
@@ -44,7 +44,7 @@ def summary_table(tracking_uri: str, experiment: str) -> pd.DataFrame:
         "trainable params": best["trainable_params"],
         "trainable %": [f"{v:.2f}" for v in best["trainable_pct"]],
         "trials (stopped early)": [f"{t} ({s})" for t, s in zip(best["trials"],
-                                                                best["stopped_early"])],
+                                                                best[Tag.STOPPED_EARLY])],
     })
 
 
