@@ -112,9 +112,10 @@ def _train_defaults(*drop: str) -> dict:
     return {k: v for k, v in dataclasses.asdict(TrainSpec()).items() if k not in drop}
 
 
-def test_train_takes_every_recipe_field_but_lr_and_seed(tmp_path):
-    train = _train_defaults("lr", "seed")
-    assert set(train) == set(TRAIN_KEYS) - {"lr", "seed"}
+def test_train_takes_every_recipe_field_but_lr_seed_and_optimizer(tmp_path):
+    """lr is searched, the seed is the study's, the optimiser the arm's (see test_bad_inputs)."""
+    train = _train_defaults("lr", "seed", "optimizer")
+    assert set(train) == set(TRAIN_KEYS) - {"lr", "seed", "optimizer"}
     cfg = parse_study(_with("train", **train), tmp_path)
     assert dict(cfg.train) == train
     for key in ("lr", "seed"):
@@ -125,7 +126,7 @@ def test_train_takes_every_recipe_field_but_lr_and_seed(tmp_path):
 def test_fixed_takes_recipe_fields_lr_and_every_lora_key(tmp_path):
     lora = {"rank": 4, "alpha": 8, "alpha_ratio": 2, "lora_dropout": 0, "targets": "q+v"}
     assert set(lora) == set(LORA_KEYS)  # alpha_ratio included
-    fixed = {**_train_defaults("seed"), **lora, "lr": 0.01}
+    fixed = {**_train_defaults("seed", "optimizer"), **lora, "lr": 0.01}
     cfg = parse_study(_with("arms", lora={"space": "lora", "fixed": fixed}), tmp_path)
     assert dict(cfg.arms[0].fixed) == fixed
     with pytest.raises(ConfigError, match=r"arms.lora.fixed: unknown keys \['seed'\]"):
