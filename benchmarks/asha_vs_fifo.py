@@ -17,9 +17,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from study.cluster import init_ray  # noqa: E402
 from study.config import parse_study  # noqa: E402
 from study.demo import prepare_demo_dir  # noqa: E402
-from study.runner import init_ray, run_study  # noqa: E402
+from study.runner import run_study  # noqa: E402
 
 
 def study_doc(demo: Path, seed: int, trials: int, max_t: int, grace: int) -> dict:

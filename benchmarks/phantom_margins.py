@@ -25,9 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from study.config import load_study  # noqa: E402
 from study.demo import prepare_demo_dir  # noqa: E402
-from study.runner import prepare_task_data  # noqa: E402
+from study.preflight import prepare_task_data  # noqa: E402
+from study.trials import task_factors  # noqa: E402
 from trainables.cache import label_names, open_split  # noqa: E402
-from trainables.config import TrialConfig  # noqa: E402
+from trainables.config import RunSettings, TrialSpec, flatten  # noqa: E402
 from trainables.fit import build_model, fit, to_model_input  # noqa: E402
 from trainables.foundation import get_foundation  # noqa: E402
 from trainables.metrics import classification_metrics  # noqa: E402
@@ -52,7 +53,7 @@ def pooled_features(model, images, mean, std) -> np.ndarray:
 
 
 def linear_probe(flat: dict, cache: Path) -> float:
-    model = build_model(TrialConfig.from_flat(flat))
+    model = build_model(TrialSpec.from_tune(flat, RunSettings(str(cache))))
     fd = get_foundation(flat["foundation"])
     train, test = open_split(cache, "train"), open_split(cache, "test")
     f_train = pooled_features(model, train.images, fd.mean, fd.std)
@@ -62,8 +63,8 @@ def linear_probe(flat: dict, cache: Path) -> float:
     return classification_metrics(test.labels, probs, label_names(cache)).macro_auroc
 
 
-def finetune(flat: dict) -> tuple[float, float]:
-    cfg = TrialConfig.from_flat({**flat, "phase": "final"})
+def finetune(flat: dict, cache: Path) -> tuple[float, float]:
+    cfg = TrialSpec.from_tune({**flat, "phase": "final"}, RunSettings(str(cache)))
     rep = Quiet()
     start = time.perf_counter()
     fit(cfg, rep)
@@ -79,9 +80,11 @@ def main() -> None:
     study = load_study(prepare_demo_dir(Path(args.dir).resolve(), emit=lambda s: None))
     task = study.tasks[0]
     data = prepare_task_data(task, study.cache_dir)
-    base = {"arm": "fft", "foundation": "demo", "num_classes": data.num_classes,
-            "cache_dir": str(data.cache_dir), "epochs": args.epochs, "warmup_epochs": 1,
-            "optimizer": "adamw", "batch_size": 64, "seed": 0, "weight_decay": 0.05}
+    # The task's factors (foundation demo, its checkpoint, num_classes); "checkpoint" is
+    # overridden per setting below.
+    base = {**flatten(task_factors(task, data)), "arm": "fft", "kind": "fft",
+            "epochs": args.epochs, "warmup_epochs": 1, "optimizer": "adamw", "batch_size": 64,
+            "seed": 0, "weight_decay": 0.05}
     ckpt = task.foundation.checkpoint
     rows = [("linear probe, random init", linear_probe({**base, "checkpoint": None},
                                                        data.cache_dir), 0.0),
@@ -91,9 +94,10 @@ def main() -> None:
         ("FFT from random init", {"checkpoint": None, "lr": 1e-3, "layer_decay": 1.0}),
         ("FFT from demo foundation", {"checkpoint": ckpt, "lr": 1e-3, "layer_decay": 0.75}),
         ("LoRA r4 q+v from demo foundation", {"checkpoint": ckpt, "lr": 2e-3, "rank": 4,
-                                              "alpha": 8.0, "targets": "q+v", "arm": "lora"}),
+                                              "alpha": 8.0, "targets": "q+v", "arm": "lora",
+                                              "kind": "lora"}),
     ]:
-        auroc, wall = finetune({**base, **extra})
+        auroc, wall = finetune({**base, **extra}, data.cache_dir)
         rows.append((name, auroc, wall))
     print(f"{'setting':36s} {'test macro AUROC':>16s} {'wall s':>7s}")
     for name, auroc, wall in rows:

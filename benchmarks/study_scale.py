@@ -44,6 +44,7 @@ import pandas as pd  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from benchmarks._table import print_rows  # noqa: E402
+from study.schema import PARENT, Level, Metric, Param, Phase, Tag  # noqa: E402
 
 REPORT_LIMIT_S = 60.0
 
@@ -121,8 +122,9 @@ def driver_cost(work: Path, data: Path, name: str, trials: int) -> dict[str, flo
 def bench_driver(work: Path, sizes: tuple[int, int], quick: bool) -> dict[str, dict[str, float]]:
     import torch
 
+    from study.cluster import init_ray
     from study.config import parse_study
-    from study.runner import init_ray, preflight, prepare_caches
+    from study.preflight import preflight, prepare_caches
     from trainables.phantom import PhantomLayout, write_nih_phantom
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", message=".*fewer than 50 positives")  # a tiny val split
@@ -144,35 +146,37 @@ def bench_driver(work: Path, sizes: tuple[int, int], quick: bool) -> dict[str, d
 
 def _trial(i: int) -> SimpleNamespace:
     return SimpleNamespace(trial_id=f"t{i:05d}", experiment_tag=f"{i + 1}_lr=0.01",
-                           config={"lr": 0.01, "rank": 8, "alpha": 16.0, "targets": "q+v"},
+                           config={Param.LR: 0.01, Param.RANK: 8, Param.ALPHA: 16.0,
+                                   Param.TARGETS: "q+v"},
                            last_result={}, error_file=None)
 
 
 def tracker_cost(work: Path, trials: int, epochs: int = 1) -> dict[str, float]:
     """MlflowTrialTracker (writing inline) through Tune's callbacks, a fresh experiment."""
-    from study.tracking import PARENT_TAG, MlflowTrialTracker, start_run
+    from study.tracking import MlflowTrialTracker, start_run
     uri = f"sqlite:///{work / 'tracker.db'}"
     client = MlflowClient(uri)
     exp = client.create_experiment(f"tracker-{trials}",
                                    artifact_location=(work / f"art-{trials}").as_uri())
-    parent = start_run(client, exp, "arm", {"level": "arm"})
-    tracker = MlflowTrialTracker(client, exp, parent, {"arm": "lora", "phase": "search"}, epochs,
-                                 work / f"backlog-{trials}.jsonl", background=False)
+    parent = start_run(client, exp, "arm", {Tag.LEVEL: Level.ARM})
+    tracker = MlflowTrialTracker(client, exp, parent, {Tag.ARM: "lora", Tag.PHASE: Phase.SEARCH},
+                                 epochs, work / f"backlog-{trials}.jsonl", background=False)
     per = []
     for i in range(trials):
         trial, cpu = _trial(i), time.process_time()
         tracker.on_trial_start(0, [], trial)
         for epoch in range(1, epochs + 1):
-            tracker.on_trial_result(0, [], trial, {"epoch": epoch, "val_auroc": 0.6,
-                                                   "best_val_auroc": 0.6, "train_loss": 0.5})
+            tracker.on_trial_result(0, [], trial, {Metric.EPOCH: epoch, Metric.VAL_AUROC: 0.6,
+                                                   Metric.BEST_VAL_AUROC: 0.6,
+                                                   Metric.TRAIN_LOSS: 0.5})
         tracker.on_trial_complete(0, [], trial)
         per.append(time.process_time() - cpu)
 
     def lookup(trial_id: str) -> float:
         start = time.perf_counter()
         for _ in range(5):
-            client.search_runs([exp], filter_string=f"tags.trial_id = '{trial_id}' and "
-                               f"tags.`{PARENT_TAG}` = '{parent}'", max_results=2)
+            client.search_runs([exp], filter_string=f"tags.{Tag.TRIAL_ID} = '{trial_id}' and "
+                               f"tags.`{PARENT}` = '{parent}'", max_results=2)
         return (time.perf_counter() - start) / 5
     tenth = max(1, trials // 10)
     return {"cpu_per": statistics.mean(per), "first": statistics.mean(per[:tenth]),
@@ -264,7 +268,7 @@ def epochs_per_run_calls(tracking_uri: str, trials: pd.DataFrame, finals: pd.Dat
     """`analysis.study_data._epochs` as it was: one get_metric_history call per run and key."""
     from analysis.study_data import EPOCH_METRICS
     client = MlflowClient(tracking_uri)
-    keys = ["run_id", "task", "arm", "kind", "phase"]
+    keys = ["run_id", Tag.TASK, Tag.ARM, Tag.KIND, Tag.PHASE]
     children = pd.concat([t[keys] for t in (trials, finals) if len(t)], ignore_index=True) if (
         len(trials) or len(finals)) else pd.DataFrame(columns=keys)
     kept = old[old["run_id"].isin(reusable)] if old is not None and len(old) else None
@@ -275,20 +279,21 @@ def epochs_per_run_calls(tracking_uri: str, trials: pd.DataFrame, finals: pd.Dat
         for key in EPOCH_METRICS:
             for m in client.get_metric_history(run.run_id, key):
                 rows.append((run.run_id, int(m.step), key, m.timestamp, float(m.value)))
-    fresh = pd.DataFrame(rows, columns=["run_id", "epoch", "metric", "timestamp", "value"])
+    fresh = pd.DataFrame(rows, columns=["run_id", Metric.EPOCH, "metric", "timestamp", "value"])
     if len(fresh):
         fresh = (fresh.sort_values("timestamp")
-                 .pivot_table(index=["run_id", "epoch"], columns="metric", values="value",
+                 .pivot_table(index=["run_id", Metric.EPOCH], columns="metric", values="value",
                               aggfunc="last").reset_index())
         fresh.columns.name = None
         fresh = fresh.merge(children, on="run_id", how="left")
     else:
-        fresh = pd.DataFrame(columns=[*keys, "epoch"])
+        fresh = pd.DataFrame(columns=[*keys, Metric.EPOCH])
     parts = [p for p in (kept, fresh) if p is not None and len(p)]
     epochs = pd.concat(parts, ignore_index=True) if parts else fresh
-    epochs = epochs[[*keys, "epoch", *[m for m in EPOCH_METRICS if m in epochs]]]
-    epochs["epoch"] = epochs["epoch"].astype("int64")
-    return epochs.sort_values(["task", "arm", "phase", "run_id", "epoch"]).reset_index(drop=True)
+    epochs = epochs[[*keys, Metric.EPOCH, *[m for m in EPOCH_METRICS if m in epochs]]]
+    epochs[Metric.EPOCH] = epochs[Metric.EPOCH].astype("int64")
+    return epochs.sort_values([Tag.TASK, Tag.ARM, Tag.PHASE, "run_id", Metric.EPOCH]).reset_index(
+        drop=True)
 
 
 @contextlib.contextmanager
@@ -345,7 +350,7 @@ def fanova_cost(tracking_uri: str, experiment: str) -> dict[str, dict[str, float
     out = {}
     for share in (4, 1):
         trials = pd.concat([g.head(max(3, len(g) // share))
-                            for _, g in data.trials.groupby(["task", "arm"])])
+                            for _, g in data.trials.groupby([Tag.TASK, Tag.ARM])])
         start = time.perf_counter()
         param_importance(trials, data.arms)
         seconds = time.perf_counter() - start
@@ -390,16 +395,16 @@ def bench_report(work: Path, runs: int, n_boot: int, quick: bool) -> tuple[dict,
 def trial_lookup(tracking_uri: str, experiment: str, trials: pd.DataFrame) -> dict[str, float]:
     """The tracker's query for a trial's run (`MlflowTrialTracker._run`), in a full store: a
     trial that has a run and a new one that has none."""
-    from study.tracking import PARENT_TAG
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment).experiment_id
-    parent = client.get_run(trials["run_id"].iloc[-1]).data.tags[PARENT_TAG]
+    parent = client.get_run(trials["run_id"].iloc[-1]).data.tags[PARENT]
     out = {}
-    for label, trial_id in (("lookup_hit", trials["trial_id"].iloc[-1]), ("lookup_miss", "new")):
+    for label, trial_id in (("lookup_hit", trials[Tag.TRIAL_ID].iloc[-1]),
+                            ("lookup_miss", "new")):
         start = time.perf_counter()
         for _ in range(10):
-            client.search_runs([exp], filter_string=f"tags.trial_id = '{trial_id}' and "
-                               f"tags.`{PARENT_TAG}` = '{parent}'", max_results=2)
+            client.search_runs([exp], filter_string=f"tags.{Tag.TRIAL_ID} = '{trial_id}' and "
+                               f"tags.`{PARENT}` = '{parent}'", max_results=2)
         out[label] = (time.perf_counter() - start) / 10
     return out
 

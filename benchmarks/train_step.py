@@ -52,7 +52,8 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _table import print_rows  # noqa: E402
 
-from trainables.config import TrialConfig  # noqa: E402
+from study.schema import task_key  # noqa: E402
+from trainables.config import RunSettings, TrialSpec  # noqa: E402
 from trainables.fit import (  # noqa: E402
     build_model,
     build_optimizer,
@@ -72,26 +73,30 @@ GPU_BATCH = 64
 NUM_CLASSES = 14
 ARMS = ("lora", "fft")
 FOUNDATION = "random"  # needs no checkpoint file, and its normalisation is the project's own
+DATASET = "nih"  # a task factor of the spec only: no data is read
 # The scheduler only has to stay inside its schedule for the few steps timed here.
 STEPS_PER_EPOCH = 10_000
 
 
-def trial_config(arm: str, batch_size: int) -> TrialConfig:
-    """A validated trial config for one arm, as a Tune trial would hand it to ``fit``."""
-    flat = {"arm": arm, "foundation": FOUNDATION, "num_classes": NUM_CLASSES,
-            "cache_dir": "unused", "optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.05,
+def trial_config(arm: str, batch_size: int) -> TrialSpec:
+    """A validated trial spec for one arm, as a Tune trial would hand it to ``fit``: its flat
+    form (task factors, arm, recipe) through ``TrialSpec.from_tune``."""
+    flat = {"arm": arm, "kind": arm, "task": task_key(FOUNDATION, DATASET, 1.0, 0),
+            "foundation": FOUNDATION, "model": get_foundation(FOUNDATION).backbone,
+            "dataset": DATASET, "label_fraction": 1.0, "split_seed": 0,
+            "num_classes": NUM_CLASSES, "optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.05,
             "layer_decay": 0.65, "epochs": 10, "warmup_epochs": 1, "batch_size": batch_size}
     if arm == "lora":
         flat.update(rank=4, alpha=32.0, lora_dropout=0.1, targets="q+v")
-    return TrialConfig.from_flat(flat)
+    return TrialSpec.from_tune(flat, RunSettings(cache_dir="unused"))
 
 
-def build(name: str, cfg: TrialConfig) -> nn.Module:
+def build(name: str, cfg: TrialSpec) -> nn.Module:
     """``build_model`` where the checkpoint-free foundation has this backbone (ViT-B); for other
     backbones, the same two calls ``build_model`` makes (no foundation entry exists for them)."""
-    if name == get_foundation(cfg.model.foundation).backbone:
+    if name == get_foundation(cfg.task.foundation).backbone:
         return build_model(cfg)
-    model = build_backbone(name, cfg.model.num_classes, drop_path=cfg.train.drop_path)
+    model = build_backbone(name, cfg.task.num_classes, drop_path=cfg.train.drop_path)
     return apply_lora(model, cfg.lora) if cfg.lora is not None else model
 
 
@@ -116,10 +121,10 @@ def _autocast(device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def project_step(model: nn.Module, cfg: TrialConfig, batch: Batch,
+def project_step(model: nn.Module, cfg: TrialSpec, batch: Batch,
                  device: torch.device) -> Callable[[], None]:
     """One iteration of fit's loop, made of fit's own pieces."""
-    foundation = get_foundation(cfg.model.foundation)
+    foundation = get_foundation(cfg.task.foundation)
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train, STEPS_PER_EPOCH)
     counter = itertools.count()

@@ -34,22 +34,30 @@ import torch  # noqa: E402
 from ray import tune  # noqa: E402
 
 from benchmarks._table import print_rows  # noqa: E402
-from study.runner import init_ray  # noqa: E402
+from study.cluster import init_ray  # noqa: E402
+from study.schema import task_key  # noqa: E402
 from trainables.cache import build_cache  # noqa: E402
-from trainables.config import TrialConfig  # noqa: E402
+from trainables.config import RunSettings, TrialSpec  # noqa: E402
 from trainables.datasets import DataSpec, load_splits  # noqa: E402
 from trainables.fit import fit  # noqa: E402
 from trainables.phantom import PhantomLayout, write_nih_phantom  # noqa: E402
-from trainables.ray_train import RESOURCE_KEYS, trial_resources, tune_trial  # noqa: E402
+from trainables.ray_train import trainable, trial_resources  # noqa: E402
 
 
-def trial_config(cache: Path, epochs: int, storage: Path, local_mode: bool) -> dict:
-    return {"arm": "lora", "foundation": "demo", "num_classes": 14, "cache_dir": str(cache),
-            "epochs": epochs, "warmup_epochs": 1, "optimizer": "adamw", "lr": 1e-3,
-            "batch_size": 32, "seed": 0, "rank": 4, "alpha": 8.0, "targets": "q+v",
-            "num_workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0,
-            "local_mode": local_mode, "storage_path": str(storage / "train"),
-            "checkpoints_to_keep": 2}
+def trial_config(epochs: int) -> dict:
+    """The flat form Tune searches: task factors, arm and recipe (no paths, no resources)."""
+    return {"arm": "lora", "kind": "lora", "task": task_key("demo", "nih", 1.0, 0),
+            "foundation": "demo", "model": "vit_demo", "dataset": "nih", "label_fraction": 1.0,
+            "split_seed": 0, "num_classes": 14, "epochs": epochs, "warmup_epochs": 1,
+            "optimizer": "adamw", "lr": 1e-3, "batch_size": 32, "seed": 0, "rank": 4,
+            "alpha": 8.0, "targets": "q+v"}
+
+
+def run_settings(cache: Path, storage: Path, local_mode: bool) -> RunSettings:
+    """Paths and resources: one 1-CPU worker, in local mode or as a worker group."""
+    return RunSettings(cache_dir=str(cache), storage_path=str(storage / "train"),
+                       checkpoints_to_keep=2, num_workers=1, cpus_per_worker=1,
+                       gpus_per_worker=0, local_mode=local_mode)
 
 
 class Stamps:
@@ -83,23 +91,23 @@ class ListReporter:
         return None
 
 
-def run_bare(config: dict, trials: int) -> Stamps:
+def run_bare(config: dict, run: RunSettings, trials: int) -> Stamps:
     stamps = Stamps()
-    flat = {k: v for k, v in config.items() if k not in RESOURCE_KEYS}
     begin = time.perf_counter()
     for i in range(trials):
-        cfg = TrialConfig.from_flat({**flat, "seed": i})
+        spec = TrialSpec.from_tune({**config, "seed": i}, run)
         stamps.start[str(i)] = time.perf_counter()
-        fit(cfg, ListReporter(stamps, str(i)))
+        fit(spec, ListReporter(stamps, str(i)))
     stamps.total = time.perf_counter() - begin
     return stamps
 
 
-def run_tune(config: dict, trials: int, storage: Path, name: str) -> Stamps:
+def run_tune(config: dict, run: RunSettings, trials: int, storage: Path, name: str) -> Stamps:
     stamps = Stamps()
-    resources = trial_resources(1, 1, 0, config["local_mode"])
+    resources = trial_resources(run.num_workers, run.cpus_per_worker, run.gpus_per_worker,
+                                run.local_mode)
     tuner = tune.Tuner(
-        tune.with_resources(tune_trial, resources),
+        trainable(run, resources),
         param_space={**config, "seed": tune.grid_search(list(range(trials)))},
         tune_config=tune.TuneConfig(max_concurrent_trials=1, reuse_actors=True),
         run_config=tune.RunConfig(name=name, storage_path=str(storage / "tune"), verbose=0,
@@ -135,11 +143,12 @@ def main() -> None:
     cache = build_cache(splits, 48, work / "cache", workers=1)
     init_ray(num_cpus=2)
     try:
+        config = trial_config(epochs)
         results = {
-            "bare": summary(run_bare(trial_config(cache, epochs, work, True), trials)),
-            "local": summary(run_tune(trial_config(cache, epochs, work, True), trials, work,
+            "bare": summary(run_bare(config, run_settings(cache, work, True), trials)),
+            "local": summary(run_tune(config, run_settings(cache, work, True), trials, work,
                                       "local")),
-            "group": summary(run_tune(trial_config(cache, epochs, work, False), trials, work,
+            "group": summary(run_tune(config, run_settings(cache, work, False), trials, work,
                                       "group")),
         }
     finally:
