@@ -97,3 +97,15 @@ def test_prepare_builds_then_reuses(capsys, tmp_path, phantom_root):
     code, out, _ = _run(capsys, "data", "prepare", str(study))
     assert code == 0 and f"reused {caches[0]} (" in out
     assert (caches[0] / "train.npy").stat().st_mtime_ns == stamp
+
+
+def test_prepare_finds_a_reused_cache_in_cache_dir(capsys, tmp_path, phantom_root):
+    """With `cache_dir` outside the storage, the second prepare reuses what the first built
+    there (it used to look in storage/cache and call every build new)."""
+    study = write_study(tmp_path, phantom_root, fractions="[1.0]")
+    shared = tmp_path / "shared-cache"
+    study.write_text(study.read_text().replace('[tasks]', f'cache_dir = "{shared}"\n[tasks]'))
+    assert _run(capsys, "data", "prepare", str(study))[0] == 0
+    (cache,) = [p for p in shared.iterdir() if not p.name.startswith(".")]
+    code, out, _ = _run(capsys, "data", "prepare", str(study))
+    assert code == 0 and f"reused {cache} (" in out and "built" not in out
