@@ -247,22 +247,18 @@ def flatten(part: Any) -> dict[str, Any]:
     """A spec's flat form: nested specs inlined, run settings left out, fields renamed and
     encoded as their metadata says."""
     out: dict[str, Any] = {}
+    hints = typing.get_type_hints(type(part))
     for f in dataclasses.fields(part):
         value = getattr(part, f.name)
         if f.metadata.get("flat", f.name) is None:
             continue
         if dataclasses.is_dataclass(value):
             out.update(flatten(value))
-        elif value is not None or not _is_spec_field(f):
+        elif not dataclasses.is_dataclass(kind_of(hints[f.name])):  # an absent spec: no keys
             encode = f.metadata.get("encode")
             out[f.metadata.get("flat", f.name)] = encode(value) if encode and value is not None \
                 else value
     return out
-
-
-def _is_spec_field(f: dataclasses.Field) -> bool:
-    """A field holding a nested spec (None when absent, e.g. no LoRA in a full fine-tune)."""
-    return "Spec" in str(f.type)
 
 
 def _flat_names(cls) -> dict[str, dataclasses.Field]:
@@ -316,3 +312,6 @@ def _kinds(*classes) -> dict[str, type]:
 FLAT_KINDS: dict[str, type] = _kinds(_TrialFactors, TaskFactors, TrainSpec, LoraSpec)
 TRAIN_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TrainSpec))
 LORA_KEYS: tuple[str, ...] = tuple(_flat_names(LoraSpec))
+assert {f.name for f in dataclasses.fields(_TrialFactors)} == {
+    f.name for f in dataclasses.fields(TrialSpec)
+    if not dataclasses.is_dataclass(kind_of(typing.get_type_hints(TrialSpec)[f.name]))}
