@@ -110,8 +110,9 @@ def test_divergence_stops_at_once(phantom_cache, tmp_path, monkeypatch):
 def test_accumulated_steps_train_like_one_big_batch(phantom_cache, tmp_path, monkeypatch):
     """`accumulate = 2` makes each optimiser step of 32 images from two passes of 16, with the
     same weights after every epoch as one pass of 32 (to float summation order)."""
-    import trainables.fit as fit_mod
     from safetensors.torch import load_file
+
+    import trainables.fit as fit_mod
     passes: list[int] = []
     real = fit_mod.to_model_input
 
