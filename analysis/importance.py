@@ -26,12 +26,12 @@ from optuna.importance import FanovaImportanceEvaluator, get_param_importances
 
 from analysis.study_data import TASK_ARM
 from study.schema import Metric, Param, Tag
-from trainables.config import LORA_KEYS, TRAIN_KEYS
+from trainables.config import METHOD_KEYS, TRAIN_KEYS
 
 # Candidates when an arm's space is not in the registry (a study from an older version): every
 # adapter and training param a search could vary but the optimiser, budget and seed (those that
 # did not vary in an arm's trials are left out there).
-HYPERPARAMS = (*LORA_KEYS, *(k for k in TRAIN_KEYS
+HYPERPARAMS = (*METHOD_KEYS, *(k for k in TRAIN_KEYS
                              if k not in (Param.OPTIMIZER, Param.EPOCHS, Param.SEED)))
 
 

@@ -69,16 +69,37 @@ def fft_paper(trial: optuna.Trial, optimizer: str, recipe: Recipe | None) -> dic
     return {}
 
 
+def head_only(trial: optuna.Trial, optimizer: str, recipe: Recipe | None) -> dict[str, Any]:
+    """linear_probe, bitfit, ln_tune: the methods with no settings of their own."""
+    _lr(trial, optimizer)
+    trial.suggest_float(Param.WEIGHT_DECAY, 0.0, 0.1)
+    return {}
+
+
+PARTIAL_BLOCKS = (1, 2, 4)  # within the depth of every registered ViT (the demo's is 4)
+
+
+def partial(trial: optuna.Trial, optimizer: str, recipe: Recipe | None) -> dict[str, Any]:
+    trial.suggest_categorical(Param.PARTIAL_BLOCKS, PARTIAL_BLOCKS)
+    _lr(trial, optimizer)
+    trial.suggest_float(Param.WEIGHT_DECAY, 0.0, 0.1)
+    return {}
+
+
 @dataclass(frozen=True)
 class Space:
     name: str
-    kind: str  # "lora" or "fft": what the arm trains
+    kind: str  # the method the arm fine-tunes with (trainables.config.METHOD_SPECS)
     fn: SpaceFn
 
 
 SPACES = {s.name: s for s in (Space("lora", "lora", lora), Space("fft", "fft", fft),
                               Space("lora_paper", "lora", lora_paper),
-                              Space("fft_paper", "fft", fft_paper))}
+                              Space("fft_paper", "fft", fft_paper),
+                              Space("linear_probe", "linear_probe", head_only),
+                              Space("bitfit", "bitfit", head_only),
+                              Space("ln_tune", "ln_tune", head_only),
+                              Space("partial", "partial", partial))}
 
 
 def get_space(name: str) -> Space:
@@ -91,17 +112,15 @@ def preset_point(space: Space, recipe: Recipe | None, optimizer: str) -> dict[st
     """The recipe as values of this space's sampled params, or None if it lies outside it."""
     if recipe is None:
         return None
-    if space.kind == "lora":
-        point: dict[str, Any] = {Param.RANK: recipe.rank, Param.LR: recipe.lr}
-        if space.name == "lora":
-            point.update(alpha_ratio=recipe.alpha / recipe.rank, targets="q+v",
-                         weight_decay=recipe.weight_decay, lora_dropout=recipe.lora_dropout)
-    else:
-        point = {Param.LR: recipe.lr}
-        if space.name == "fft":
-            point.update(layer_decay=recipe.layer_decay, weight_decay=recipe.weight_decay)
-        elif optimizer == "adamw":
-            point[Param.LAYER_DECAY] = recipe.layer_decay
+    known = {Param.LR: recipe.lr, Param.RANK: recipe.rank, Param.TARGETS: "q+v",
+             Param.WEIGHT_DECAY: recipe.weight_decay, Param.LORA_DROPOUT: recipe.lora_dropout,
+             Param.LAYER_DECAY: recipe.layer_decay}
+    if recipe.rank:
+        known[Param.ALPHA_RATIO] = recipe.alpha / recipe.rank
+    sampled = _distributions(space, optimizer, recipe)
+    point = {name: known[name] for name in sampled if name in known}
+    if set(point) != set(sampled):  # the recipe does not say (partial_blocks): no preset
+        return None
     return point if _inside(space, point, recipe, optimizer) else None
 
 

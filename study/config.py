@@ -19,7 +19,7 @@ from typing import Any
 from search_spaces import get_space
 from search_spaces.define_by_run import SAMPLERS
 from study.schema import SEARCH_METRIC, SEARCH_MODE, Param, task_key
-from trainables.config import FLAT_KINDS, LORA_KEYS, TRAIN_KEYS, TrainSpec, kind_of, parse_targets
+from trainables.config import FLAT_KINDS, METHOD_KEYS, TRAIN_KEYS, TrainSpec, kind_of, parse_targets
 from trainables.datasets import DataSpec
 from trainables.errors import ConfigError
 from trainables.foundation import get_foundation
@@ -196,10 +196,10 @@ def _toml_kinds(kind: type) -> tuple[type, ...]:
 # [train]: the recipe's fields, except lr (searched), seed (the search's, then the final's) and
 # optimizer (an arm's own: its lr range depends on it, so it is `arms.X.optimizer`).
 _TRAIN_KEYS = set(TRAIN_KEYS) - {Param.LR, Param.SEED, Param.OPTIMIZER}
-# arms.X.fixed: a training field, lr, or a LoRA setting (the seed stays the study's).
-_FIXABLE = (set(TRAIN_KEYS) - {Param.SEED, Param.OPTIMIZER}) | set(LORA_KEYS)
+# arms.X.fixed: a training field, lr, or a method setting (the seed stays the study's).
+_FIXABLE = (set(TRAIN_KEYS) - {Param.SEED, Param.OPTIMIZER}) | set(METHOD_KEYS)
 _FIELD_KINDS = {name: _toml_kinds(FLAT_KINDS[name]) for name in TRAIN_KEYS}
-_FIXED_KINDS = {name: _toml_kinds(FLAT_KINDS[name]) for name in (*TRAIN_KEYS, *LORA_KEYS)}
+_FIXED_KINDS = {name: _toml_kinds(FLAT_KINDS[name]) for name in (*TRAIN_KEYS, *METHOD_KEYS)}
 # `[search] metric` and `mode` of older study files: only these values, which change nothing.
 _FIXED_OBJECTIVE = {"metric": SEARCH_METRIC, "mode": SEARCH_MODE}
 

@@ -18,10 +18,11 @@ from search_spaces.presets import Recipe
 from study import trials
 from study.config import ArmSpec, StudyConfig, TaskSpec
 from study.schema import Param
-from trainables.config import TARGETS, LoraSpec, join_targets, parse_targets
+from trainables.config import TARGETS, LoraSpec, PartialSpec, join_targets, parse_targets
 from trainables.errors import ConfigError
 from trainables.foundation import get_foundation
-from trainables.lora import apply_lora, count_parameters
+from trainables.lora import count_parameters
+from trainables.methods import apply_method, get_method
 from trainables.models import build_backbone
 
 BYTES = 4  # float32
@@ -37,6 +38,8 @@ class ArmPlan:
     lora: LoraSpec | None
     trainable: int
     checkpoint_bytes: int
+    kind: str = "lora"
+    method: object = None  # the largest spec of the arm's method (LoRA's is also `lora`)
 
 
 def _probe(arm: ArmSpec, optimizer: str, recipe: Recipe | None
@@ -83,14 +86,26 @@ def largest_lora(arm: ArmSpec, optimizer: str, recipe: Recipe | None) -> LoraSpe
     return LoraSpec(rank=int(rank), alpha=float(rank), targets=targets)
 
 
+def largest_spec(arm: ArmSpec, optimizer: str, recipe: Recipe | None) -> object:
+    """The largest settings of the arm's method: LoRA's largest adapter, partial's most blocks
+    (the space's largest choice, unless fixed); None for methods without settings."""
+    if arm.kind == "lora":
+        return largest_lora(arm, optimizer, recipe)
+    if arm.kind == "partial":
+        distributions, values = _probe(arm, optimizer, recipe)
+        blocks = values.get(Param.PARTIAL_BLOCKS,
+                            _largest(distributions.get(Param.PARTIAL_BLOCKS)))
+        return PartialSpec(int(blocks))
+    return None
+
+
 @functools.cache
-def _largest_trainable(foundation: str, lora: LoraSpec | None, num_classes: int = 14) -> int:
-    """Trainable parameters of the model with this adapter (None: all of them), counted on
+def _largest_trainable(foundation: str, kind: str, spec: object, num_classes: int = 14) -> int:
+    """Trainable parameters of the model under the method with these settings, counted on
     meta tensors (no memory)."""
     with torch.device("meta"):
         model = build_backbone(get_foundation(foundation).backbone, num_classes)
-        if lora is not None:
-            apply_lora(model, lora)
+        apply_method(model, kind, spec)
     return count_parameters(model)[0]
 
 
@@ -100,15 +115,20 @@ def arm_plan(task: TaskSpec, arm: ArmSpec) -> ArmPlan:
     optimiser's state and the best weights so far."""
     recipe = trials.arm_recipe(task, arm)
     optimizer = trials.arm_optimizer(task, arm, recipe)
-    lora = largest_lora(arm, optimizer, recipe)
-    trainable = _largest_trainable(task.foundation.name, lora)
+    spec = largest_spec(arm, optimizer, recipe)
+    trainable = _largest_trainable(task.foundation.name, arm.kind, spec)
+    lora = spec if isinstance(spec, LoraSpec) else None
     return ArmPlan(optimizer, lora, trainable,
-                   trainable * BYTES * (1 + OPTIMIZER_STATES[optimizer] + 1))
+                   trainable * BYTES * (1 + OPTIMIZER_STATES[optimizer] + 1), arm.kind, spec)
 
 
 def _describe(plan: ArmPlan) -> str:
-    if plan.lora is None:
+    if plan.kind == "fft":
         return f"{plan.optimizer}, every parameter trained"
+    if plan.lora is None:
+        blocks = f" (at most {plan.method.blocks})" if isinstance(plan.method, PartialSpec) else ""
+        return (f"{plan.optimizer}, {plan.kind}: {get_method(plan.kind).summary}{blocks}, "
+                f"{plan.trainable:,} trainable at most")
     targets = join_targets(plan.lora.targets)
     return f"{plan.optimizer}, largest adapter rank {plan.lora.rank} on {targets}"
 

@@ -11,11 +11,11 @@ import torch
 
 from study.config import ArmSpec, StudyConfig, TaskSpec
 from trainables.cache import build_cache, label_names
-from trainables.config import LORA_KEYS, LoraSpec, flatten, unflatten
+from trainables.config import METHOD_SPECS, LoraSpec, PartialSpec, flatten, unflatten
 from trainables.datasets import DatasetSplits, load_splits
 from trainables.errors import ConfigError
 from trainables.foundation import get_foundation, load_foundation
-from trainables.lora import apply_lora
+from trainables.methods import apply_method
 from trainables.models import build_backbone, get_backbone
 
 
@@ -66,13 +66,19 @@ def check_foundation(name: str, checkpoint: str | None) -> None:
 
 
 def check_arm(arm: ArmSpec, foundation: str) -> None:
-    """Fixed LoRA settings fit the model (rank <= width, targets that exist): on meta tensors."""
-    if arm.kind != "lora":
+    """Fixed method settings fit the model (a LoRA rank <= width, targets that exist, no more
+    partial blocks than the model has): the method applied on meta tensors."""
+    spec_cls = METHOD_SPECS[arm.kind]
+    if spec_cls is None:
         return
-    probe = {**flatten(LoraSpec(1, 1.0)), **{k: v for k, v in arm.fixed if k in LORA_KEYS}}
+    probe = {**flatten(PROBES[spec_cls]), **dict(arm.fixed)}
     with torch.device("meta"):
         model = build_backbone(get_foundation(foundation).backbone, 2)
         try:
-            apply_lora(model, unflatten(LoraSpec, probe))
+            apply_method(model, arm.kind, unflatten(spec_cls, probe))
         except ConfigError as exc:
             raise ConfigError(f"arms.{arm.name}.fixed: {exc}") from exc
+
+
+# The smallest settings of each method with settings: what a fixed value is checked within.
+PROBES = {LoraSpec: LoraSpec(1, 1.0), PartialSpec: PartialSpec(1)}

@@ -152,6 +152,7 @@ class Param:
     ALPHA_RATIO = "alpha_ratio"
     TARGETS = "targets"
     LORA_DROPOUT = "lora_dropout"
+    PARTIAL_BLOCKS = "partial_blocks"
 
 
 def params(record: StudyParams | ArmParams) -> dict[str, Any]:

@@ -18,13 +18,15 @@ from trainables.errors import StudyError
 
 # What a trial line and the summary show of a config, per arm kind: what the arm searches.
 _SHOWN = {"lora": (Param.RANK, Param.ALPHA, Param.TARGETS, Param.LR),
-          "fft": (Param.LR, Param.LAYER_DECAY)}
+          "fft": (Param.LR, Param.LAYER_DECAY),
+          "partial": (Param.PARTIAL_BLOCKS, Param.LR)}
+_OTHERS = (Param.LR, Param.WEIGHT_DECAY)  # methods with no settings of their own
 
 
 def config_text(config: Mapping[str, Any], kind: str | None = None) -> str:
     """'rank=4 alpha=8 targets=q+v lr=0.002': the searched values of a trial, 3 digits.
     `kind` defaults to the config's own (a trial's flat config names it)."""
-    shown = _SHOWN[kind or config[Param.KIND]]
+    shown = _SHOWN.get(kind or config[Param.KIND], _OTHERS)
     return " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                     for k, v in ((k, config[k]) for k in shown if k in config))
 

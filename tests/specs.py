@@ -18,7 +18,7 @@ def demo_spec(cache: Path, kind: str = "lora", phase: str = "search", *,
               "batch_size": 32, "seed": 5, **train}
     if kind == "lora":
         lora = lora or LoraSpec(rank=4, alpha=8.0, targets=("q", "v"))
-    return TrialSpec(arm=kind, kind=kind, task=DEMO_TASK, train=TrainSpec(**recipe), lora=lora,
+    return TrialSpec(arm=kind, kind=kind, task=DEMO_TASK, train=TrainSpec(**recipe), method=lora,
                      phase=phase, run=RunSettings(str(cache), predictions_path=predictions_path,
                                                   patient_salt=patient_salt,
                                                   checkpoint_every=checkpoint_every))

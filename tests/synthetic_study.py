@@ -169,7 +169,7 @@ def _trial_spec(task: SyntheticTask, arm: str, kind: str, rng: np.random.Generat
         lora = LoraSpec(rank=rank, alpha=rank * ratio, alpha_ratio=ratio,
                         targets=parse_targets(str(rng.choice(["q+v", "q+k+v"]))),
                         dropout=float(rng.uniform(0, 0.2)))
-    return TrialSpec(arm=arm, kind=kind, task=factors, train=train, lora=lora,
+    return TrialSpec(arm=arm, kind=kind, task=factors, train=train, method=lora,
                      phase=Phase.SEARCH)
 
 

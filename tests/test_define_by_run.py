@@ -4,6 +4,7 @@ values are pinned, and every config it asks for is a valid trial spec."""
 import optuna
 import pytest
 
+from search_spaces import SPACES
 from search_spaces.define_by_run import DefineByRun, fail_orphans, name_objective, sampler
 from search_spaces.presets import demo_recipes
 from tests.specs import DEMO_TASK
@@ -33,11 +34,10 @@ def test_constants_never_overwrite_samples_and_fixed_values_are_not_sampled():
     assert out["alpha"] == trial.params["alpha_ratio"] * 8
 
 
-@pytest.mark.parametrize("space,kind", [("lora", "lora"), ("fft", "fft"),
-                                        ("lora_paper", "lora"), ("fft_paper", "fft")])
+@pytest.mark.parametrize("space,kind", [(s.name, s.kind) for s in SPACES.values()])
 def test_every_asked_config_is_a_trial_spec_of_the_arm_kind(space, kind):
     """What Tune hands the trial (constants + samples) converts to a TrialSpec, and back."""
-    recipe = demo_recipes()[0 if kind == "lora" else 1]
+    recipe = demo_recipes()[0 if kind == "lora" else 1]  # the runner's choice (study.trials)
     ask = DefineByRun(space, {**BASE, "kind": kind}, {}, "adamw", recipe)
     study = _study(seed=7)
     for _ in range(20):

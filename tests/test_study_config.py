@@ -13,7 +13,7 @@ from search_spaces import define_by_run
 from study import config
 from study.config import SearchSpec, load_study, parse_study
 from study.schema import task_key
-from trainables.config import FLAT_KINDS, LORA_KEYS, TRAIN_KEYS, TrainSpec
+from trainables.config import FLAT_KINDS, LORA_KEYS, METHOD_KEYS, TRAIN_KEYS, TrainSpec
 from trainables.errors import ConfigError
 
 GOOD = {
@@ -135,7 +135,7 @@ def test_fixed_takes_recipe_fields_lr_and_every_lora_key(tmp_path):
 
 def test_toml_kinds_follow_the_contract_types():
     toml = {str: (str,), int: (int,), float: (int, float), bool: (bool,)}
-    assert config._FIXED_KINDS == {k: toml[FLAT_KINDS[k]] for k in (*TRAIN_KEYS, *LORA_KEYS)}
+    assert config._FIXED_KINDS == {k: toml[FLAT_KINDS[k]] for k in (*TRAIN_KEYS, *METHOD_KEYS)}
 
 
 @pytest.mark.parametrize("section, key, value, match", [

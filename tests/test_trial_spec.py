@@ -64,8 +64,11 @@ def test_bad_flat_configs_are_refused_by_name(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown keys \['lrr'\]"):
         TrialSpec.from_tune({**flat, "lrr": 0.1})
     fft = demo_spec(tmp_path, "fft").to_tune()
-    with pytest.raises(ConfigError, match=r"LoRA keys \['rank'\] in a 'fft' trial"):
+    with pytest.raises(ConfigError, match=r"keys \['rank'\] belong to another method than "
+                       r"the trial's 'fft'"):
         TrialSpec.from_tune({**fft, "rank": 4})
+    with pytest.raises(ConfigError, match=r"keys \['partial_blocks'\] belong to another"):
+        TrialSpec.from_tune({**flat, "partial_blocks": 2})
     with pytest.raises(ConfigError, match="kind: use one of"):
         TrialSpec.from_tune({**fft, "kind": "lorra"})
     with pytest.raises(ConfigError, match=r"missing \['rank', 'alpha'\] \(needed by LoraSpec\)"):

@@ -28,8 +28,6 @@ from trainables.errors import DIVERGED, ConfigError
 OPTIMIZERS = ("sgd", "adamw")
 AUGMENTATIONS = ("none", "crop_flip", "crop_flip_erase")
 PHASES = ("search", "final")
-# What an arm trains: every parameter (full fine-tuning) or LoRA adapters, head and fc_norm.
-KINDS = ("fft", "lora")
 TARGETS: tuple[str, ...] = ("q", "k", "v", "proj", "fc1", "fc2")
 
 
@@ -145,6 +143,31 @@ def _canonical_targets(targets: Iterable[str]) -> tuple[str, ...]:
 
 
 @dataclass(frozen=True)
+class PartialSpec:
+    """Partial fine-tuning: the last `blocks` transformer blocks train (with head and fc_norm)."""
+
+    blocks: int = _flat("partial_blocks")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.blocks, bool) or not isinstance(self.blocks, int) or self.blocks < 1:
+            raise ConfigError(f"partial_blocks must be an int >= 1, got {self.blocks!r}")
+
+
+# The methods an arm can fine-tune with, and the spec of each method's own settings (None: it
+# has none). The torch half of each entry (how it changes the model) is `trainables.methods`.
+METHOD_SPECS: dict[str, type | None] = {
+    "fft": None,  # every parameter, layer-wise lr decay
+    "lora": LoraSpec,  # loralib adapters, head and fc_norm
+    "linear_probe": None,  # head and fc_norm
+    "bitfit": None,  # biases, head and fc_norm
+    "ln_tune": None,  # LayerNorm weights and biases, head and fc_norm
+    "partial": PartialSpec,  # the last k blocks, head and fc_norm
+}
+KINDS = tuple(METHOD_SPECS)
+_SPECS = tuple(dict.fromkeys(c for c in METHOD_SPECS.values() if c is not None))
+
+
+@dataclass(frozen=True)
 class TaskFactors:
     """Which task the trial belongs to: the study factors analysis groups by."""
 
@@ -202,7 +225,7 @@ class TrialSpec:
     kind: str
     task: TaskFactors
     train: TrainSpec
-    lora: LoraSpec | None = None
+    method: Any = field(default=None, metadata={"spec": True})  # the kind's own spec, or None
     phase: str = "search"
     run: RunSettings = field(default_factory=lambda: RunSettings(""), compare=False,
                              metadata={"flat": None})
@@ -210,9 +233,15 @@ class TrialSpec:
     def __post_init__(self) -> None:
         _require(self.kind in KINDS, "kind", f"use one of {KINDS}")
         _require(self.phase in PHASES, "phase", f"use one of {PHASES}")
-        _require((self.lora is not None) == (self.kind == "lora"), "kind",
-                 f"a {self.kind!r} trial {'needs' if self.kind == 'lora' else 'takes no'} "
-                 "LoRA settings (rank, alpha, targets)")
+        wanted = METHOD_SPECS[self.kind]
+        _require(wanted is None and self.method is None or wanted is not None and isinstance(
+            self.method, wanted), "kind", f"a {self.kind!r} trial takes "
+            f"{wanted.__name__ if wanted else 'no method settings'}, got {self.method!r}")
+
+    @property
+    def lora(self) -> LoraSpec | None:
+        """The LoRA settings of a LoRA trial, else None."""
+        return self.method if isinstance(self.method, LoraSpec) else None
 
     def to_tune(self) -> dict[str, Any]:
         """The flat form: one key per study factor (the MLflow params of the trial's run)."""
@@ -226,12 +255,15 @@ class TrialSpec:
         _require(not unknown, "trial config", f"unknown keys {unknown}; known: "
                  f"{sorted(FLAT_KINDS)}")
         own = unflatten(_TrialFactors, flat)
-        lora = unflatten(LoraSpec, flat) if own.kind == "lora" else None
-        if own.kind != "lora":
-            given = sorted(set(flat) & set(LORA_KEYS))
-            _require(not given, "trial config", f"LoRA keys {given} in a {own.kind!r} trial")
+        _require(own.kind in KINDS, "kind", f"use one of {KINDS}")
+        wanted = METHOD_SPECS[own.kind]
+        others = {k for spec in _SPECS if spec is not wanted for k in _flat_names(spec)}
+        given = sorted(set(flat) & others - set(_flat_names(wanted) if wanted else ()))
+        _require(not given, "trial config", f"keys {given} belong to another method than "
+                 f"the trial's {own.kind!r}")
+        method = unflatten(wanted, flat) if wanted else None
         return cls(**dataclasses.asdict(own), task=unflatten(TaskFactors, flat),
-                   train=unflatten(TrainSpec, flat), lora=lora, run=run or RunSettings(""))
+                   train=unflatten(TrainSpec, flat), method=method, run=run or RunSettings(""))
 
 
 @dataclass(frozen=True)
@@ -254,7 +286,8 @@ def flatten(part: Any) -> dict[str, Any]:
             continue
         if dataclasses.is_dataclass(value):
             out.update(flatten(value))
-        elif not dataclasses.is_dataclass(kind_of(hints[f.name])):  # an absent spec: no keys
+        elif not (f.metadata.get("spec") or dataclasses.is_dataclass(kind_of(hints[f.name]))):
+            # (an absent spec has no keys)
             encode = f.metadata.get("encode")
             out[f.metadata.get("flat", f.name)] = encode(value) if encode and value is not None \
                 else value
@@ -309,9 +342,12 @@ def _kinds(*classes) -> dict[str, type]:
 
 
 # Every flat key of a trial and the type of its value (the MLflow param types derive from it).
-FLAT_KINDS: dict[str, type] = _kinds(_TrialFactors, TaskFactors, TrainSpec, LoraSpec)
+FLAT_KINDS: dict[str, type] = _kinds(_TrialFactors, TaskFactors, TrainSpec, *_SPECS)
 TRAIN_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TrainSpec))
 LORA_KEYS: tuple[str, ...] = tuple(_flat_names(LoraSpec))
+# The flat keys of every method's own settings (LoRA's, partial's, ...).
+METHOD_KEYS: tuple[str, ...] = tuple(k for spec in _SPECS for k in _flat_names(spec))
 assert {f.name for f in dataclasses.fields(_TrialFactors)} == {
     f.name for f in dataclasses.fields(TrialSpec)
-    if not dataclasses.is_dataclass(kind_of(typing.get_type_hints(TrialSpec)[f.name]))}
+    if not f.metadata.get("spec")
+    and not dataclasses.is_dataclass(kind_of(typing.get_type_hints(TrialSpec)[f.name]))}

@@ -38,7 +38,8 @@ from trainables.cache import CachedSplit, label_names, open_split
 from trainables.config import TrainSpec, TrialSpec
 from trainables.errors import DataError, DivergenceError
 from trainables.foundation import get_foundation, load_foundation
-from trainables.lora import apply_lora, count_parameters, trainable_state_dict
+from trainables.lora import count_parameters, trainable_state_dict
+from trainables.methods import apply_method
 from trainables.metrics import classification_metrics
 from trainables.models import build_backbone
 
@@ -102,15 +103,13 @@ def masked_bce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def build_model(cfg: TrialSpec) -> nn.Module:
-    """Backbone from the registry, foundation weights (safely), then LoRA if the arm uses it."""
+    """Backbone from the registry, foundation weights (safely), then the arm's method."""
     foundation = get_foundation(cfg.task.foundation)
     model = build_backbone(foundation.backbone, cfg.task.num_classes,
                            drop_path=cfg.train.drop_path)
     if cfg.task.checkpoint:
         load_foundation(model, Path(cfg.task.checkpoint))
-    if cfg.lora is not None:
-        apply_lora(model, cfg.lora)
-    return model
+    return apply_method(model, cfg.kind, cfg.method)
 
 
 def build_optimizer(model: nn.Module, spec: TrainSpec) -> torch.optim.Optimizer:

@@ -1,0 +1,51 @@
+"""`cxr-study methods`: the fine-tuning methods an arm can use, with what each trains and its
+trainable parameters at a backbone's real size (counted on meta tensors: no memory, no
+weights), and the search spaces that use each."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from search_spaces import SPACES
+from trainables.config import LoraSpec, PartialSpec
+from trainables.lora import count_parameters
+from trainables.methods import METHODS, apply_method
+from trainables.models import BACKBONES, build_backbone
+
+# The settings each method's count is given at: LoRA as the paper (r4 on q and v), partial
+# fine-tuning of the last block.
+SHOWN_AT = {"lora": LoraSpec(4, 8.0, targets=("q", "v")), "partial": PartialSpec(1)}
+
+
+def methods_table(backbone: str, num_classes: int) -> list[tuple[str, str, int, float, str]]:
+    """(method, what trains, trainable params, % of the model, spaces) per method."""
+    rows = []
+    for name, method in METHODS.items():
+        with torch.device("meta"):
+            model = apply_method(build_backbone(backbone, num_classes), name,
+                                 SHOWN_AT.get(name))
+        trainable, total = count_parameters(model)
+        at = {"lora": " (r4 on q+v)", "partial": " (1 block)"}.get(name, "")
+        spaces = ", ".join(s.name for s in SPACES.values() if s.kind == name) or "-"
+        rows.append((name + at, method.summary, trainable, 100.0 * trainable / total, spaces))
+    return rows
+
+
+def _cmd_methods(args: argparse.Namespace) -> int:
+    rows = methods_table(args.backbone, args.num_classes)
+    print(f"methods at {args.backbone} with {args.num_classes} classes")
+    width = max(len(r[0]) for r in rows)
+    for name, summary, trainable, share, spaces in rows:
+        print(f"  {name:<{width}}  {trainable:>12,}  {share:6.2f}%  spaces: {spaces:<22} "
+              f"trains {summary}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the `methods` command to the CLI."""
+    methods = sub.add_parser("methods", help="the fine-tuning methods and what each trains")
+    methods.add_argument("--backbone", default="vit_base_patch16", choices=sorted(BACKBONES))
+    methods.add_argument("--num-classes", type=int, default=14)
+    methods.set_defaults(func=_cmd_methods)
