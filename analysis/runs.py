@@ -25,7 +25,7 @@ from study.schema import (
     read_param,
     tag,
 )
-from trainables.config import KINDS
+from trainables.config import KINDS, METHOD_KEYS
 from trainables.errors import ConfigError
 from trainables.paths import tracking_store
 
@@ -33,8 +33,9 @@ from trainables.paths import tracking_store
 # (a full fine-tune has no rank) keep a real integer dtype.
 INT_PARAMS = tuple(name for name, kind in PARAM_KINDS.items() if kind is int)
 # What `best_configs` shows of the selected config, each with its declared type.
-CONFIG_KEYS = (Param.RANK, Param.ALPHA, Param.TARGETS, Param.LR, Param.WEIGHT_DECAY,
-               Param.LAYER_DECAY, Param.LORA_DROPOUT, Param.OPTIMIZER)
+# Every method's own settings, then the searched training values.
+CONFIG_KEYS = (*(k for k in METHOD_KEYS if k != Param.ALPHA_RATIO), Param.LR, Param.WEIGHT_DECAY,
+               Param.LAYER_DECAY, Param.OPTIMIZER)
 
 
 def typed_params(params: dict[str, str]) -> dict[str, Any]:

@@ -84,14 +84,17 @@ def test_missing_and_malformed_files(tmp_path):
 STUDIES = Path(__file__).resolve().parents[1] / "studies"
 
 
-@pytest.mark.parametrize("name", ["quick_nih", "paper_mrm", "paper_cxrmae"])
+@pytest.mark.parametrize("name", sorted(p.stem for p in STUDIES.glob("*.toml")))
 def test_shipped_study_files_validate(name):
+    from search_spaces import SPACES
     cfg = load_study(STUDIES / f"{name}.toml")
     assert cfg.arms and cfg.tasks
     if name.startswith("paper_"):
-        assert len(cfg.tasks) == 9 and {a.space for a in cfg.arms} == {"lora_paper",
-                                                                         "fft_paper"}
+        assert len(cfg.tasks) == 9 and {"lora_paper", "fft_paper"} <= {a.space for a in cfg.arms}
         assert cfg.search.grace_period >= dict(cfg.train)["warmup_epochs"]
+    if "methods" in name:  # every method, under one budget
+        assert {a.kind for a in cfg.arms} == {s.kind for s in SPACES.values()}
+        assert len({a.trials for a in cfg.arms}) == 1
 
 
 REPO = Path(__file__).resolve().parents[1]
