@@ -124,13 +124,14 @@ def arm_plan(task: TaskSpec, arm: ArmSpec) -> ArmPlan:
 
 def _describe(plan: ArmPlan) -> str:
     if plan.kind == "fft":
-        return f"{plan.optimizer}, every parameter trained"
+        return f"{plan.optimizer}, every parameter trained ({plan.trainable:,})"
     if plan.lora is None:
         blocks = f" (at most {plan.method.blocks})" if isinstance(plan.method, PartialSpec) else ""
         return (f"{plan.optimizer}, {plan.kind}: {get_method(plan.kind).summary}{blocks}, "
                 f"{plan.trainable:,} trainable at most")
     targets = join_targets(plan.lora.targets)
-    return f"{plan.optimizer}, largest adapter rank {plan.lora.rank} on {targets}"
+    return (f"{plan.optimizer}, largest adapter rank {plan.lora.rank} on {targets}, "
+            f"{plan.trainable:,} trainable at most")
 
 
 def plan_text(cfg: StudyConfig) -> str:
