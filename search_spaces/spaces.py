@@ -70,7 +70,7 @@ def fft_paper(trial: optuna.Trial, optimizer: str, recipe: Recipe | None) -> dic
 
 
 def head_only(trial: optuna.Trial, optimizer: str, recipe: Recipe | None) -> dict[str, Any]:
-    """linear_probe, bitfit, ln_tune: the methods with no settings of their own."""
+    """linear_probe, bitfit, ln_tune, ia3: the methods with no settings of their own."""
     _lr(trial, optimizer)
     trial.suggest_float(Param.WEIGHT_DECAY, 0.0, 0.1)
     return {}
@@ -81,6 +81,28 @@ PARTIAL_BLOCKS = (1, 2, 4)  # within the depth of every registered ViT (the demo
 
 def partial(trial: optuna.Trial, optimizer: str, recipe: Recipe | None) -> dict[str, Any]:
     trial.suggest_categorical(Param.PARTIAL_BLOCKS, PARTIAL_BLOCKS)
+    _lr(trial, optimizer)
+    trial.suggest_float(Param.WEIGHT_DECAY, 0.0, 0.1)
+    return {}
+
+
+def dora(trial: optuna.Trial, optimizer: str, recipe: Recipe | None) -> dict[str, Any]:
+    """DoRA on q and v, over LoRA's ranges (its rank, alpha / rank and dropout are its own)."""
+    rank = trial.suggest_categorical(Param.DORA_RANK, RANKS)
+    ratio = trial.suggest_categorical(Param.DORA_ALPHA_RATIO, ALPHA_RATIOS)
+    _lr(trial, optimizer)
+    trial.suggest_float(Param.WEIGHT_DECAY, 0.0, 0.1)
+    trial.suggest_float(Param.DORA_DROPOUT, 0.0, 0.2)
+    return {Param.DORA_ALPHA: float(ratio * rank)}
+
+
+# VeRA's rank is that of its frozen random projections, not of a trained matrix: a target
+# trains rank + width values, so ranks far above LoRA's stay cheap (peft's default is 256).
+VERA_RANKS = (64, 128, 256, 512, 1024)
+
+
+def vera(trial: optuna.Trial, optimizer: str, recipe: Recipe | None) -> dict[str, Any]:
+    trial.suggest_categorical(Param.VERA_RANK, VERA_RANKS)
     _lr(trial, optimizer)
     trial.suggest_float(Param.WEIGHT_DECAY, 0.0, 0.1)
     return {}
@@ -99,7 +121,9 @@ SPACES = {s.name: s for s in (Space("lora", "lora", lora), Space("fft", "fft", f
                               Space("linear_probe", "linear_probe", head_only),
                               Space("bitfit", "bitfit", head_only),
                               Space("ln_tune", "ln_tune", head_only),
-                              Space("partial", "partial", partial))}
+                              Space("partial", "partial", partial),
+                              Space("dora", "dora", dora), Space("vera", "vera", vera),
+                              Space("ia3", "ia3", head_only))}
 
 
 def get_space(name: str) -> Space:

@@ -153,6 +153,11 @@ class Param:
     TARGETS = "targets"
     LORA_DROPOUT = "lora_dropout"
     PARTIAL_BLOCKS = "partial_blocks"
+    DORA_RANK = "dora_rank"
+    DORA_ALPHA = "dora_alpha"
+    DORA_ALPHA_RATIO = "dora_alpha_ratio"
+    DORA_DROPOUT = "dora_dropout"
+    VERA_RANK = "vera_rank"
 
 
 def params(record: StudyParams | ArmParams) -> dict[str, Any]:

@@ -93,6 +93,22 @@ def _flat(name: str, encode: Callable[[Any], Any] | None = None,
     return field(metadata={"flat": name, "encode": encode, "decode": decode}, **kwargs)
 
 
+def _check_rank(name: str, value: object) -> None:
+    """Ranks and counts: an int >= 1 (True is not 1)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
+
+
+def _check_positive(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise ConfigError(f"{name} must be a number > 0, got {value!r}")
+
+
+def _check_dropout(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
+        raise ConfigError(f"{name} must be a number in [0, 1), got {value!r}")
+
+
 @dataclass(frozen=True)
 class LoraSpec:
     """What to adapt and how strongly; ``targets`` is stored in canonical ``TARGETS`` order.
@@ -106,16 +122,9 @@ class LoraSpec:
     alpha_ratio: float | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
-            raise ConfigError(f"lora rank must be an int >= 1, got {self.rank!r}")
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float):
-            raise ConfigError(f"lora alpha must be a number > 0, got {self.alpha!r}")
-        if not self.alpha > 0:
-            raise ConfigError(f"lora alpha must be > 0, got {self.alpha!r}")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, int | float):
-            raise ConfigError(f"lora dropout must be a number in [0, 1), got {self.dropout!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"lora dropout must be in [0, 1), got {self.dropout!r}")
+        _check_rank("lora rank", self.rank)
+        _check_positive("lora alpha", self.alpha)
+        _check_dropout("lora dropout", self.dropout)
         object.__setattr__(self, "targets", _canonical_targets(self.targets))
 
     @property
@@ -149,8 +158,36 @@ class PartialSpec:
     blocks: int = _flat("partial_blocks")
 
     def __post_init__(self) -> None:
-        if isinstance(self.blocks, bool) or not isinstance(self.blocks, int) or self.blocks < 1:
-            raise ConfigError(f"partial_blocks must be an int >= 1, got {self.blocks!r}")
+        _check_rank("partial_blocks", self.blocks)
+
+
+@dataclass(frozen=True)
+class DoraSpec:
+    """DoRA (peft's LoRA with ``use_dora``): a rank-`rank` update of each target's direction and
+    a trained magnitude per output. Targets are fixed (q and v, as the reference's LoRA), so the
+    flat names are its own: a DoRA trial never reads LoRA's `rank`. `alpha_ratio` records how a
+    search chose alpha (alpha / rank): logged, not used."""
+
+    rank: int = _flat("dora_rank")
+    alpha: float = _flat("dora_alpha")
+    dropout: float = _flat("dora_dropout", default=0.0)
+    alpha_ratio: float | None = _flat("dora_alpha_ratio", default=None)
+
+    def __post_init__(self) -> None:
+        _check_rank("dora_rank", self.rank)
+        _check_positive("dora_alpha", self.alpha)
+        _check_dropout("dora_dropout", self.dropout)
+
+
+@dataclass(frozen=True)
+class VeraSpec:
+    """VeRA (peft's ``VeraConfig``): frozen random rank-`rank` projections shared by every
+    target, and two trained scaling vectors per target (rank and output wide)."""
+
+    rank: int = _flat("vera_rank")
+
+    def __post_init__(self) -> None:
+        _check_rank("vera_rank", self.rank)
 
 
 # The methods an arm can fine-tune with, and the spec of each method's own settings (None: it
@@ -162,6 +199,9 @@ METHOD_SPECS: dict[str, type | None] = {
     "bitfit": None,  # biases, head and fc_norm
     "ln_tune": None,  # LayerNorm weights and biases, head and fc_norm
     "partial": PartialSpec,  # the last k blocks, head and fc_norm
+    "dora": DoraSpec,  # peft DoRA on q and v, head and fc_norm
+    "vera": VeraSpec,  # peft VeRA on q and v, head and fc_norm
+    "ia3": None,  # peft (IA)3 scaling vectors on q and v, head and fc_norm
 }
 KINDS = tuple(METHOD_SPECS)
 _SPECS = tuple(dict.fromkeys(c for c in METHOD_SPECS.values() if c is not None))

@@ -7,7 +7,9 @@ and unmerged inference 1.19x a plain model. Here ``attn.qkv`` becomes a ``SplitQ
 C -> C projections (a ``loralib.Linear`` where targeted, a frozen ``nn.Linear`` otherwise) whose
 outputs are concatenated, so timm's ``Attention.forward`` is untouched and the parameter count is
 exactly that of the fused layer. ``to_reference_adapters`` / ``load_reference_adapters`` convert
-to and from the reference layout.
+to and from the reference layout. ``split_qkv`` does the split alone (three frozen Linears), for
+adapters from other libraries (``trainables.methods``: peft's) to target q and v by name. Where
+each target lives is the backbone entry's ``targets`` (``trainables.models.targets_of``).
 
 ``merge_weights=False`` on every adapter: loralib would otherwise merge on ``.eval()`` and unmerge
 on ``.train()``, silently changing the weights; merging is the explicit ``merged_state_dict``.
@@ -21,12 +23,9 @@ from torch import Tensor, nn
 
 from trainables.config import TARGETS, LoraSpec  # noqa: F401 - TARGETS: part of the LoRA API
 from trainables.errors import CheckpointError, ConfigError
+from trainables.models import targets_of
 
 QKV_TARGETS: tuple[str, ...] = ("q", "k", "v")
-
-# Module-name suffixes (inside each timm Block) of the layers a target adapts.
-_QKV_SUFFIX = "attn.qkv"
-_LINEAR_SUFFIXES: dict[str, str] = {"proj": "attn.proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
 
 # Parameters that stay trainable under LoRA besides the adapters: a new task needs a new head,
 # and fc_norm is new to the fine-tuning model (MAE pretraining has no pooled norm).
@@ -95,12 +94,15 @@ def _copy_weights(layer: nn.Linear, weight: Tensor, bias: Tensor | None) -> None
         layer.bias.copy_(bias)
 
 
-def split_qkv(fused: nn.Linear, spec: LoraSpec) -> SplitQKV:
-    """Split a fused qkv Linear into q/k/v, adapting the slices named in ``spec.targets``."""
+def _split_fused(fused: nn.Linear, spec: LoraSpec | None) -> SplitQKV:
+    """Split a fused qkv Linear into q/k/v, adapting the slices named in ``spec.targets`` (none
+    when ``spec`` is None)."""
     weights = fused.weight.detach().chunk(3, dim=0)
     biases = fused.bias.detach().chunk(3, dim=0) if fused.bias is not None else (None,) * 3
     parts = [
-        _lora_linear(fused, w, b, spec) if name in spec.targets else _plain_linear(fused, w, b)
+        _lora_linear(fused, w, b, spec)
+        if spec is not None and name in spec.targets
+        else _plain_linear(fused, w, b)
         for name, w, b in zip(QKV_TARGETS, weights, biases, strict=True)
     ]
     return SplitQKV(*parts)
@@ -115,15 +117,39 @@ def _find_layers(model: nn.Module, suffix: str) -> list[tuple[str, nn.Linear]]:
     ]
 
 
+def _fused_qkv(model: nn.Module, suffix: str) -> list[tuple[str, nn.Linear]]:
+    """The fused qkv Linears, each checked to hold three equal q/k/v slices."""
+    found = _find_layers(model, suffix)
+    for name, layer in found:
+        if layer.out_features % 3:
+            raise ConfigError(f"{name} has {layer.out_features} outputs, not 3 equal q/k/v")
+    return found
+
+
+def split_qkv(model: nn.Module) -> nn.Module:
+    """Split every fused qkv Linear into a ``SplitQKV`` of three frozen plain Linears, in place,
+    so each of q, k and v is a module of its own (``blocks.N.attn.qkv.q``) that an adapter can
+    target. The forward is unchanged. A model already split is left as it is. Returns ``model``.
+    """
+    suffix = targets_of(model).qkv
+    found = _fused_qkv(model, suffix)
+    if not found and not any(isinstance(m, SplitQKV) for m in model.modules()):
+        raise ConfigError(f"no fused '*.{suffix}' Linear in {type(model).__name__} to split")
+    for name, layer in found:
+        _set_submodule(model, name, _split_fused(layer, None))
+    return model
+
+
 def _plan_injection(model: nn.Module, spec: LoraSpec) -> list[tuple[str, nn.Linear, str]]:
     """Every (module name, layer, kind) to replace; checks all targets before anything changes."""
     plan: list[tuple[str, nn.Linear, str]] = []
+    where = targets_of(model)
     qkv_targets = [t for t in spec.targets if t in QKV_TARGETS]
-    layer_targets = ([(_QKV_SUFFIX, "qkv", qkv_targets)] if qkv_targets else []) + [
-        (_LINEAR_SUFFIXES[t], t, [t]) for t in spec.targets if t in _LINEAR_SUFFIXES
+    layer_targets = ([(where.qkv, "qkv", qkv_targets)] if qkv_targets else []) + [
+        (where.linear(t), t, [t]) for t in spec.targets if t not in QKV_TARGETS
     ]
     for suffix, kind, names in layer_targets:
-        found = _find_layers(model, suffix)
+        found = _fused_qkv(model, suffix) if kind == "qkv" else _find_layers(model, suffix)
         if not found:
             raise ConfigError(
                 f"lora targets {names} match no plain Linear named '*.{suffix}' in "
@@ -131,8 +157,6 @@ def _plan_injection(model: nn.Module, spec: LoraSpec) -> list[tuple[str, nn.Line
             )
         for name, layer in found:
             out_features = layer.out_features // 3 if kind == "qkv" else layer.out_features
-            if kind == "qkv" and layer.out_features % 3:
-                raise ConfigError(f"{name} has {layer.out_features} outputs, not 3 equal q/k/v")
             width = min(layer.in_features, out_features)
             if spec.rank > width:
                 raise ConfigError(
@@ -154,7 +178,7 @@ def inject_lora(model: nn.Module, spec: LoraSpec) -> nn.Module:
     decides what trains."""
     for name, layer, kind in _plan_injection(model, spec):
         if kind == "qkv":
-            replacement: nn.Module = split_qkv(layer, spec)
+            replacement: nn.Module = _split_fused(layer, spec)
         else:
             replacement = _lora_linear(layer, layer.weight.detach(), _bias(layer), spec)
         _set_submodule(model, name, replacement)

@@ -4,19 +4,28 @@ An entry takes the built model and the method's own spec (`trainables.config.MET
 changes the model in place, and states its trainable parameters as a predicate on parameter
 names; `apply_method` then asserts that exactly those train (a bias that silently stays frozen,
 or a backbone weight that silently trains, would turn the arm into another method). What trains
-is asked of the model: its norm modules, its `blocks`, its head and `fc_norm`.
+is asked of the model: its norm modules, its `blocks`, its head and `fc_norm`, and (for the
+adapters) where its targets live (`trainables.models.targets_of`).
+
+DoRA, VeRA and (IA)3 are HF peft's: its layers are injected into the timm model in place (the
+model stays a timm VisionTransformer, so its parameter names, `no_weight_decay`, layer groups
+and forward are the fit loop's as for every other method). peft imports transformers (about 5 s),
+so it is imported only inside those methods, never with this module.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from torch import nn
 
-from trainables.config import METHOD_SPECS, LoraSpec, PartialSpec
+from trainables.config import METHOD_SPECS, DoraSpec, LoraSpec, PartialSpec, VeraSpec
 from trainables.errors import ConfigError
-from trainables.lora import ALWAYS_TRAINABLE_PREFIXES, apply_lora
+from trainables.lora import ALWAYS_TRAINABLE_PREFIXES, apply_lora, split_qkv
+from trainables.models import targets_of
 
 Trains = Callable[[str], bool]
 
@@ -75,6 +84,93 @@ def _partial(model: nn.Module, spec: object) -> Trains:
     return lambda name: _head(name) or name.startswith(last)
 
 
+# What the peft methods adapt: q and v of the split qkv, the targets of the reference study's
+# LoRA (peft on the fused qkv would adapt q, k and v together).
+PEFT_TARGETS: tuple[str, ...] = ("q", "v")
+PEFT_ADAPTER = "default"  # peft's adapter name: part of every adapter parameter's name
+# VeRA's frozen projections are drawn from this seed, not saved with the adapter: the adapter
+# file (the trainable tensors) loads into any model built with the same key (and torch).
+VERA_PROJECTION_SEED = 0
+
+
+def _peft_targets(model: nn.Module) -> str:
+    """peft's `target_modules` as a regex (peft full-matches it against module names)."""
+    where = targets_of(model)
+    return r".*\.(?:" + "|".join(re.escape(where.module(t)) for t in PEFT_TARGETS) + ")"
+
+
+def _inject(model: nn.Module, tuner: type, config: object, params: tuple[str, ...]) -> Trains:
+    """Split qkv, inject peft's layers in place and return what trains: the adapter parameters
+    named `params` (declared here, and checked against what peft itself left trainable), the
+    head and fc_norm. peft's `inject_adapter_in_model` is this call, but refuses VeRA, whose
+    shared projections the tuner object holds; every VeRA layer holds them too (as a
+    submodule), so the model keeps them when the tuner is dropped."""
+    split_qkv(model)
+    try:
+        tuner(model, config, adapter_name=PEFT_ADAPTER)  # freezes every non-adapter parameter
+    except ValueError as error:  # peft's "target modules not found"
+        raise ConfigError(f"{tuner.__name__}: {error}") from error
+    names = [n for n, _ in model.named_parameters()]
+    adapters = {n for n in names if any(f".{p}.{PEFT_ADAPTER}" in n for p in params)}
+    marked = {n for n, p in model.named_parameters() if p.requires_grad}
+    if not adapters or marked != adapters:
+        raise ConfigError(f"{tuner.__name__} left {sorted(marked ^ adapters)[:5]} trainable or "
+                          f"frozen against the declared adapter parameters {params}")
+    return lambda name: _head(name) or name in adapters
+
+
+def _check_width(model: nn.Module, rank: int, setting: str) -> None:
+    """A low-rank update cannot be wider than the layer it adapts (checked on the split model,
+    before anything is injected)."""
+    suffixes = tuple("." + targets_of(model).module(t) for t in PEFT_TARGETS)
+    widths = [min(m.in_features, m.out_features) for name, m in model.named_modules()
+              if type(m) is nn.Linear and name.endswith(suffixes)]
+    width = min(widths, default=rank)  # no target at all: _inject says so
+    if rank > width:
+        raise ConfigError(f"{setting} {rank} larger than layer width {width}; choose <= {width}")
+
+
+def _dora(model: nn.Module, spec: object) -> Trains:
+    assert isinstance(spec, DoraSpec)
+    from peft import LoraConfig, LoraModel
+
+    _check_width(split_qkv(model), spec.rank, "dora_rank")
+    config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
+                        use_dora=True, target_modules=_peft_targets(model))
+    return _inject(model, LoraModel, config, ("lora_A", "lora_B", "lora_magnitude_vector"))
+
+
+def _vera(model: nn.Module, spec: object) -> Trains:
+    assert isinstance(spec, VeraSpec)
+    from peft import VeraConfig, VeraModel
+
+    config = VeraConfig(r=spec.rank, target_modules=_peft_targets(model),
+                        projection_prng_key=VERA_PROJECTION_SEED)
+    return _inject(model, VeraModel, config, ("vera_lambda_b", "vera_lambda_d"))
+
+
+def _no_decay(names: frozenset[str], patterns: frozenset[str]) -> set[str]:
+    return set(names | patterns)
+
+
+def _exclude_from_weight_decay(model: nn.Module, patterns: Iterable[str]) -> None:
+    """Add name patterns to the model's own no-weight-decay list (timm's param groups
+    match them with fnmatch); a partial of a module function, so the model still pickles."""
+    own = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    model.no_weight_decay = functools.partial(_no_decay, frozenset(own), frozenset(patterns))
+
+
+def _ia3(model: nn.Module, spec: object) -> Trains:
+    from peft import IA3Config, IA3Model
+
+    # q and v are attention projections, not feed-forward layers: (IA)3 scales their outputs.
+    config = IA3Config(target_modules=_peft_targets(model), feedforward_modules=[])
+    trains = _inject(model, IA3Model, config, ("ia3_l",))
+    # The scales start at 1 and are (out, 1) tensors, which timm's 1-d rule would decay to 0.
+    _exclude_from_weight_decay(model, (f"*.ia3_l.{PEFT_ADAPTER}",))
+    return trains
+
+
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("fft", "every parameter (layer-wise lr decay as the recipe says)", _fft),
     Method("lora", "loralib adapters on the targets, head and fc_norm", _lora, mergeable=True),
@@ -82,6 +178,12 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("bitfit", "every bias, head and fc_norm", _bitfit),
     Method("ln_tune", "LayerNorm weights and biases, head and fc_norm", _ln_tune),
     Method("partial", "the last partial_blocks blocks, head and fc_norm", _partial),
+    # peft can merge these three into the weights; `export --merged` cannot (merged_state_dict
+    # folds loralib layers only), so none is mergeable here.
+    Method("dora", "peft DoRA (low-rank direction + magnitude) on q and v, head and fc_norm",
+           _dora),
+    Method("vera", "peft VeRA scaling vectors on q and v, head and fc_norm", _vera),
+    Method("ia3", "peft (IA)3 output scales on q and v, head and fc_norm", _ia3),
 )}
 assert set(METHODS) == set(METHOD_SPECS), "trainables.config.METHOD_SPECS and METHODS differ"
 

@@ -4,6 +4,10 @@ Every backbone is a timm ``VisionTransformer`` configured like the MAE/MRM fine-
 the class token is kept (MAE checkpoints carry ``cls_token`` and ``pos_embed`` includes it), but
 the image representation is the average of the patch tokens followed by ``fc_norm``, then a
 linear head. Adding a backbone is one ``Backbone`` entry in ``BACKBONES``.
+
+Where the layers an adapter can target live (``q``, ``k``, ``v``, ``proj``, ``fc1``, ``fc2``) is a
+fact of the architecture, so it is part of the entry (``Backbone.targets``); ``build_backbone``
+records the entry's name on the model, and adapters ask ``targets_of(model)``.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import timm
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from trainables.config import TARGETS
 from trainables.errors import ConfigError
 
 # MAE fine-tuning convention: a near-zero head so the first updates are driven by the labels,
@@ -26,6 +31,42 @@ _GEOMETRY_FIELDS = ("img_size", "patch_size", "embed_dim", "depth")
 
 # Fixed for every backbone: the pooling of the fine-tuning models this study compares against.
 _POOLING_KWARGS: dict[str, Any] = {"global_pool": "avg", "fc_norm": True, "class_token": True}
+
+# The model attribute where ``build_backbone`` records which entry built the model.
+BACKBONE_ATTR = "backbone_name"
+
+
+@dataclass(frozen=True)
+class LayerTargets:
+    """Where each adapter target lives inside a transformer block, as module-name suffixes.
+
+    q, k and v are fused in one Linear (``qkv``: C -> 3C, outputs in q, k, v order); adapters
+    split it into a module with ``q``, ``k`` and ``v`` Linear children (``trainables.lora``), so
+    after the split target ``q`` is the module ``<qkv>.q``. ``linears`` maps the other targets to
+    their own Linear layers.
+    """
+
+    qkv: str
+    linears: tuple[tuple[str, str], ...]
+
+    def __post_init__(self) -> None:
+        names = ("q", "k", "v", *(target for target, _ in self.linears))
+        if sorted(names) != sorted(TARGETS):
+            raise ConfigError(f"LayerTargets must place each of {TARGETS} once, got {names}")
+
+    def linear(self, target: str) -> str:
+        """The suffix of a non-fused target's Linear (``proj`` -> ``attn.proj``)."""
+        return dict(self.linears)[target]
+
+    def module(self, target: str) -> str:
+        """The suffix of the Linear a target names once qkv is split (``q`` -> ``attn.qkv.q``)."""
+        return f"{self.qkv}.{target}" if target in ("q", "k", "v") else self.linear(target)
+
+
+# timm's VisionTransformer Block: attn.qkv (fused), attn.proj, mlp.fc1, mlp.fc2.
+TIMM_VIT_TARGETS = LayerTargets(
+    qkv="attn.qkv", linears=(("proj", "attn.proj"), ("fc1", "mlp.fc1"), ("fc2", "mlp.fc2"))
+)
 
 
 @dataclass(frozen=True)
@@ -43,6 +84,7 @@ class Backbone:
     patch_size: int
     embed_dim: int
     depth: int
+    targets: LayerTargets = TIMM_VIT_TARGETS
 
     def __post_init__(self) -> None:
         if not isinstance(self.kwargs, tuple) or not all(
@@ -86,6 +128,7 @@ BACKBONES: dict[str, Backbone] = {
         patch_size=16,
         embed_dim=768,
         depth=12,
+        targets=TIMM_VIT_TARGETS,
     ),
     "vit_small_patch16": Backbone(
         name="vit_small_patch16",
@@ -95,6 +138,7 @@ BACKBONES: dict[str, Backbone] = {
         patch_size=16,
         embed_dim=384,
         depth=12,
+        targets=TIMM_VIT_TARGETS,
     ),
     "vit_tiny_patch16": Backbone(
         name="vit_tiny_patch16",
@@ -104,6 +148,7 @@ BACKBONES: dict[str, Backbone] = {
         patch_size=16,
         embed_dim=192,
         depth=12,
+        targets=TIMM_VIT_TARGETS,
     ),
     # Small enough for unit tests and the CPU demo, yet the same module tree as ViT-B.
     "vit_demo": Backbone(
@@ -114,6 +159,7 @@ BACKBONES: dict[str, Backbone] = {
         patch_size=8,
         embed_dim=64,
         depth=4,
+        targets=TIMM_VIT_TARGETS,
     ),
 }
 
@@ -161,7 +207,19 @@ def build_backbone(
         **kwargs,
     )
     init_head(model.head)
+    setattr(model, BACKBONE_ATTR, name)
     return model
+
+
+def targets_of(model: nn.Module) -> LayerTargets:
+    """Where the adapter targets live in ``model``: its registry entry's ``targets``."""
+    name = getattr(model, BACKBONE_ATTR, None)
+    if not isinstance(name, str):
+        raise ConfigError(
+            f"{type(model).__name__} was not built by build_backbone, so adapter targets match "
+            "no known layers of it; build the model with trainables.models.build_backbone"
+        )
+    return get_backbone(name).targets
 
 
 def init_head(head: nn.Module) -> None:
