@@ -80,7 +80,12 @@ def export_run(tracking_uri: str, run_id: str, adapter: Path | None,
         state = merged_state_dict(model)
         plain = build_backbone(get_foundation(cfg.task.foundation).backbone,
                                cfg.task.num_classes)
-        plain.load_state_dict(state, strict=True)
+        try:
+            plain.load_state_dict(state, strict=True)
+        except RuntimeError as exc:  # peft's layers (DoRA, VeRA, IA3) have no plain layout
+            raise CheckpointError(f"--merged: a {cfg.kind} model does not fold into a plain "
+                                  f"timm ViT ({str(exc).splitlines()[0][:120]}): export "
+                                  "--adapter instead") from None
         plain.eval()
         size = get_backbone(get_foundation(cfg.task.foundation).backbone).img_size
         x = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(0))

@@ -18,7 +18,16 @@ from search_spaces.presets import Recipe
 from study import trials
 from study.config import ArmSpec, StudyConfig, TaskSpec
 from study.schema import Param
-from trainables.config import TARGETS, LoraSpec, PartialSpec, join_targets, parse_targets
+from trainables.config import (
+    METHOD_SPECS,
+    TARGETS,
+    LoraSpec,
+    PartialSpec,
+    flat_names,
+    join_targets,
+    parse_targets,
+    unflatten,
+)
 from trainables.errors import ConfigError
 from trainables.foundation import get_foundation
 from trainables.lora import count_parameters
@@ -87,16 +96,18 @@ def largest_lora(arm: ArmSpec, optimizer: str, recipe: Recipe | None) -> LoraSpe
 
 
 def largest_spec(arm: ArmSpec, optimizer: str, recipe: Recipe | None) -> object:
-    """The largest settings of the arm's method: LoRA's largest adapter, partial's most blocks
-    (the space's largest choice, unless fixed); None for methods without settings."""
-    if arm.kind == "lora":
+    """The largest settings of the arm's method: LoRA's largest adapter; for any other method
+    with settings, each setting at its space's largest value unless the space or the arm sets
+    it; None for methods without settings."""
+    spec_cls = METHOD_SPECS[arm.kind]
+    if spec_cls is None:
+        return None
+    if spec_cls is LoraSpec:
         return largest_lora(arm, optimizer, recipe)
-    if arm.kind == "partial":
-        distributions, values = _probe(arm, optimizer, recipe)
-        blocks = values.get(Param.PARTIAL_BLOCKS,
-                            _largest(distributions.get(Param.PARTIAL_BLOCKS)))
-        return PartialSpec(int(blocks))
-    return None
+    distributions, values = _probe(arm, optimizer, recipe)
+    flat = {name: values.get(name, _largest(distributions.get(name)))
+            for name in flat_names(spec_cls)}
+    return unflatten(spec_cls, {k: v for k, v in flat.items() if v is not None})
 
 
 @functools.cache

@@ -11,7 +11,7 @@ import torch
 
 from study.config import ArmSpec, StudyConfig, TaskSpec
 from trainables.cache import build_cache, label_names
-from trainables.config import METHOD_SPECS, LoraSpec, PartialSpec, flatten, unflatten
+from trainables.config import METHOD_SPECS, smallest, unflatten
 from trainables.datasets import DatasetSplits, load_splits
 from trainables.errors import ConfigError
 from trainables.foundation import get_foundation, load_foundation
@@ -71,7 +71,7 @@ def check_arm(arm: ArmSpec, foundation: str) -> None:
     spec_cls = METHOD_SPECS[arm.kind]
     if spec_cls is None:
         return
-    probe = {**flatten(PROBES[spec_cls]), **dict(arm.fixed)}
+    probe = {**smallest(spec_cls), **dict(arm.fixed)}
     with torch.device("meta"):
         model = build_backbone(get_foundation(foundation).backbone, 2)
         try:
@@ -79,6 +79,3 @@ def check_arm(arm: ArmSpec, foundation: str) -> None:
         except ConfigError as exc:
             raise ConfigError(f"arms.{arm.name}.fixed: {exc}") from exc
 
-
-# The smallest settings of each method with settings: what a fixed value is checked within.
-PROBES = {LoraSpec: LoraSpec(1, 1.0), PartialSpec: PartialSpec(1)}

@@ -133,3 +133,16 @@ def test_accumulated_steps_train_like_one_big_batch(phantom_cache, tmp_path, mon
         for name in wa:
             torch.testing.assert_close(wa[name], wb[name], atol=2e-5, rtol=1e-4)
     assert [m["lr"] for m in one.metrics] == pytest.approx([m["lr"] for m in two.metrics])
+
+
+@pytest.mark.parametrize("layer_decay", [1.0, 0.75])
+def test_the_model_s_no_weight_decay_list_is_honoured(phantom_cache, layer_decay):
+    """pos_embed and cls_token are never decayed, with or without layer decay (timm's third
+    positional argument of param_groups_weight_decay is not the no-decay list)."""
+    from trainables.fit import build_model, build_optimizer
+    spec = demo_spec(phantom_cache, "fft", layer_decay=layer_decay, weight_decay=0.05)
+    model = build_model(spec)
+    optimizer = build_optimizer(model, spec.train)
+    decay_of = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    assert decay_of[id(model.pos_embed)] == 0 and decay_of[id(model.cls_token)] == 0
+    assert decay_of[id(model.blocks[0].attn.qkv.weight)] == 0.05

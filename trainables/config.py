@@ -338,6 +338,25 @@ def _flat_names(cls) -> dict[str, dataclasses.Field]:
     return {f.metadata.get("flat", f.name): f for f in dataclasses.fields(cls)}
 
 
+def flat_names(cls) -> tuple[str, ...]:
+    """The flat keys of a spec's fields."""
+    return tuple(_flat_names(cls))
+
+
+def smallest(cls) -> dict[str, Any]:
+    """A spec's flat settings at their smallest: its defaults, and 1 for each required number
+    (what a method's fixed values are checked within before any training)."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for name, f in _flat_names(cls).items():
+        if f.default is not dataclasses.MISSING:
+            out[name] = f.metadata["encode"](f.default) if f.metadata.get("encode") and (
+                f.default is not None) else f.default
+        elif kind_of(hints[f.name]) in (int, float):
+            out[name] = kind_of(hints[f.name])(1)
+    return out
+
+
 def unflatten(cls, flat: Mapping[str, Any]):
     """One spec from the flat keys that are its fields (the others are ignored)."""
     kwargs = {}

@@ -116,10 +116,11 @@ def build_optimizer(model: nn.Module, spec: TrainSpec) -> torch.optim.Optimizer:
     """Parameter groups from timm (layer decay, no-decay list from the model itself)."""
     no_decay = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
     if spec.layer_decay < 1.0:
-        groups = param_groups_layer_decay(model, spec.weight_decay, no_decay,
+        groups = param_groups_layer_decay(model, spec.weight_decay, no_weight_decay_list=no_decay,
                                           layer_decay=spec.layer_decay)
-    else:
-        groups = param_groups_weight_decay(model, spec.weight_decay, no_decay)
+    else:  # (by keyword: timm's third positional argument is weight_decay_exclude_1d)
+        groups = param_groups_weight_decay(model, spec.weight_decay,
+                                           no_weight_decay_list=no_decay)
     if spec.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=spec.lr, momentum=0.9)
     return torch.optim.AdamW(groups, lr=spec.lr)
