@@ -1,5 +1,6 @@
 """A tiny real study through Ray Tune + Ray Train + Optuna + ASHA + MLflow, checked in MLflow:
-2 tasks (label fractions 10% and 100%) x 2 arms x 3 trials, plus one final seed per arm.
+2 tasks (label fractions 10% and 100%) x 3 arms (LoRA, FFT, a linear probe) x 3 trials, plus one
+final seed per arm.
 
 One study runs per session (the `small_study` fixture); every test here only reads its results.
 """
@@ -23,6 +24,9 @@ space = "lora"
 trials = 3
 [arms.fft]
 space = "fft"
+trials = 3
+[arms.linear_probe]
+space = "linear_probe"
 trials = 3
 [search]
 max_t = 3
@@ -62,12 +66,12 @@ def test_hierarchy_and_counts(small_study):
     study = runs[runs["tag.level"] == "study"]
     arms = runs[runs["tag.level"] == "arm"]
     trials = runs[runs["tag.trial_id"].notna()]
-    assert len(study) == 1 and len(arms) == 4
+    assert len(study) == 1 and len(arms) == 6
     assert sorted(arms["tag.task"].unique()) == ["demo-nih-0.1-s0", "demo-nih-1-s0"]
     search, final = trials[trials["tag.phase"] == "search"], trials[trials["tag.phase"] == "final"]
     per_arm = search.groupby(["tag.task", "tag.arm"]).size()
-    assert (per_arm == 3).all() and len(per_arm) == 4
-    assert sorted(final["tag.arm"]) == ["fft", "fft", "lora", "lora"]
+    assert (per_arm == 3).all() and len(per_arm) == 6
+    assert sorted(final["tag.arm"]) == sorted(["fft", "lora", "linear_probe"] * 2)
     assert set(arms["tag.mlflow.parentRunId"]) == set(study["run_id"])
     assert set(trials["tag.mlflow.parentRunId"]) == set(arms["run_id"])
     assert (runs["status"] == "FINISHED").all()
@@ -142,7 +146,7 @@ def test_arms_get_equal_budgets(small_study):
     assert arms["max_t"].eq(3).all() and arms["tag.trials"].astype(int).eq(3).all()
     trials = runs[runs["tag.trial_id"].notna() & (runs["tag.phase"] == "search")]
     assert trials.groupby("tag.arm")["epochs"].unique().map(list).to_dict() == {
-        "fft": [3], "lora": [3]}
+        "fft": [3], "lora": [3], "linear_probe": [3]}
     spent = arms["metric.epochs_spent"] + arms["metric.epochs_saved"]
     assert (spent == 3 * 3).all()
 
@@ -154,6 +158,9 @@ def test_trainable_share_lora_below_fft(small_study):
     fft = trials[trials["tag.arm"] == "fft"]
     assert (lora < fft["metric.trainable_params"].min()).all()
     assert (fft["metric.trainable_params"] == fft["metric.total_params"]).all()
+    # The linear probe trains the head and fc_norm of vit_demo (width 64), 14 classes.
+    probe = trials[trials["tag.arm"] == "linear_probe"]["metric.trainable_params"]
+    assert (probe == 64 * 14 + 14 + 2 * 64).all()
 
 
 def test_best_answers_from_mlflow_only(small_study, capsys):
@@ -164,12 +171,13 @@ def test_best_answers_from_mlflow_only(small_study, capsys):
     import json
     rows = json.loads(capsys.readouterr().out)
     assert sorted((r["task"], r["arm"]) for r in rows) == [
-        (t, a) for t in ("demo-nih-0.1-s0", "demo-nih-1-s0") for a in ("fft", "lora")]
+        (t, a) for t in ("demo-nih-0.1-s0", "demo-nih-1-s0")
+        for a in ("fft", "linear_probe", "lora")]
     for outcome in small_study["outcomes"]:
         row = next(r for r in rows if (r["task"], r["arm"]) == (outcome.task, outcome.arm))
         assert row["val_auroc"] == pytest.approx(outcome.best_val)
         assert row["test_seeds"] == 1
-        assert (row["trainable_pct"] < 10) == (outcome.arm == "lora")
+        assert (row["trainable_pct"] < 10) == (outcome.arm != "fft")
 
 
 def test_export_adapter_and_merged_model(small_study, tmp_path, capsys):
@@ -198,7 +206,7 @@ def test_status_answers_from_mlflow(small_study, capsys):
     lines = [ln.split() for ln in out.splitlines() if "search" in ln.split()]
     counts = {(ln[0], ln[1]): [int(x) for x in ln[3:]] for ln in lines}
     # finished + stopped early = planned trials, none failed, none left running
-    assert len(counts) == 4 and all(c[0] + c[1] == 3 for c in counts.values())
+    assert len(counts) == 6 and all(c[0] + c[1] == 3 for c in counts.values())
     assert all(c[2] == 0 and c[3] == 0 for c in counts.values())
 
 
@@ -220,7 +228,7 @@ def test_the_trial_contract_is_what_mlflow_holds(small_study):
     fft = trials[trials[tag(Tag.KIND)] == "fft"]
     assert fft[Param.RANK].isna().all()  # FFT is not "rank 0": it has no rank
     arms = runs[runs[tag(Tag.LEVEL)] == "arm"]
-    assert set(arms[tag(Tag.KIND)]) == {"lora", "fft"}
+    assert set(arms[tag(Tag.KIND)]) == {"lora", "fft", "linear_probe"}
     assert (arms[Param.KIND] == arms[tag(Tag.KIND)]).all()
     for _, arm in arms.iterrows():
         assert arm[Param.FOUNDATION] == "demo" and arm[Param.DATASET] == "nih"
