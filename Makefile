@@ -43,5 +43,23 @@ audit:
 	.venv-audit/bin/pip-audit -r .venv-audit/requirements.txt --no-deps --disable-pip --strict \
 		$(AUDIT_ARGS)
 
+# The analysis notebooks in JupyterLab from the venv, served on 127.0.0.1 only, reading one
+# study: `make notebooks STUDY=runs/methods` (the study folder's mlflow.db; the experiment is
+# the folder's name unless EXPERIMENT= names it), or TRACKING_URI=... EXPERIMENT=...; with
+# neither, the demo's study. REFERENCE_ARM= picks the arm compare_methods compares with;
+# NOTEBOOK_PORT (8888) and NOTEBOOK_ARGS (e.g. --no-browser) go to JupyterLab.
+.PHONY: notebooks
+TRACKING_URI ?= $(if $(STUDY),sqlite:///$(abspath $(STUDY))/mlflow.db)
+EXPERIMENT ?= $(if $(STUDY),$(notdir $(abspath $(STUDY))))
+NOTEBOOK_PORT ?= 8888
+NOTEBOOK_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)# Jupyter refuses root without it
+notebooks: venv
+	@test -z "$(STUDY)" || test -f "$(STUDY)/mlflow.db" || \
+		{ echo "no MLflow store at $(STUDY)/mlflow.db: give STUDY=<a study's storage folder>"; exit 1; }
+	CXR_TRACKING_URI='$(TRACKING_URI)' CXR_EXPERIMENT='$(EXPERIMENT)' \
+		CXR_REFERENCE_ARM='$(REFERENCE_ARM)' $(BIN)/jupyter lab --ip=127.0.0.1 \
+		--port=$(NOTEBOOK_PORT) --ServerApp.root_dir=analysis/notebooks $(NOTEBOOK_ROOT) \
+		$(NOTEBOOK_ARGS)
+
 clean:
 	rm -rf demo_run .pytest_cache

@@ -10,7 +10,10 @@ from study.schema import Metric, Param, Tag
 
 
 def compute_table(data: StudyData) -> pd.DataFrame:
-    """What each arm spent: trials, epochs and wall time in search and in the final runs."""
+    """What each arm spent: trials, epochs and wall time in search and in the final runs.
+
+    trial_wall_s and final_wall_s sum the runs' own wall times (the device time, where each
+    run holds one device); search_wall_s is the search's elapsed time (the arm run's)."""
     if data.trials.empty:
         return pd.DataFrame()
     stopped = data.trials[Tag.STOPPED_EARLY].fillna(False).astype(bool)
@@ -19,6 +22,7 @@ def compute_table(data: StudyData) -> pd.DataFrame:
            "failed": ("failed", "sum"), "epochs": (Tag.EPOCHS_RUN, "sum"),
            "trial_wall_s": (Metric.WALL_S, "sum")})
     arms = data.arms.set_index(TASK_ARM)
+    out.insert(0, Tag.KIND, arms[Tag.KIND].reindex(out.index))
     out[Param.MAX_T] = arms[Param.MAX_T].reindex(out.index)
     out["epoch_budget"] = out[Tag.TRIALS] * out[Param.MAX_T]
     out["search_wall_s"] = arms[Metric.WALL_S].reindex(out.index)
@@ -34,11 +38,18 @@ def compute_table(data: StudyData) -> pd.DataFrame:
 
 
 def compute_totals(compute: pd.DataFrame) -> pd.DataFrame:
-    """The compute table summed over tasks: one row per arm, to check the budgets match."""
+    """The compute table summed over tasks: one row per arm (and its method), to check the
+    budgets match; total_epochs and total_wall_s add the final runs to the search."""
     if compute.empty:
         return compute
-    numeric = [c for c in compute.columns if c not in (*TASK_ARM, Param.MAX_T)]
-    return compute.groupby(Tag.ARM)[numeric].sum().reset_index()
+    keys = [Tag.ARM, Tag.KIND] if Tag.KIND in compute else [Tag.ARM]
+    numeric = [c for c in compute.columns if c not in (*TASK_ARM, *keys, Param.MAX_T)]
+    out = compute.groupby(keys, dropna=False)[numeric].sum().reset_index()
+    final_epochs = out["final_epochs"] if "final_epochs" in out else 0
+    final_wall = out["final_wall_s"] if "final_wall_s" in out else 0.0
+    out["total_epochs"] = out["epochs"] + final_epochs
+    out["total_wall_s"] = out["trial_wall_s"] + final_wall
+    return out
 
 
 def asha_accounting(data: StudyData) -> pd.DataFrame:

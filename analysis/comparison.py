@@ -98,33 +98,44 @@ def _compare_cell(data: StudyData, cell: tuple, group: pd.DataFrame, lora: str, 
     """Seed means per split draw, their spreads, and the paired bootstrap over the draws."""
     row: dict = dict(zip(CELL_FACTORS, cell))
     row["tasks"] = ", ".join(sorted(group[Tag.TASK].unique()))
-    draws = sorted(group[Param.SPLIT_SEED].unique())
-    row["draws"] = len(draws)
-    paired = []
+    row["draws"] = group[Param.SPLIT_SEED].nunique()
     for arm, name in ((lora, "lora"), (fft, "fft")):
-        runs = group[group[Tag.ARM] == arm]
-        by_draw = runs.groupby(Param.SPLIT_SEED)[Metric.TEST_AUROC]
-        means = by_draw.mean()
-        row[f"{name}_seeds"] = len(runs)
-        row[f"{name}_mean"] = float(means.mean()) if len(means) else float("nan")
-        # Seed spread: within a draw; draw spread: between the draws' means.
-        row[f"{name}_sd"] = float(by_draw.std().mean()) if len(runs) > 1 else float("nan")
-        row[f"{name}_sd_draws"] = float(means.std()) if len(means) > 1 else float("nan")
-        row[f"{name}_trainable_pct"] = float(runs["trainable_pct"].mean())
-    for draw in draws:
-        a = _draw_predictions(data, group, lora, draw)
-        b = _draw_predictions(data, group, fft, draw)
-        if a and b:
-            paired.append((a, b))
-    row["diff"] = row["lora_mean"] - row["fft_mean"]
-    row.update(ci_low=np.nan, ci_high=np.nan, p_value=np.nan, n_test_images=np.nan,
-               n_test_patients=np.nan)
+        row.update({f"{name}_{k}": v for k, v in arm_cell_stats(group, arm).items()})
+    row.update(paired_cell(data, group, lora, fft, n_boot, seed, level))
+    return row
+
+
+def arm_cell_stats(group: pd.DataFrame, arm: str) -> dict:
+    """One arm's final runs in a cell: seeds, the mean of its draws' seed means, the seed
+    spread (within a draw), the draw spread (between the draws' means), trainable share."""
+    runs = group[group[Tag.ARM] == arm]
+    by_draw = runs.groupby(Param.SPLIT_SEED)[Metric.TEST_AUROC]
+    means = by_draw.mean()
+    return {"seeds": len(runs), "mean": float(means.mean()) if len(means) else float("nan"),
+            "sd": float(by_draw.std().mean()) if len(runs) > 1 else float("nan"),
+            "sd_draws": float(means.std()) if len(means) > 1 else float("nan"),
+            "trainable_pct": float(runs["trainable_pct"].mean())}
+
+
+def paired_cell(data: StudyData, group: pd.DataFrame, a: str, b: str, n_boot: int, seed: int,
+                level: float) -> dict:
+    """Arm a - arm b in a cell: the difference of their means, and with saved predictions the
+    paired patient bootstrap over the split draws (CI, p-value, test set size)."""
+    stats = [arm_cell_stats(group, arm)["mean"] for arm in (a, b)]
+    out = {"diff": stats[0] - stats[1], "ci_low": np.nan, "ci_high": np.nan,
+           "p_value": np.nan, "n_test_images": np.nan, "n_test_patients": np.nan}
+    paired = []
+    for draw in sorted(group[Param.SPLIT_SEED].unique()):
+        first = _draw_predictions(data, group, a, draw)
+        second = _draw_predictions(data, group, b, draw)
+        if first and second:
+            paired.append((first, second))
     if paired:
         result = paired_bootstrap_draws(paired, n_boot, seed, level)
-        row.update(diff=result.diff, ci_low=result.low, ci_high=result.high,
+        out.update(diff=result.diff, ci_low=result.low, ci_high=result.high,
                    p_value=result.p_value, n_test_images=result.n_images,
                    n_test_patients=result.n_patients)
-    return row
+    return out
 
 
 def _draw_predictions(data: StudyData, group: pd.DataFrame, arm: str,

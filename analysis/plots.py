@@ -129,6 +129,45 @@ def auroc_vs_params(data: StudyData) -> Figure:
     return fig
 
 
+def _cell_label(row) -> str:
+    return f"{row.foundation} {row.dataset} {100 * row.label_fraction:g}%"
+
+
+def methods_pareto(points: pd.DataFrame) -> Figure:
+    """Test AUROC of each arm's final models against its trainable parameters, one panel per
+    task cell (`analysis.methods.method_points`); the line joins the Pareto front, the arms no
+    other beats with fewer trainable parameters and a higher test AUROC."""
+    cells = list(points.groupby([Param.FOUNDATION, Param.DATASET, Param.LABEL_FRACTION],
+                                sort=True)) if len(points) else []
+    fig = _figure(5.2 * max(1, min(len(cells), 3)), 4.0 * math.ceil(max(1, len(cells)) / 3))
+    if not cells:
+        ax = fig.subplots()
+        ax.text(0.5, 0.5, "no final test results", ha="center", va="center")
+        ax.set_axis_off()
+        return fig
+    colors = arm_colors(points[Tag.ARM].unique())
+    size = Metric.TRAINABLE_PARAMS
+    for ax, (_, group) in zip(_grid(fig, len(cells)), cells):
+        group = group[group[size].notna() & group[Metric.TEST_AUROC].notna()]
+        front = group[group["pareto"].astype(bool)].sort_values(size)
+        ax.step(front[size], front[Metric.TEST_AUROC], where="post", color="black", lw=1.2,
+                zorder=1, label="Pareto front")
+        for row in group.itertuples():
+            on_front = bool(row.pareto)
+            ax.scatter(getattr(row, size), row.test_auroc, s=70 if on_front else 45,
+                       color=colors[row.arm], edgecolor="black" if on_front else "none",
+                       zorder=2, label=f"{row.arm} ({row.kind})")
+            ax.annotate(row.arm, (getattr(row, size), row.test_auroc), fontsize=7,
+                        xytext=(4, 4), textcoords="offset points")
+        ax.set_xscale("log")
+        title = _cell_label(group.iloc[0]) if len(group) else ""
+        ax.set(title=title, xlabel="trainable parameters (log)", ylabel="test macro AUROC")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7, loc="best")
+    fig.suptitle("Test AUROC vs trainable parameters per method")
+    return fig
+
+
 def rank_lr_heatmap(data: StudyData, task: str, arm: str, bins: int = 6) -> Figure:
     """Best validation AUROC over LoRA rank (rows) and log-spaced lr bins (columns)."""
     trials = data.trials[(data.trials[Tag.TASK] == task) & (data.trials[Tag.ARM] == arm)
@@ -188,7 +227,8 @@ def importance_bars(importance: pd.DataFrame) -> Figure:
 
 
 def forest_plot(comparison: pd.DataFrame) -> Figure:
-    """LoRA - FFT macro AUROC (points) per task with its 95% CI; filled = Holm-significant."""
+    """LoRA - FFT macro AUROC (points) per task with its 95% CI; filled = Holm-significant.
+    A methods comparison (`analysis.methods.compare_methods`) gets a row per task and arm."""
     rows = comparison[np.isfinite(comparison["diff"].astype(float))] if len(comparison) else (
         comparison)
     fig = _figure(7.0, 1.2 + 0.55 * max(1, len(rows)))
@@ -197,7 +237,8 @@ def forest_plot(comparison: pd.DataFrame) -> Figure:
         ax.text(0.5, 0.5, "no final test results", ha="center", va="center")
         ax.set_axis_off()
         return fig
-    labels = [f"{r.foundation} {r.dataset} {100 * r.label_fraction:g}%" for r in rows.itertuples()]
+    methods = Tag.ARM in rows and "reference" in rows
+    labels = [_cell_label(r) + (f" {r.arm}" if methods else "") for r in rows.itertuples()]
     y = np.arange(len(rows))[::-1]
     diff = 100 * rows["diff"].to_numpy(float)
     low = 100 * rows["ci_low"].to_numpy(float)
@@ -214,8 +255,13 @@ def forest_plot(comparison: pd.DataFrame) -> Figure:
                edgecolors=colors[~significant], s=60, zorder=3, label="not significant")
     ax.axvline(0, color="0.4", lw=1)
     ax.set_yticks(y, labels)
-    ax.set(xlabel="LoRA − FFT test macro AUROC (points, 95% paired bootstrap CI)",
-           title="LoRA vs FFT per task")
+    if methods:
+        reference = rows["reference"].iloc[0]
+        ax.set(xlabel=f"method − {reference} test macro AUROC (points, 95% paired bootstrap "
+                      "CI)", title=f"Every method vs {reference} per task")
+    else:
+        ax.set(xlabel="LoRA − FFT test macro AUROC (points, 95% paired bootstrap CI)",
+               title="LoRA vs FFT per task")
     ax.grid(alpha=0.3, axis="x")
     ax.legend(fontsize=8, loc="best")
     return fig

@@ -17,8 +17,16 @@ import pandas as pd
 
 from analysis import plots
 from analysis.importance import marginal_effects, param_importance
+from analysis.methods import (
+    arm_kinds,
+    compare_methods,
+    methods_summary,
+    methods_summary_line,
+    pick_reference,
+)
 from analysis.study_data import StudyData, load_study
 from analysis.tables import (
+    CELL_FACTORS,
     asha_accounting,
     best_config_table,
     budget_curve,
@@ -35,7 +43,8 @@ from analysis.tables import (
     to_markdown,
     val_test_gap,
 )
-from study.schema import StudyParams, Tag, tag
+from study.schema import Metric, StudyParams, Tag, tag
+from trainables.errors import ConfigError
 
 
 @dataclass
@@ -48,16 +57,20 @@ class Section:
 
 def write_report(tracking_uri: str, experiment: str, out_dir: Path, n_boot: int = 1000,
                  lora_arm: str | None = None, fft_arm: str | None = None,
-                 reference: bool | None = None, seed: int = 0) -> Path:
+                 reference: bool | None = None, seed: int = 0,
+                 reference_arm: str | None = None) -> Path:
     """Write out_dir/report.md (+ figures/) and out_dir/report.html; return the HTML path.
 
     `reference` adds the published MRM numbers as columns (default: when any task has one).
+    `reference_arm` is the arm every method is compared with (default: the one FFT arm).
     """
     out_dir = Path(out_dir)
     figures = out_dir / "figures"
     data = load_study(tracking_uri, experiment)
-    sections = build_sections(data, figures, n_boot, lora_arm, fft_arm, reference, seed)
-    title = f"LoRA vs full fine-tuning: {experiment}"
+    sections = build_sections(data, figures, n_boot, lora_arm, fft_arm, reference, seed,
+                              reference_arm)
+    title = (f"Fine-tuning methods: {experiment}" if _several_methods(data, reference_arm)
+             else f"LoRA vs full fine-tuning: {experiment}")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.md").write_text(render_markdown(title, sections, out_dir))
     page = out_dir / "report.html"
@@ -67,11 +80,19 @@ def write_report(tracking_uri: str, experiment: str, out_dir: Path, n_boot: int 
 
 def build_sections(data: StudyData, figures: Path, n_boot: int = 1000,
                    lora_arm: str | None = None, fft_arm: str | None = None,
-                   reference: bool | None = None, seed: int = 0) -> list[Section]:
-    """Compute every table and figure of the report, in reading order."""
+                   reference: bool | None = None, seed: int = 0,
+                   reference_arm: str | None = None) -> list[Section]:
+    """Compute every table and figure of the report, in reading order.
+
+    A study of one LoRA and one FFT arm gets the LoRA-vs-FFT report alone; a study with other
+    methods (or a named `reference_arm`) also gets every method against the reference."""
+    if reference_arm is not None:
+        pick_reference(data, reference_arm)  # a name that is no arm fails before any work
     sections = [_overview(data)]
     comparison = _comparison(data, n_boot, lora_arm, fft_arm, seed)
     sections.append(_headline(comparison, figures, reference))
+    if _several_methods(data, reference_arm):
+        sections.append(_methods(data, figures, n_boot, seed, reference_arm))
     best = best_config_table(data)
     sections.append(Section("Selected configurations", [
         "The best search trial of each task and arm (by best validation AUROC); its test AUROC "
@@ -112,13 +133,25 @@ def _overview(data: StudyData) -> Section:
     return Section("Study", tables=[("", table)])
 
 
+def _several_methods(data: StudyData, reference_arm: str | None) -> bool:
+    """Whether the study is more than one LoRA and one FFT arm (or a reference was named)."""
+    kinds = sorted(arm_kinds(data).values())
+    return reference_arm is not None or (len(kinds) > 1 and kinds != ["fft", "lora"])
+
+
 def _comparison(data: StudyData, n_boot: int, lora_arm: str | None, fft_arm: str | None,
                 seed: int) -> pd.DataFrame | str:
-    """The comparison table, or why there is none (a study without one of the two kinds)."""
-    kinds = set(data.arms[Tag.KIND]) if len(data.arms) else set()
+    """The comparison table, or why there is none: a study without one of the two kinds, or
+    with several of one and none named (the methods section still compares them all)."""
+    kinds = list(arm_kinds(data).values())
     missing = [k for k in ("lora", "fft") if k not in kinds]
     if missing and not (lora_arm and fft_arm):
         return f"no comparison: the study has no {' or '.join(missing)} arm"
+    several = [k for k, name in (("lora", lora_arm), ("fft", fft_arm))
+               if name is None and kinds.count(k) > 1]
+    if several:
+        return (f"no LoRA-vs-FFT table: the study has several {' and '.join(several)} arms; "
+                f"name the pair with {' and '.join(f'--{k}-arm' for k in several)}")
     return compare_arms(data, lora_arm, fft_arm, n_boot=n_boot, seed=seed)
 
 
@@ -153,14 +186,68 @@ def _headline(comparison: pd.DataFrame | str, figures: Path,
     return section
 
 
+# What the per-task methods table shows (the statistics table has the rest).
+_METHOD_COLUMNS = [*CELL_FACTORS, Tag.ARM, Tag.KIND, Metric.TEST_AUROC, "diff", "ci_low",
+                   "ci_high", "p_holm", "verdict", "trainable_pct", "pareto", "epochs", "run_s"]
+
+
+def _methods(data: StudyData, figures: Path, n_boot: int, seed: int,
+             reference_arm: str | None) -> Section:
+    section = Section("Every method vs the reference")
+    try:
+        comparison = compare_methods(data, reference_arm, n_boot=n_boot, seed=seed)
+    except ConfigError as exc:  # no FFT arm, or several, and no --reference-arm
+        section.text.append(f"No methods comparison: {exc}.")
+        return section
+    per_task, overall = methods_summary(data, comparison)
+    if per_task.empty:
+        section.text.append("No final test results yet: run the study's final phase.")
+        return section
+    attrs, m = comparison.attrs, int(comparison["p_value"].notna().sum())
+    section.text += [
+        f"**{methods_summary_line(comparison)}** (reference arm `{attrs['reference']}`).",
+        "Δ = method − reference in test macro AUROC (fractions; x100 for points), the same "
+        f"{100 * attrs['level']:g}% paired bootstrap over test patients as the LoRA-vs-FFT "
+        f"table ({attrs['n_boot']} replicates); p_holm is Holm-adjusted across all {m} "
+        f"tasks x methods (α = {attrs['alpha']}). Pareto: no other arm of the task has fewer "
+        "trainable parameters and a higher test AUROC. Epochs count search trials and final "
+        "runs; run time (s) is their wall time summed, search trials and final runs: the "
+        "device time where each run holds one device (the store does not record which "
+        "device, GPU or CPU, a run had)."]
+    floor = 2 * m / (attrs["n_boot"] + 1)
+    if m and floor >= attrs["alpha"]:
+        section.text.append(
+            f"With {m} comparisons and {attrs['n_boot']} replicates no difference can reach "
+            f"Holm significance (the smallest bootstrap p is {2 / (attrs['n_boot'] + 1):.2g}): "
+            f"use --n-boot {_n_boot_for(m, attrs['alpha'])} or more.")
+    section.tables += [
+        ("methods summary (all tasks)", overall),
+        ("methods summary per task", per_task[_METHOD_COLUMNS]),
+        ("statistics per task and method (AUROC as fractions)",
+         comparison.drop(columns=["tasks", "reference"], errors="ignore"))]
+    section.figures += [
+        ("Test AUROC vs trainable parameters (Pareto front)", _figure(
+            plots.methods_pareto(per_task), figures, "methods_pareto")),
+        ("Every method vs the reference per task", _figure(
+            plots.forest_plot(comparison), figures, "methods_forest"))]
+    return section
+
+
+def _n_boot_for(comparisons: int, alpha: float) -> int:
+    """Replicates at which the smallest bootstrap p, Holm-adjusted, falls below alpha."""
+    needed = int(2 * comparisons / alpha)
+    return int(-(-needed // 1000) * 1000)  # rounded up to a thousand
+
+
 def _budget(data: StudyData, figures: Path) -> Section:
     compute = compute_table(data)
     section = Section("Compute and ASHA accounting", [
-        "Both arms should have had the same budget: trials, epochs and wall time per arm. ASHA "
+        "Every arm should have had the same budget: trials, epochs and wall time per arm. ASHA "
         "accounting shows how many epochs early stopping saved and after how many epochs the "
-        "best configuration had been found."])
+        "best configuration had been found. Per method: epochs and wall time (s) of the "
+        "search trials and final runs, summed over tasks."])
     section.tables += [("compute per task and arm", compute),
-                       ("compute per arm (all tasks)", compute_totals(compute)),
+                       ("compute per method (all tasks)", compute_totals(compute)),
                        ("ASHA accounting", asha_accounting(data))]
     curve = budget_curve(data)
     section.figures.append(("Epochs spent vs best validation AUROC found", _figure(

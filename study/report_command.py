@@ -1,4 +1,5 @@
-"""`cxr-study report`: the LoRA-vs-FFT report of a study, as Markdown and self-contained HTML."""
+"""`cxr-study report`: the report of a study (LoRA vs FFT, every method vs a reference arm), as
+Markdown and self-contained HTML."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
                           "(1000 or more for a reported CI)")
     out = writable_dir(Path(args.out), "--out")
     page = write_report(args.tracking_uri, args.experiment, out, n_boot=args.n_boot,
-                        lora_arm=args.lora_arm, fft_arm=args.fft_arm, seed=args.seed)
+                        lora_arm=args.lora_arm, fft_arm=args.fft_arm, seed=args.seed,
+                        reference_arm=args.reference_arm)
     print(page)
     return 0
 
@@ -33,5 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         help="LoRA arm to compare (needed when the study has several)")
     report.add_argument("--fft-arm", default=None,
                         help="FFT arm to compare (needed when the study has several)")
+    report.add_argument("--reference-arm", default=None,
+                        help="arm to compare every method with (default: the study's one FFT "
+                             "arm)")
     report.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: 0)")
     report.set_defaults(func=_cmd_report)

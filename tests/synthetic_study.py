@@ -4,6 +4,9 @@ Written with MlflowClient directly (no Ray, no training) so analysis tests are f
 answer: in the first task LoRA's test predictions carry a much stronger signal than FFT's (LoRA
 clearly better); in the second LoRA's are FFT's plus noise (FFT slightly ahead, not
 significantly). Validation AUROC of a search trial is driven by its learning rate alone.
+
+`arms` (arm -> kind) writes other methods too; a task's `signals` gives an arm its own test
+signal (others take LoRA's if LoRA, else FFT's): `methods_study` plants a clear winner.
 """
 
 from __future__ import annotations
@@ -39,7 +42,14 @@ from study.schema import (
     params,
     task_key,
 )
-from trainables.config import LoraSpec, TaskFactors, TrainSpec, TrialSpec, parse_targets
+from trainables.config import (
+    LoraSpec,
+    PartialSpec,
+    TaskFactors,
+    TrainSpec,
+    TrialSpec,
+    parse_targets,
+)
 from trainables.metrics import classification_metrics
 
 CLASSES = ("Atelectasis", "Cardiomegaly", "Effusion")
@@ -57,10 +67,17 @@ class SyntheticTask:
     lora_signal: float
     fft_signal: float
     split_seed: int = 0
+    signals: tuple[tuple[str, float], ...] = ()  # (arm, signal) for arms of other methods
 
     @property
     def key(self) -> str:
         return task_key(self.foundation, self.dataset, self.label_fraction, self.split_seed)
+
+    def signal(self, arm: str, kind: str) -> float:
+        own = dict(self.signals)
+        if arm in own:
+            return own[arm]
+        return self.lora_signal if kind == "lora" else self.fft_signal
 
 
 DEFAULT_TASKS = (SyntheticTask("mrm", "nih", 0.01, lora_signal=1.5, fft_signal=0.4),
@@ -82,9 +99,12 @@ def write_synthetic_study(root: Path, experiment: str = "synthetic",
                           tasks: tuple[SyntheticTask, ...] = DEFAULT_TASKS, trials: int = 6,
                           seeds: int = 2, max_t: int = 6, patients: int = 90,
                           tracking_uri: str | None = None,
-                          spaces: dict[str, str] | None = None) -> SyntheticStudy:
+                          spaces: dict[str, str] | None = None,
+                          arms: dict[str, str] | None = None) -> SyntheticStudy:
     """Write study, arm, trial and final runs (with prediction artifacts) into one experiment.
-    `spaces` names each arm's search space (default: the arm's name, a registered space)."""
+    `spaces` names each arm's search space (default: the arm's name, a registered space);
+    `arms` maps each arm to its kind (default: `ARMS`, one LoRA and one FFT arm)."""
+    arms = arms or ARMS
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     root.mkdir(parents=True, exist_ok=True)
     uri = tracking_uri or f"sqlite:///{root / 'mlflow.db'}"
@@ -94,10 +114,10 @@ def write_synthetic_study(root: Path, experiment: str = "synthetic",
     rng = np.random.default_rng(len(experiment))
     clock = [T0]
     study = open_study(client, exp_id, clock, experiment, StudyParams(
-        arms=list(ARMS), max_t=max_t, final_seeds=seeds), len(tasks))
+        arms=list(arms), max_t=max_t, final_seeds=seeds), len(tasks))
     test = _test_set(rng, patients)
     for t, task in enumerate(tasks):
-        for arm, kind in ARMS.items():
+        for arm, kind in arms.items():
             space = (spaces or {}).get(arm, arm)
             _write_arm(client, exp_id, clock, study, task, arm, kind, space, trials, seeds,
                        max_t, rng, test, fail_one=(t == 0 and arm == "lora"))
@@ -156,20 +176,22 @@ def _trial_spec(task: SyntheticTask, arm: str, kind: str, rng: np.random.Generat
     lr = float(10 ** rng.uniform(-3, -0.5))
     weight_decay = float(rng.uniform(0, 0.1))
     layer_decay = float(rng.uniform(0.5, 1.0)) if kind == "fft" else 1.0
+    method: LoraSpec | PartialSpec | None = None
     factors = TaskFactors(task=task.key, foundation=task.foundation, model="vit_base_patch16",
                           dataset=task.dataset, label_fraction=task.label_fraction,
                           split_seed=task.split_seed, num_classes=len(CLASSES))
     train = TrainSpec(optimizer="sgd", lr=lr, weight_decay=weight_decay,
                       layer_decay=layer_decay, epochs=max_t, warmup_epochs=1, batch_size=64,
                       seed=0, augmentation="none")
-    lora = None
     if kind == "lora":
         rank = int(rng.choice([4, 8, 16]))
         ratio = float(rng.choice([1.0, 2.0]))
-        lora = LoraSpec(rank=rank, alpha=rank * ratio, alpha_ratio=ratio,
-                        targets=parse_targets(str(rng.choice(["q+v", "q+k+v"]))),
-                        dropout=float(rng.uniform(0, 0.2)))
-    return TrialSpec(arm=arm, kind=kind, task=factors, train=train, method=lora,
+        method = LoraSpec(rank=rank, alpha=rank * ratio, alpha_ratio=ratio,
+                          targets=parse_targets(str(rng.choice(["q+v", "q+k+v"]))),
+                          dropout=float(rng.uniform(0, 0.2)))
+    elif kind == "partial":
+        method = PartialSpec(blocks=int(rng.choice([1, 2, 4])))
+    return TrialSpec(arm=arm, kind=kind, task=factors, train=train, method=method,
                      phase=Phase.SEARCH)
 
 
@@ -182,14 +204,20 @@ def _curve(lr: float, epochs: int) -> list[float]:
     return [0.5 + (_plateau(lr) - 0.5) * (1 - np.exp(-(e + 1) / 2)) for e in range(epochs)]
 
 
+# What each method trains besides the head and fc_norm (2307): ViT-B's biases, LayerNorms,
+# blocks (a block: 7,087,872); LoRA's adapters are added to the model.
+TRAINS = {"fft": lambda spec: BACKBONE, "linear_probe": lambda spec: 0,
+          "bitfit": lambda spec: 102_144, "ln_tune": lambda spec: 36_864,
+          "partial": lambda spec: 7_087_872 * spec.method.blocks,
+          "lora": lambda spec: 12 * spec.lora.rank * 3072}  # q+v adapters
+
+
 def _trainable(spec: TrialSpec) -> int:
-    if spec.lora is None:
-        return BACKBONE + 2307
-    return 2307 + 12 * spec.lora.rank * 3072  # q+v adapters, head, fc_norm
+    return 2307 + TRAINS[spec.kind](spec)
 
 
 def _total(spec: TrialSpec) -> int:
-    return _trainable(spec) + (BACKBONE if spec.lora is not None else 0)
+    return BACKBONE + 2307 + (_trainable(spec) - 2307 if spec.lora is not None else 0)
 
 
 def _epoch_metrics(curve: list[float], spec: TrialSpec) -> list[MlflowMetric]:
@@ -262,7 +290,7 @@ def _write_arm(client: MlflowClient, exp_id: str, clock: list[int], study: str,
                Metric.TOTAL_PARAMS: _total(best[1])}
     client.log_batch(arm_run, metrics=[MlflowMetric(k, float(v), clock[0], 0)
                                        for k, v in summary.items()])
-    signal = task.lora_signal if kind == "lora" else task.fft_signal
+    signal = task.signal(arm, kind)
     digest = hashlib.sha256(repr(best[1].to_tune()).encode()).hexdigest()[:12]
     for seed in range(seeds):
         final = dataclasses.replace(best[1], phase=Phase.FINAL,
@@ -333,3 +361,23 @@ def shared_study(tmp_path_factory) -> SyntheticStudy:
     if "study" not in _SHARED:
         _SHARED["study"] = write_synthetic_study(tmp_path_factory.mktemp("synthetic_mlflow"))
     return _SHARED["study"]
+
+
+# Four methods on two tasks: partial (few blocks) clearly beats FFT on both, LoRA as in the
+# default study, the linear probe (fewest parameters) clearly worse. On each task's Pareto
+# front (test AUROC vs trainable parameters): linear_probe, lora, partial; FFT is dominated.
+METHOD_ARMS = {"fft": "fft", "lora": "lora", "linear_probe": "linear_probe",
+               "partial": "partial"}
+METHOD_TASKS = tuple(dataclasses.replace(t, signals=(("partial", 2.0), ("linear_probe", 0.1)))
+                     for t in DEFAULT_TASKS)
+METHODS_WINNER = "partial"
+
+
+def methods_study(tmp_path_factory) -> SyntheticStudy:
+    """The four-method study, an experiment of its own in the shared store (no new database)."""
+    if "methods" not in _SHARED:
+        shared = shared_study(tmp_path_factory)
+        _SHARED["methods"] = write_synthetic_study(
+            shared.root, "synthetic-methods", tasks=METHOD_TASKS, trials=3, seeds=1,
+            tracking_uri=shared.tracking_uri, arms=METHOD_ARMS)
+    return _SHARED["methods"]

@@ -55,6 +55,9 @@ def test_report_embeds_every_figure_and_the_verdict(study, report):
     for needle in ("LoRA wins 1 of 2 tasks (1 significant)", "79.4", "ASHA accounting",
                    "fANOVA", "validation-test gap", "ECE", "Selected configurations"):
         assert needle in markdown and needle in text
+    # One LoRA and one FFT arm: the LoRA-vs-FFT report, no methods section.
+    assert markdown.startswith(f"# LoRA vs full fine-tuning: {study.experiment}\n")
+    assert "Every method vs the reference" not in markdown and "methods_pareto" not in names
 
 
 def test_cli_reports_bad_input_in_one_line(study, tmp_path, capsys):
