@@ -19,7 +19,9 @@ from trainables.errors import StudyError
 # What a trial line and the summary show of a config, per arm kind: what the arm searches.
 _SHOWN = {"lora": (Param.RANK, Param.ALPHA, Param.TARGETS, Param.LR),
           "fft": (Param.LR, Param.LAYER_DECAY),
-          "partial": (Param.PARTIAL_BLOCKS, Param.LR)}
+          "partial": (Param.PARTIAL_BLOCKS, Param.LR),
+          "dora": (Param.DORA_RANK, Param.DORA_ALPHA, Param.LR),
+          "vera": (Param.VERA_RANK, Param.LR)}
 _OTHERS = (Param.LR, Param.WEIGHT_DECAY)  # methods with no settings of their own
 
 
