@@ -43,23 +43,32 @@ audit:
 	.venv-audit/bin/pip-audit -r .venv-audit/requirements.txt --no-deps --disable-pip --strict \
 		$(AUDIT_ARGS)
 
-# The analysis notebooks in JupyterLab from the venv, served on 127.0.0.1 only, reading one
-# study: `make notebooks STUDY=runs/methods` (the study folder's mlflow.db; the experiment is
-# the folder's name unless EXPERIMENT= names it), or TRACKING_URI=... EXPERIMENT=...; with
-# neither, the demo's study. REFERENCE_ARM= picks the arm compare_methods compares with;
-# NOTEBOOK_PORT (8888) and NOTEBOOK_ARGS (e.g. --no-browser) go to JupyterLab.
+# The analysis notebooks in JupyterLab, served on 127.0.0.1 only, reading one study:
+# `make notebooks STUDY=runs/methods` (the study folder's mlflow.db; the experiment is the
+# folder's name unless EXPERIMENT= names it), or TRACKING_URI=... EXPERIMENT=...; with neither,
+# the demo's study. REFERENCE_ARM= picks the arm compare_methods compares with; NOTEBOOK_PORT
+# (8888) and NOTEBOOK_ARGS (e.g. --no-browser) go to JupyterLab. JupyterLab lives in its own
+# venv (requirements-notebooks.lock, constrained by requirements.lock); the notebooks' kernel is
+# the project venv's Python.
 .PHONY: notebooks
+NB := .venv-notebooks
 TRACKING_URI ?= $(if $(STUDY),sqlite:///$(abspath $(STUDY))/mlflow.db)
 EXPERIMENT ?= $(if $(STUDY),$(notdir $(abspath $(STUDY))))
 NOTEBOOK_PORT ?= 8888
 NOTEBOOK_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)# Jupyter refuses root without it
-notebooks: venv
+$(NB)/.installed: requirements-notebooks.lock requirements.lock $(STAMP)
+	test -x $(NB)/bin/python || $(PY) -m venv $(NB)
+	$(NB)/bin/pip install -q -r requirements-notebooks.lock -c requirements.lock
+	$(BIN)/python -m ipykernel install --prefix $(NB) --name python3 \
+		--display-name "cxr-lora-study (.venv)" >/dev/null
+	touch $@
+notebooks: venv $(NB)/.installed
 	@test -z "$(STUDY)" || test -f "$(STUDY)/mlflow.db" || \
 		{ echo "no MLflow store at $(STUDY)/mlflow.db: give STUDY=<a study's storage folder>"; exit 1; }
 	CXR_TRACKING_URI='$(TRACKING_URI)' CXR_EXPERIMENT='$(EXPERIMENT)' \
-		CXR_REFERENCE_ARM='$(REFERENCE_ARM)' $(BIN)/jupyter lab --ip=127.0.0.1 \
+		CXR_REFERENCE_ARM='$(REFERENCE_ARM)' $(NB)/bin/jupyter lab --ip=127.0.0.1 \
 		--port=$(NOTEBOOK_PORT) --ServerApp.root_dir=analysis/notebooks $(NOTEBOOK_ROOT) \
-		$(NOTEBOOK_ARGS)
+		--KernelSpecManager.ensure_native_kernel=False $(NOTEBOOK_ARGS)
 
 clean:
 	rm -rf demo_run .pytest_cache

@@ -58,7 +58,8 @@ def test_make_notebooks_opens_the_study_from_the_venv_on_loopback(tmp_path):
     command = " ".join(printed.replace("\\\n", " ").split())
     assert f"CXR_TRACKING_URI='sqlite:///{store}/mlflow.db'" in command
     assert "CXR_EXPERIMENT='my_study'" in command  # the folder's name by default
-    assert ".venv/bin/jupyter lab --ip=127.0.0.1 " in command
+    assert ".venv-notebooks/bin/jupyter lab --ip=127.0.0.1 " in command
+    assert "--KernelSpecManager.ensure_native_kernel=False" in command  # the project's kernel
     assert "--ServerApp.root_dir=analysis/notebooks" in command
     server = _make_notebooks("TRACKING_URI=http://127.0.0.1:5000", "EXPERIMENT=methods",
                              "REFERENCE_ARM=lora")
