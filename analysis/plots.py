@@ -30,6 +30,17 @@ def _figure(width: float, height: float) -> Figure:
     return fig
 
 
+def _panels(n: int, width: float, height: float, max_cols: int = 3) -> Figure:
+    """A figure sized for `n` panels of `width` x `height`, `max_cols` to a row."""
+    return _figure(width * max(1, min(n, max_cols)), height * math.ceil(max(1, n) / max_cols))
+
+
+def _say(ax, text: str) -> None:
+    """A panel that only says why it is empty."""
+    ax.text(0.5, 0.5, text, ha="center", va="center")
+    ax.set_axis_off()
+
+
 def _grid(fig: Figure, n: int, max_cols: int = 3):
     cols = max(1, min(n, max_cols))
     rows = max(1, math.ceil(n / cols))
@@ -106,7 +117,7 @@ def auroc_vs_params(data: StudyData) -> Figure:
     trials = data.trials[data.trials["status"] == "FINISHED"]
     size = Metric.TRAINABLE_PARAMS
     colors = arm_colors(data.trials[Tag.ARM].unique())
-    fig = _figure(5.0 * max(1, min(len(tasks), 3)), 3.8 * math.ceil(max(1, len(tasks)) / 3))
+    fig = _panels(len(tasks), 5.0, 3.8)
     for ax, task in zip(_grid(fig, len(tasks)), tasks):
         part = trials[(trials[Tag.TASK] == task) & trials[size].notna()]
         for arm, group in part.groupby(Tag.ARM):
@@ -139,11 +150,9 @@ def methods_pareto(points: pd.DataFrame) -> Figure:
     other beats with fewer trainable parameters and a higher test AUROC."""
     cells = list(points.groupby([Param.FOUNDATION, Param.DATASET, Param.LABEL_FRACTION],
                                 sort=True)) if len(points) else []
-    fig = _figure(5.2 * max(1, min(len(cells), 3)), 4.0 * math.ceil(max(1, len(cells)) / 3))
+    fig = _panels(len(cells), 5.2, 4.0)
     if not cells:
-        ax = fig.subplots()
-        ax.text(0.5, 0.5, "no final test results", ha="center", va="center")
-        ax.set_axis_off()
+        _say(fig.subplots(), "no final test results")
         return fig
     colors = arm_colors(points[Tag.ARM].unique())
     size = Metric.TRAINABLE_PARAMS
@@ -177,8 +186,7 @@ def rank_lr_heatmap(data: StudyData, task: str, arm: str, bins: int = 6) -> Figu
     fig = _figure(6.0, 3.8)
     ax = fig.subplots()
     if trials.empty:
-        ax.text(0.5, 0.5, "no finished LoRA trials", ha="center", va="center")
-        ax.set_axis_off()
+        _say(ax, "no finished LoRA trials")
         return fig
     lrs = trials[Param.LR].astype(float)
     low, high = math.log10(lrs.min()), math.log10(lrs.max())
@@ -209,11 +217,9 @@ def rank_lr_heatmap(data: StudyData, task: str, arm: str, bins: int = 6) -> Figu
 def importance_bars(importance: pd.DataFrame) -> Figure:
     """fANOVA importance per task and arm, one panel each."""
     groups = list(importance.groupby(TASK_ARM, sort=True)) if len(importance) else []
-    fig = _figure(4.6 * max(1, min(len(groups), 3)), 3.2 * math.ceil(max(1, len(groups)) / 3))
+    fig = _panels(len(groups), 4.6, 3.2)
     if not groups:
-        ax = fig.subplots()
-        ax.text(0.5, 0.5, "not enough finished trials for fANOVA", ha="center", va="center")
-        ax.set_axis_off()
+        _say(fig.subplots(), "not enough finished trials for fANOVA")
         return fig
     colors = arm_colors(importance[Tag.ARM].unique())
     for ax, ((task, arm), group) in zip(_grid(fig, len(groups)), groups):
@@ -234,8 +240,7 @@ def forest_plot(comparison: pd.DataFrame) -> Figure:
     fig = _figure(7.0, 1.2 + 0.55 * max(1, len(rows)))
     ax = fig.subplots()
     if rows.empty:
-        ax.text(0.5, 0.5, "no final test results", ha="center", va="center")
-        ax.set_axis_off()
+        _say(ax, "no final test results")
         return fig
     methods = Tag.ARM in rows and "reference" in rows
     labels = [_cell_label(r) + (f" {r.arm}" if methods else "") for r in rows.itertuples()]
@@ -271,13 +276,12 @@ def roc_curves(data: StudyData, task: str) -> Figure:
     """ROC per class of each arm's final model (lowest seed), one panel per arm."""
     finals = data.finals[data.finals[Tag.TASK] == task] if len(data.finals) else data.finals
     arms = sorted(finals[Tag.ARM].unique()) if len(finals) else []
-    fig = _figure(4.6 * max(1, min(len(arms), 3)), 4.2)
+    fig = _panels(len(arms), 4.6, 4.2)  # a methods study has 3 rows of 3
     for ax, arm in zip(_grid(fig, max(1, len(arms))), arms or [None]):
         run = finals[finals[Tag.ARM] == arm].sort_values(Param.SEED).head(1) if arm else finals
         frame = data.predictions(run["run_id"].iloc[0]) if len(run) else None
         if frame is None:
-            ax.text(0.5, 0.5, "no saved test predictions", ha="center", va="center")
-            ax.set_axis_off()
+            _say(ax, "no saved test predictions")
             continue
         pred = Predictions.from_frame(frame)
         aucs = class_aurocs(pred)
@@ -299,12 +303,11 @@ def roc_curves(data: StudyData, task: str) -> Figure:
 def budget_plot(curve: pd.DataFrame) -> Figure:
     """Best validation AUROC found so far against epochs spent, per task and arm (ASHA)."""
     tasks = sorted(curve[Tag.TASK].unique()) if len(curve) else []
-    fig = _figure(5.0 * max(1, min(len(tasks), 3)), 3.4 * math.ceil(max(1, len(tasks)) / 3))
+    fig = _panels(len(tasks), 5.0, 3.4)
     colors = arm_colors(curve[Tag.ARM].unique()) if len(curve) else {}
     for ax, task in zip(_grid(fig, max(1, len(tasks))), tasks or [None]):
         if task is None:
-            ax.text(0.5, 0.5, "no search trials", ha="center", va="center")
-            ax.set_axis_off()
+            _say(ax, "no search trials")
             continue
         for arm, group in curve[curve[Tag.TASK] == task].groupby(Tag.ARM):
             ax.step(group["cumulative_epochs"], group["running_best"], where="post",

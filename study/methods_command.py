@@ -9,18 +9,9 @@ import argparse
 import torch
 
 from search_spaces import SPACES
-from trainables.config import DoraSpec, LoraSpec, PartialSpec, VeraSpec
 from trainables.lora import count_parameters
 from trainables.methods import METHODS, apply_method
 from trainables.models import BACKBONES, build_backbone
-
-# The settings each method's count is given at, and how the table says so: LoRA as the paper
-# (r4 on q and v) and DoRA alike, VeRA at peft's default rank, partial fine-tuning of the last
-# block. (IA)3 has no settings: its targets are named.
-SHOWN_AT = {"lora": LoraSpec(4, 8.0, targets=("q", "v")), "partial": PartialSpec(1),
-            "dora": DoraSpec(4, 8.0), "vera": VeraSpec(256)}
-SHOWN_AS = {"lora": "r4 on q+v", "partial": "1 block", "dora": "r4 on q+v",
-            "vera": "r256 on q+v", "ia3": "q+v"}
 
 
 def methods_table(backbone: str, num_classes: int) -> list[tuple[str, str, int, float, str]]:
@@ -29,9 +20,9 @@ def methods_table(backbone: str, num_classes: int) -> list[tuple[str, str, int, 
     for name, method in METHODS.items():
         with torch.device("meta"):
             model = apply_method(build_backbone(backbone, num_classes), name,
-                                 SHOWN_AT.get(name))
+                                 method.counted_at)
         trainable, total = count_parameters(model)
-        at = f" ({SHOWN_AS[name]})" if name in SHOWN_AS else ""
+        at = f" ({method.counted_as})" if method.counted_as else ""
         spaces = ", ".join(s.name for s in SPACES.values() if s.kind == name) or "-"
         rows.append((name + at, method.summary, trainable, 100.0 * trainable / total, spaces))
     return rows

@@ -16,19 +16,14 @@ import pandas as pd
 from study.schema import Param, Tag
 from trainables.errors import StudyError
 
-# What a trial line and the summary show of a config, per arm kind: what the arm searches.
-_SHOWN = {"lora": (Param.RANK, Param.ALPHA, Param.TARGETS, Param.LR),
-          "fft": (Param.LR, Param.LAYER_DECAY),
-          "partial": (Param.PARTIAL_BLOCKS, Param.LR),
-          "dora": (Param.DORA_RANK, Param.DORA_ALPHA, Param.LR),
-          "vera": (Param.VERA_RANK, Param.LR)}
-_OTHERS = (Param.LR, Param.WEIGHT_DECAY)  # methods with no settings of their own
-
 
 def config_text(config: Mapping[str, Any], kind: str | None = None) -> str:
     """'rank=4 alpha=8 targets=q+v lr=0.002': the searched values of a trial, 3 digits.
-    `kind` defaults to the config's own (a trial's flat config names it)."""
-    shown = _SHOWN.get(kind or config[Param.KIND], _OTHERS)
+    `kind` defaults to the config's own (a trial's flat config names it); what is shown is
+    the method's registry entry's `shown`."""
+    from trainables.methods import METHODS, Method  # torch: only once a table is shown
+    method = METHODS.get(kind or config[Param.KIND])
+    shown = method.shown if method else Method.shown  # a method this version lacks
     return " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                     for k, v in ((k, config[k]) for k in shown if k in config))
 

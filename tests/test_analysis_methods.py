@@ -158,3 +158,14 @@ def test_too_few_replicates_for_the_holm_family_are_named(data, tmp_path, monkey
     assert warning and "use --n-boot 1000 or more" in warning[0]
     assert not any("partial better" in str(v) for _, t in section.tables
                    for v in t.get("verdict", []))
+
+
+def test_roc_panels_of_many_methods_get_a_row_each_three(data):
+    """Four methods need two rows of panels: the figure grows with them instead of squeezing
+    both rows into one row's height."""
+    task = data.tasks[0]
+    fig = plots.roc_curves(data, task)
+    shown = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(shown) == 4
+    width, height = fig.get_size_inches()
+    assert height == pytest.approx(2 * 4.2) and width == pytest.approx(3 * 4.6)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from trainables.config import METHOD_SPECS, DoraSpec, LoraSpec, PartialSpec, VeraSpec
+from trainables.config import FLAT_KINDS, METHOD_SPECS, DoraSpec, LoraSpec, PartialSpec, VeraSpec
 from trainables.errors import ConfigError
 from trainables.lora import ALWAYS_TRAINABLE_PREFIXES, apply_lora, split_qkv
 from trainables.models import targets_of
@@ -37,6 +37,18 @@ class Method:
     # (model, spec) -> which parameter names train; may change the model (LoRA injects layers)
     prepare: Callable[[nn.Module, object], Trains]
     mergeable: bool = False  # whether `export --merged` folds it into a plain model
+    # the flat config keys a trial line and the summary table show: what the arm searches
+    shown: tuple[str, ...] = ("lr", "weight_decay")
+    # the settings `cxr-study methods` counts trainable parameters at, and how it says so
+    counted_at: object = None
+    counted_as: str = ""
+
+    def __post_init__(self) -> None:
+        unknown = set(self.shown) - set(FLAT_KINDS)
+        assert not unknown, f"method {self.name!r} shows keys no trial has: {sorted(unknown)}"
+        wanted = METHOD_SPECS[self.name]
+        assert (self.counted_at is None) == (wanted is None) and (
+            wanted is None or isinstance(self.counted_at, wanted)), self.name
 
 
 def _head(name: str) -> bool:
@@ -172,18 +184,27 @@ def _ia3(model: nn.Module, spec: object) -> Trains:
 
 
 METHODS: dict[str, Method] = {m.name: m for m in (
-    Method("fft", "every parameter (layer-wise lr decay as the recipe says)", _fft),
-    Method("lora", "loralib adapters on the targets, head and fc_norm", _lora, mergeable=True),
+    Method("fft", "every parameter (layer-wise lr decay as the recipe says)", _fft,
+           shown=("lr", "layer_decay")),
+    # counted as the paper's LoRA: r4 on q and v
+    Method("lora", "loralib adapters on the targets, head and fc_norm", _lora, mergeable=True,
+           shown=("rank", "alpha", "targets", "lr"),
+           counted_at=LoraSpec(4, 8.0, targets=("q", "v")), counted_as="r4 on q+v"),
     Method("linear_probe", "head and fc_norm", _linear_probe),
     Method("bitfit", "every bias, head and fc_norm", _bitfit),
     Method("ln_tune", "LayerNorm weights and biases, head and fc_norm", _ln_tune),
-    Method("partial", "the last partial_blocks blocks, head and fc_norm", _partial),
+    Method("partial", "the last partial_blocks blocks, head and fc_norm", _partial,
+           shown=("partial_blocks", "lr"), counted_at=PartialSpec(1), counted_as="1 block"),
     # peft can merge these three into the weights; `export --merged` cannot (merged_state_dict
     # folds loralib layers only), so none is mergeable here.
     Method("dora", "peft DoRA (low-rank direction + magnitude) on q and v, head and fc_norm",
-           _dora),
-    Method("vera", "peft VeRA scaling vectors on q and v, head and fc_norm", _vera),
-    Method("ia3", "peft (IA)3 output scales on q and v, head and fc_norm", _ia3),
+           _dora, shown=("dora_rank", "dora_alpha", "lr"), counted_at=DoraSpec(4, 8.0),
+           counted_as="r4 on q+v"),
+    # counted at peft's default rank
+    Method("vera", "peft VeRA scaling vectors on q and v, head and fc_norm", _vera,
+           shown=("vera_rank", "lr"), counted_at=VeraSpec(256), counted_as="r256 on q+v"),
+    Method("ia3", "peft (IA)3 output scales on q and v, head and fc_norm", _ia3,
+           counted_as="q+v"),
 )}
 assert set(METHODS) == set(METHOD_SPECS), "trainables.config.METHOD_SPECS and METHODS differ"
 
