@@ -61,8 +61,8 @@ def check_foundation(name: str, checkpoint: str | None) -> None:
     """The checkpoint loads into the foundation's architecture (weights only, real shapes)."""
     if not checkpoint:
         return
-    model = build_backbone(get_foundation(name).backbone, 2)
-    load_foundation(model, Path(checkpoint))
+    foundation = get_foundation(name)
+    load_foundation(build_backbone(foundation.backbone, 2), Path(checkpoint), foundation.layouts)
 
 
 def check_arm(arm: ArmSpec, foundation: str) -> None:

@@ -102,7 +102,7 @@ def test_registry_entries_are_valid_and_carry_their_normalisation() -> None:
 
 
 def test_unknown_foundation_lists_known_names() -> None:
-    with pytest.raises(ConfigError, match="cxr_mae, demo, mrm, random"):
+    with pytest.raises(ConfigError, match="biomedclip, cxr_mae, demo, eva_x_base"):
         get_foundation("imagenet")
 
 

@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import pytest
 import torch
+from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from trainables.errors import ConfigError
-from trainables.models import BACKBONES, HEAD_INIT_STD, Backbone, build_backbone, get_backbone
+from trainables.models import (
+    BACKBONES,
+    EVA_POOLING,
+    HEAD_INIT_STD,
+    MAE_POOLING,
+    TOKEN_POOLING,
+    Backbone,
+    build_backbone,
+    get_backbone,
+)
 
 
 @pytest.mark.parametrize("name", sorted(BACKBONES))
@@ -17,7 +27,7 @@ def test_every_backbone_builds_with_its_geometry(name: str) -> None:
     model = build_backbone(name, num_classes=5)
     grid = entry.img_size // entry.patch_size
 
-    assert isinstance(model, VisionTransformer)
+    assert isinstance(model, Eva if entry.pooling == EVA_POOLING else VisionTransformer)
     assert entry.name == name
     assert model.embed_dim == entry.embed_dim
     assert len(model.blocks) == entry.depth
@@ -27,11 +37,20 @@ def test_every_backbone_builds_with_its_geometry(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(BACKBONES))
-def test_pooling_is_patch_average_then_fc_norm_with_class_token_kept(name: str) -> None:
+def test_pooling_is_the_entrys_with_class_token_kept(name: str) -> None:
+    """MAE and EVA-X fine-tuning average the patch tokens into fc_norm; DINOv2 and CLIP read
+    the class token after the final norm. Either way the class token is in the sequence."""
+    entry = BACKBONES[name]
     model = build_backbone(name, num_classes=2)
-    assert model.global_pool == "avg"
-    assert isinstance(model.fc_norm, nn.LayerNorm)
-    assert isinstance(model.norm, nn.Identity)
+    if entry.pooling in (MAE_POOLING, EVA_POOLING):
+        assert model.global_pool == "avg"
+        assert isinstance(model.fc_norm, nn.LayerNorm)
+        assert isinstance(model.norm, nn.Identity)
+    else:
+        assert entry.pooling == TOKEN_POOLING
+        assert model.global_pool == "token"
+        assert isinstance(model.fc_norm, nn.Identity)
+        assert isinstance(model.norm, nn.LayerNorm)
     assert model.cls_token is not None and model.num_prefix_tokens == 1
 
 

@@ -37,7 +37,7 @@ from torchvision.transforms import v2
 from trainables.cache import CachedSplit, label_names, open_split
 from trainables.config import TrainSpec, TrialSpec
 from trainables.errors import DataError, DivergenceError
-from trainables.foundation import get_foundation, load_foundation
+from trainables.foundation import Stat, get_foundation, load_foundation
 from trainables.lora import count_parameters, trainable_state_dict
 from trainables.methods import apply_method
 from trainables.metrics import classification_metrics
@@ -86,10 +86,16 @@ class CachedImages(Dataset):
         return img.flip(-1) if torch.rand(1).item() < 0.5 else img
 
 
-def to_model_input(images: torch.Tensor, mean: float, std: float,
+def to_model_input(images: torch.Tensor, mean: Stat, std: Stat,
                    erase: bool = False) -> torch.Tensor:
-    """uint8 (B,1,H,W) -> normalised float (B,3,H,W): grayscale replicated to three channels."""
-    x = (images.float() / 255.0 - mean) / std
+    """uint8 (B,1,H,W) -> normalised float (B,3,H,W): grayscale replicated to three channels,
+    normalised with one mean/std or one per RGB channel (a foundation's `Stat`)."""
+    x = images.float() / 255.0
+    if isinstance(mean, tuple):
+        x = x.expand(-1, 3, -1, -1)
+        x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    else:
+        x = (x - mean) / std
     if erase:
         x = torch.stack([v2.RandomErasing(p=0.25, value=0.0)(xi) for xi in x])
     return x.expand(-1, 3, -1, -1)
@@ -108,7 +114,7 @@ def build_model(cfg: TrialSpec) -> nn.Module:
     model = build_backbone(foundation.backbone, cfg.task.num_classes,
                            drop_path=cfg.train.drop_path)
     if cfg.task.checkpoint:
-        load_foundation(model, Path(cfg.task.checkpoint))
+        load_foundation(model, Path(cfg.task.checkpoint), foundation.layouts)
     return apply_method(model, cfg.kind, cfg.method)
 
 
@@ -153,7 +159,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, split: CachedSplit, mean: float, std: float,
+def predict(model: nn.Module, split: CachedSplit, mean: Stat, std: Stat,
             batch_size: int = 256) -> np.ndarray:
     """Sigmoid probabilities for a whole split, each worker scoring a shard, then gathered."""
     rank, world = _world()
@@ -367,7 +373,7 @@ def fit(cfg: TrialSpec, reporter: Reporter,
 
 
 def _final_test(model: nn.Module, state: TrainState, cache: Path, names: tuple[str, ...],
-                mean: float, std: float, cfg: TrialSpec, rank: int) -> dict[str, float]:
+                mean: Stat, std: Stat, cfg: TrialSpec, rank: int) -> dict[str, float]:
     """Score the best-validation weights on test; save per-image predictions for paired stats."""
     if state.best_weights is not None:
         _unwrap(model).load_state_dict(state.best_weights, strict=False)

@@ -6,8 +6,10 @@ The normalisation belongs to the registry entry, never to a guess from a file na
 Checkpoints are read without executing code: safetensors files directly, anything else with
 ``torch.load(weights_only=True)`` and an allow-list of exactly one extra class,
 ``argparse.Namespace``, because MAE-style training code saves its ``args`` next to the weights.
-Loading into a model checks every missing and unexpected key against an explicit allow-list of
-what pretraining leaves behind, so a checkpoint of the wrong model fails instead of half-loading.
+Loading into a model maps the file's key layout onto timm's (``trainables.layouts``: each
+foundation lists the layouts its publisher released) and checks every missing and unexpected key
+against that layout's explicit allow-lists, so a checkpoint of the wrong model fails instead of
+half-loading.
 """
 
 from __future__ import annotations
@@ -27,38 +29,44 @@ from timm.layers import resample_abs_pos_embed
 from torch import Tensor, nn
 
 from trainables.errors import CheckpointError, ConfigError
+from trainables.layouts import DINOV2, EVA_X, HF_DINOV2, MAE, OPEN_CLIP, Layout
 from trainables.models import BACKBONES
 
 # The only non-tensor class a training checkpoint may contain (MAE saves ``args`` in it).
 SAFE_GLOBALS: tuple[type, ...] = (argparse.Namespace,)
 
-# Keys a pretraining checkpoint may carry that the fine-tuning model has no use for: the MAE
-# decoder and mask token, the final ``norm`` (the fine-tuning model pools and uses ``fc_norm``
-# instead) and any head (a foundation's head belongs to its pretraining task; the study always
-# trains a fresh one).
-UNUSED_PREFIXES: tuple[str, ...] = ("decoder_", "decoder.", "head.")
-UNUSED_KEYS: frozenset[str] = frozenset({"mask_token", "norm.weight", "norm.bias"})
-
-# Model keys a pretraining checkpoint need not provide: they are new in the fine-tuning model
-# and keep their fresh initialisation.
-NEW_PREFIXES: tuple[str, ...] = ("head.", "fc_norm.")
-
 CONVERT_HINT = "only weights are accepted; convert it with `cxr-study convert`"
+
+
+Stat = float | tuple[float, float, float]  # one value for grey, or one per RGB channel
+
+# OpenAI CLIP's RGB statistics (BiomedCLIP's preprocess_cfg keeps them).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# EVA-X's (classification/utils/datasets.py in hustvl/EVA-X).
+EVA_X_MEAN, EVA_X_STD = 0.49185243, 0.28509309
 
 
 @dataclass(frozen=True)
 class Foundation:
-    """A named pretrained backbone and the normalisation its pretraining used.
+    """A named pretrained backbone, the normalisation its pretraining used, and the key layouts
+    its published checkpoints come in.
 
+    ``mean``/``std`` are one value (the grey image replicated to three channels is normalised
+    alike) or three (per RGB channel, for models pretrained on colour statistics).
     ``has_checkpoint`` is False for the random-initialisation baseline, which needs no file.
+    ``unconfirmed`` lists, one line each, the facts of the entry that public material did not
+    confirm (the `foundations` command and the README show them).
     """
 
     name: str
     backbone: str
-    mean: float
-    std: float
+    mean: Stat
+    std: Stat
     description: str
     has_checkpoint: bool = True
+    layouts: tuple[Layout, ...] = (MAE,)
+    unconfirmed: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
@@ -66,13 +74,25 @@ class Foundation:
                 f"foundation {self.name!r}: unknown backbone {self.backbone!r}; "
                 f"known backbones: {', '.join(sorted(BACKBONES))}"
             )
-        if not 0.0 <= self.mean <= 1.0:
+        means, stds = _channels(self.mean), _channels(self.std)
+        if len(means) not in (1, 3) or len(stds) != len(means):
+            raise ConfigError(f"foundation {self.name!r}: mean and std must both be one value "
+                              "or three (per RGB channel)")
+        if not all(0.0 <= m <= 1.0 for m in means):
             raise ConfigError(
                 f"foundation {self.name!r}: mean {self.mean} must be in [0, 1] "
                 "(intensities are scaled to [0, 1] before normalisation)"
             )
-        if not self.std > 0.0:
+        if not all(s > 0.0 for s in stds):
             raise ConfigError(f"foundation {self.name!r}: std {self.std} must be > 0")
+        markers = [layout.marker for layout in self.layouts]
+        if not self.layouts or (len(markers) > 1 and None in markers):
+            raise ConfigError(f"foundation {self.name!r}: give one layout, or several that "
+                              "each have a marker key")
+
+
+def _channels(stat: Stat) -> tuple[float, ...]:
+    return tuple(stat) if isinstance(stat, tuple) else (stat,)
 
 
 FOUNDATIONS: dict[str, Foundation] = {
@@ -112,6 +132,53 @@ FOUNDATIONS: dict[str, Foundation] = {
             std=0.25,
             description="tiny ViT for tests and the CPU demo",
         ),
+        *(Foundation(
+            name=f"eva_x_{size}",
+            backbone=f"eva_x_{size}_patch16",
+            mean=EVA_X_MEAN,
+            std=EVA_X_STD,
+            description=f"EVA-X {size[0].upper()}: EVA-02 ViT-{size[0].upper()}/16 (SwiGLU, "
+                        "RoPE) pretrained on chest X-rays (hustvl/EVA-X)",
+            layouts=(EVA_X,),
+            unconfirmed=("the keys inside the published .pt files (the layout follows EVA-X's "
+                         "own checkpoint filter)",) + (
+                ("RoPE reference grid 14x14 as in eva_x.py; EVA-X's native B fine-tuning model "
+                 "uses 16",) if size == "base" else ()),
+        ) for size in ("tiny", "small", "base")),
+        Foundation(
+            name="rad_dino",
+            backbone="vit_base_patch14_dinov2",
+            mean=0.5307,
+            std=0.2583,
+            description="RAD-DINO: DINOv2 ViT-B/14 at 518 px pretrained on chest X-rays "
+                        "(microsoft/rad-dino)",
+            layouts=(HF_DINOV2, DINOV2),
+            unconfirmed=(
+                "mean 0.5307 / std 0.2583: read from third-party copies of its "
+                "preprocessor_config.json, not the file itself",
+                "fine-tuning pooling: the class token after the final norm (its model card's "
+                "image embedding), not a published fine-tuning recipe",
+            ),
+        ),
+        Foundation(
+            name="biomedclip",
+            backbone="vit_base_patch16_token",
+            mean=CLIP_MEAN,
+            std=CLIP_STD,
+            description="BiomedCLIP vision tower: ViT-B/16 trained contrastively on PubMed "
+                        "figure-caption pairs (open_clip)",
+            layouts=(OPEN_CLIP,),
+            unconfirmed=("fine-tuning pooling: the class token after the final norm, as its "
+                         "image embedding (the 512-d projection is dropped)",),
+        ),
+        Foundation(
+            name="eva_x_demo",
+            backbone="eva_x_demo",
+            mean=EVA_X_MEAN,
+            std=EVA_X_STD,
+            description="EVA-X B's architecture at the demo's size, for tests and CPU studies",
+            layouts=(EVA_X,),
+        ),
     )
 }
 
@@ -127,21 +194,29 @@ def get_foundation(name: str) -> Foundation:
 
 @dataclass(frozen=True)
 class LoadReport:
-    """What ``load_foundation`` left out: model keys kept at their initialisation (``missing``),
-    checkpoint keys not used (``unexpected``), and whether ``pos_embed`` was resampled."""
+    """What ``load_foundation`` did: the file's layout, model keys kept at their initialisation
+    (``missing``), checkpoint keys not used (``unexpected``, in timm names), and whether
+    ``pos_embed`` was resampled."""
 
     missing: tuple[str, ...]
     unexpected: tuple[str, ...]
     resized_pos_embed: bool
+    layout: str = MAE.name
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Tensor]:
+def read_checkpoint(path: str | Path,
+                    wrappers: tuple[str, ...] = MAE.wrappers) -> dict[str, Tensor]:
     """The weights in a checkpoint file, read without executing code from it.
 
     Accepts a safetensors file, a flat state dict, or a training file holding the weights under
-    ``model`` (MAE) or ``state_dict``. Anything unreadable raises ``CheckpointError``.
+    one of ``wrappers`` (MAE: ``model``, ``state_dict``). Anything unreadable raises
+    ``CheckpointError``.
     """
     path = Path(path)
+    return extract_weights(_read_raw(path), path, wrappers)
+
+
+def _read_raw(path: Path) -> object:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist: check the path")
     if path.suffix == ".safetensors":
@@ -149,7 +224,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Tensor]:
             return safetensors.torch.load_file(str(path), device="cpu")
         except Exception as err:
             raise CheckpointError(f"{path} is not a readable safetensors file: {err}") from err
-    return extract_weights(_torch_load_weights_only(path), path)
+    return _torch_load_weights_only(path)
 
 
 def _torch_load_weights_only(path: Path) -> object:
@@ -176,11 +251,12 @@ def _reason(err: Exception) -> str:
     return first[:120] or type(err).__name__
 
 
-def extract_weights(obj: object, path: str | Path) -> dict[str, Tensor]:
-    """The state dict inside a loaded checkpoint object: under ``model`` or ``state_dict``, or
-    the object itself; it must map names to tensors."""
+def extract_weights(obj: object, path: str | Path,
+                    wrappers: tuple[str, ...] = MAE.wrappers) -> dict[str, Tensor]:
+    """The state dict inside a loaded checkpoint object: under the first of ``wrappers`` it
+    has, or the object itself; it must map names to tensors."""
     if isinstance(obj, dict):
-        for key in ("model", "state_dict"):
+        for key in wrappers:
             if isinstance(obj.get(key), dict):
                 obj = obj[key]
                 break
@@ -191,34 +267,33 @@ def extract_weights(obj: object, path: str | Path) -> dict[str, Tensor]:
     ):
         raise CheckpointError(
             f"{path} holds no state dict: expected a name -> tensor mapping, at the top level or "
-            "under 'model' or 'state_dict'"
+            f"under one of {list(wrappers)}"
         )
     return dict(obj)
 
 
-def convert_to_safetensors(src: str | Path, dst: str | Path, *, trust_pickle: bool = False) -> Path:
+def convert_to_safetensors(src: str | Path, dst: str | Path, *, trust_pickle: bool = False,
+                           wrappers: tuple[str, ...] = MAE.wrappers) -> Path:
     """Write the weights of ``src`` as a safetensors file at ``dst`` and return ``dst``.
 
     By default ``src`` is read as safely as ``read_checkpoint`` reads it. ``trust_pickle=True``
     unpickles it fully (it can run code from the file): only for a file the user vouches for,
-    converted once so that it never needs unpickling again.
+    converted once so that it never needs unpickling again. ``wrappers``: where in the file the
+    weights sit (a foundation's layout says so: EVA-X files hold ``model_ema`` first).
     """
     src, dst = Path(src), Path(dst)
     if trust_pickle and src.suffix != ".safetensors":
         if not src.is_file():
             raise CheckpointError(f"checkpoint {src} does not exist")
-        weights = extract_weights(torch.load(src, map_location="cpu", weights_only=False), src)
+        weights = extract_weights(torch.load(src, map_location="cpu", weights_only=False), src,
+                                  wrappers)
     else:
-        weights = read_checkpoint(src)
+        weights = read_checkpoint(src, wrappers)
     # safetensors refuses tensors that share memory; independent contiguous copies never do.
     tensors = {name: tensor.detach().contiguous().clone() for name, tensor in weights.items()}
     dst.parent.mkdir(parents=True, exist_ok=True)
     safetensors.torch.save_file(tensors, str(dst), metadata={"source": src.name})
     return dst
-
-
-def _is_unused(key: str) -> bool:
-    return key in UNUSED_KEYS or key.startswith(UNUSED_PREFIXES)
 
 
 def _preview(keys: list[str], limit: int = 5) -> str:
@@ -249,31 +324,47 @@ def _resize_pos_embed(model: nn.Module, pos_embed: Tensor, path: Path) -> Tensor
     )
 
 
-def load_foundation(model: nn.Module, path: str | Path) -> LoadReport:
-    """Load pretrained weights into a plain backbone (before ``apply_lora``), checking keys.
+def _pick_layout(raw: object, path: Path, layouts: tuple[Layout, ...]
+                 ) -> tuple[Layout, dict[str, Tensor]]:
+    """The first of ``layouts`` whose marker key the file has (a single layout needs none)."""
+    for layout in layouts:
+        weights = extract_weights(raw, path, layout.wrappers)
+        if layout.marker is None or layout.marker in weights:
+            return layout, weights
+    accepted = "; ".join(f"{layout.name} (key {layout.marker!r})" for layout in layouts)
+    raise CheckpointError(f"{path} is in none of the layouts this foundation accepts: "
+                          f"{accepted}; is it a checkpoint of this foundation?")
 
-    Unused checkpoint keys must be pretraining-only (``UNUSED_PREFIXES``/``UNUSED_KEYS``), and
-    only ``head``/``fc_norm`` may be absent from it; any other difference, or a shape that does
-    not match, raises ``CheckpointError`` naming the keys.
+
+def load_foundation(model: nn.Module, path: str | Path,
+                    layouts: tuple[Layout, ...] = (MAE,)) -> LoadReport:
+    """Load pretrained weights into a plain backbone (before any method is applied), checking
+    keys. ``layouts``: the foundation's (``Foundation.layouts``).
+
+    The file's names are mapped to timm's by its layout. Unused checkpoint keys must be ones the
+    layout allows, and only keys the layout calls new may be absent from it; any other
+    difference, or a shape that does not match, raises ``CheckpointError`` naming the keys.
     """
     path = Path(path)
     if any(isinstance(m, loralib.LoRALayer) for m in model.modules()):
         raise ConfigError("load_foundation needs the plain backbone; load it before apply_lora")
-    checkpoint = read_checkpoint(path)
+    layout, checkpoint = _pick_layout(_read_raw(path), path, layouts)
+    checkpoint = layout.rename(checkpoint)
     model_state = model.state_dict()
 
     unused = sorted(k for k in checkpoint if k not in model_state or k.startswith("head."))
-    not_allowed = [k for k in unused if not _is_unused(k)]
+    not_allowed = [k for k in unused if not layout.is_unused(k)]
     if not_allowed:
         raise CheckpointError(
             f"{path} has keys the model does not know: {_preview(not_allowed)}; is it a "
-            "checkpoint of this backbone?"
+            f"checkpoint of this backbone? (read as layout {layout.name!r})"
         )
     weights = {k: v for k, v in checkpoint.items() if k not in unused}
     missing = sorted(k for k in model_state if k not in weights)
-    not_new = [k for k in missing if not k.startswith(NEW_PREFIXES)]
+    not_new = [k for k in missing if not layout.is_new(k)]
     if not_new:
-        raise CheckpointError(f"{path} lacks weights for {_preview(not_new)}")
+        raise CheckpointError(f"{path} lacks weights for {_preview(not_new)} (read as layout "
+                              f"{layout.name!r})")
 
     for key, tensor in weights.items():
         if key != "pos_embed" and tensor.shape != model_state[key].shape:
@@ -287,4 +378,5 @@ def load_foundation(model: nn.Module, path: str | Path) -> LoadReport:
         weights["pos_embed"] = _resize_pos_embed(model, weights["pos_embed"], path)
         resized = True
     model.load_state_dict(weights, strict=False)
-    return LoadReport(missing=tuple(missing), unexpected=tuple(unused), resized_pos_embed=resized)
+    return LoadReport(missing=tuple(missing), unexpected=tuple(unused), resized_pos_embed=resized,
+                      layout=layout.name)

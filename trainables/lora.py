@@ -129,9 +129,13 @@ def _fused_qkv(model: nn.Module, suffix: str) -> list[tuple[str, nn.Linear]]:
 def split_qkv(model: nn.Module) -> nn.Module:
     """Split every fused qkv Linear into a ``SplitQKV`` of three frozen plain Linears, in place,
     so each of q, k and v is a module of its own (``blocks.N.attn.qkv.q``) that an adapter can
-    target. The forward is unchanged. A model already split is left as it is. Returns ``model``.
+    target. The forward is unchanged. A model already split, or one whose q, k and v are their
+    own Linears (``LayerTargets.fused`` False), is left as it is. Returns ``model``.
     """
-    suffix = targets_of(model).qkv
+    where = targets_of(model)
+    if not where.fused:  # q, k and v are Linears of their own already
+        return model
+    suffix = where.qkv
     found = _fused_qkv(model, suffix)
     if not found and not any(isinstance(m, SplitQKV) for m in model.modules()):
         raise ConfigError(f"no fused '*.{suffix}' Linear in {type(model).__name__} to split")
@@ -144,9 +148,9 @@ def _plan_injection(model: nn.Module, spec: LoraSpec) -> list[tuple[str, nn.Line
     """Every (module name, layer, kind) to replace; checks all targets before anything changes."""
     plan: list[tuple[str, nn.Linear, str]] = []
     where = targets_of(model)
-    qkv_targets = [t for t in spec.targets if t in QKV_TARGETS]
-    layer_targets = ([(where.qkv, "qkv", qkv_targets)] if qkv_targets else []) + [
-        (where.linear(t), t, [t]) for t in spec.targets if t not in QKV_TARGETS
+    fused = [t for t in spec.targets if t in QKV_TARGETS] if where.fused else []
+    layer_targets = ([(where.qkv, "qkv", fused)] if fused else []) + [
+        (suffix, t, [t]) for t in spec.targets if t not in fused for suffix in where.linear(t)
     ]
     for suffix, kind, names in layer_targets:
         found = _fused_qkv(model, suffix) if kind == "qkv" else _find_layers(model, suffix)

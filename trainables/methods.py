@@ -108,7 +108,8 @@ VERA_PROJECTION_SEED = 0
 def _peft_targets(model: nn.Module) -> str:
     """peft's `target_modules` as a regex (peft full-matches it against module names)."""
     where = targets_of(model)
-    return r".*\.(?:" + "|".join(re.escape(where.module(t)) for t in PEFT_TARGETS) + ")"
+    names = [re.escape(m) for t in PEFT_TARGETS for m in where.modules(t)]
+    return r".*\.(?:" + "|".join(names) + ")"
 
 
 def _inject(model: nn.Module, tuner: type, config: object, params: tuple[str, ...]) -> Trains:
@@ -134,7 +135,7 @@ def _inject(model: nn.Module, tuner: type, config: object, params: tuple[str, ..
 def _check_width(model: nn.Module, rank: int, setting: str) -> None:
     """A low-rank update cannot be wider than the layer it adapts (checked on the split model,
     before anything is injected)."""
-    suffixes = tuple("." + targets_of(model).module(t) for t in PEFT_TARGETS)
+    suffixes = tuple("." + m for t in PEFT_TARGETS for m in targets_of(model).modules(t))
     widths = [min(m.in_features, m.out_features) for name, m in model.named_modules()
               if type(m) is nn.Linear and name.endswith(suffixes)]
     width = min(widths, default=rank)  # no target at all: _inject says so

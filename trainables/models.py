@@ -1,9 +1,9 @@
 """Backbone registry: the ViTs the study fine-tunes, built by timm and never downloaded.
 
-Every backbone is a timm ``VisionTransformer`` configured like the MAE/MRM fine-tuning models:
-the class token is kept (MAE checkpoints carry ``cls_token`` and ``pos_embed`` includes it), but
-the image representation is the average of the patch tokens followed by ``fc_norm``, then a
-linear head. Adding a backbone is one ``Backbone`` entry in ``BACKBONES``.
+Every backbone is a timm model (``VisionTransformer``, or ``Eva`` for EVA-X) with a fresh linear
+head. How it pools tokens for fine-tuning is part of the entry: MAE/MRM-style (class token kept,
+patch-token average, ``fc_norm``), the class token after the final norm (DINOv2, CLIP), or
+EVA-X's average with ``fc_norm``. Adding a backbone is one ``Backbone`` entry in ``BACKBONES``.
 
 Where the layers an adapter can target live (``q``, ``k``, ``v``, ``proj``, ``fc1``, ``fc2``) is a
 fact of the architecture, so it is part of the entry (``Backbone.targets``); ``build_backbone``
@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import timm
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from trainables.config import TARGETS
@@ -29,9 +28,6 @@ HEAD_INIT_STD = 2e-5
 # Fields of ``Backbone`` that are passed to timm directly; ``kwargs`` must not repeat them.
 _GEOMETRY_FIELDS = ("img_size", "patch_size", "embed_dim", "depth")
 
-# Fixed for every backbone: the pooling of the fine-tuning models this study compares against.
-_POOLING_KWARGS: dict[str, Any] = {"global_pool": "avg", "fc_norm": True, "class_token": True}
-
 # The model attribute where ``build_backbone`` records which entry built the model.
 BACKBONE_ATTR = "backbone_name"
 
@@ -40,33 +36,72 @@ BACKBONE_ATTR = "backbone_name"
 class LayerTargets:
     """Where each adapter target lives inside a transformer block, as module-name suffixes.
 
-    q, k and v are fused in one Linear (``qkv``: C -> 3C, outputs in q, k, v order); adapters
-    split it into a module with ``q``, ``k`` and ``v`` Linear children (``trainables.lora``), so
-    after the split target ``q`` is the module ``<qkv>.q``. ``linears`` maps the other targets to
-    their own Linear layers.
+    In timm's ViT, q, k and v are fused in one Linear (``qkv``: C -> 3C, outputs in q, k, v
+    order); adapters split it into a module with ``q``, ``k`` and ``v`` Linear children
+    (``trainables.lora``), so after the split target ``q`` is the module ``<qkv>.q``. Models with
+    their own q, k and v Linears (EVA's ``q_proj``...) set ``qkv=None`` and list them in
+    ``linears``. ``linears`` maps every other target to its Linear layers; a target may name
+    more than one (a SwiGLU MLP's fc1 is its gate and its value Linear).
     """
 
-    qkv: str
+    qkv: str | None
     linears: tuple[tuple[str, str], ...]
 
     def __post_init__(self) -> None:
-        names = ("q", "k", "v", *(target for target, _ in self.linears))
+        names = (("q", "k", "v") if self.qkv else ()) + tuple(
+            dict.fromkeys(target for target, _ in self.linears))
         if sorted(names) != sorted(TARGETS):
             raise ConfigError(f"LayerTargets must place each of {TARGETS} once, got {names}")
 
-    def linear(self, target: str) -> str:
-        """The suffix of a non-fused target's Linear (``proj`` -> ``attn.proj``)."""
-        return dict(self.linears)[target]
+    @property
+    def fused(self) -> bool:
+        """Whether q, k and v share one Linear that adapters split first."""
+        return self.qkv is not None
 
-    def module(self, target: str) -> str:
-        """The suffix of the Linear a target names once qkv is split (``q`` -> ``attn.qkv.q``)."""
-        return f"{self.qkv}.{target}" if target in ("q", "k", "v") else self.linear(target)
+    def linear(self, target: str) -> tuple[str, ...]:
+        """The suffixes of a non-fused target's Linears (``proj`` -> ``("attn.proj",)``)."""
+        return tuple(suffix for name, suffix in self.linears if name == target)
+
+    def modules(self, target: str) -> tuple[str, ...]:
+        """The suffixes of the Linears a target names once qkv is split (``q`` ->
+        ``("attn.qkv.q",)``)."""
+        if self.fused and target in ("q", "k", "v"):
+            return (f"{self.qkv}.{target}",)
+        return self.linear(target)
+
+    def where(self, target: str) -> str:
+        """Where a target lives, as the `foundations` listing says it."""
+        if self.fused and target in ("q", "k", "v"):
+            return f"{self.qkv}[{target}]"
+        return "+".join(self.linear(target))
 
 
 # timm's VisionTransformer Block: attn.qkv (fused), attn.proj, mlp.fc1, mlp.fc2.
 TIMM_VIT_TARGETS = LayerTargets(
     qkv="attn.qkv", linears=(("proj", "attn.proj"), ("fc1", "mlp.fc1"), ("fc2", "mlp.fc2"))
 )
+# timm's Eva Block built with qkv_fused=False: q, k and v are Linears of their own. With
+# scale_mlp (EVA-X B) the SwiGLU MLP has separate gate and value Linears (fc1_g, fc1_x) and a
+# norm; without it (Ti, S) timm packs both into one fc1 of twice the hidden width.
+_EVA_ATTENTION = (("q", "attn.q_proj"), ("k", "attn.k_proj"), ("v", "attn.v_proj"),
+                  ("proj", "attn.proj"))
+TIMM_EVA_TARGETS = LayerTargets(
+    qkv=None,
+    linears=(*_EVA_ATTENTION, ("fc1", "mlp.fc1_g"), ("fc1", "mlp.fc1_x"), ("fc2", "mlp.fc2")),
+)
+TIMM_EVA_PACKED_TARGETS = LayerTargets(
+    qkv=None, linears=(*_EVA_ATTENTION, ("fc1", "mlp.fc1"), ("fc2", "mlp.fc2")))
+
+# How the fine-tuning model pools tokens into the image representation (timm arguments).
+# MAE/MRM fine-tuning: the class token is kept (MAE checkpoints carry it and pos_embed includes
+# it), the representation is the average of the patch tokens followed by ``fc_norm``.
+MAE_POOLING: tuple[tuple[str, Any], ...] = (("global_pool", "avg"), ("fc_norm", True),
+                                            ("class_token", True))
+# The class token after the final ``norm``, as DINOv2 and CLIP read their image embedding.
+TOKEN_POOLING: tuple[tuple[str, Any], ...] = (("global_pool", "token"), ("fc_norm", False),
+                                              ("class_token", True))
+# EVA-X fine-tuning: patch-token average and ``fc_norm`` (timm's Eva names it use_fc_norm).
+EVA_POOLING: tuple[tuple[str, Any], ...] = (("global_pool", "avg"), ("use_fc_norm", True))
 
 
 @dataclass(frozen=True)
@@ -74,7 +109,8 @@ class Backbone:
     """A named ViT geometry.
 
     ``kwargs`` holds the remaining timm arguments (``num_heads``, ``mlp_ratio``) as a tuple of
-    ``(key, value)`` pairs so the entry stays hashable and cannot be mutated by a caller.
+    ``(key, value)`` pairs so the entry stays hashable and cannot be mutated by a caller;
+    ``pooling`` holds the ones that decide the fine-tuning pooling and head, the same way.
     """
 
     name: str
@@ -85,6 +121,7 @@ class Backbone:
     embed_dim: int
     depth: int
     targets: LayerTargets = TIMM_VIT_TARGETS
+    pooling: tuple[tuple[str, Any], ...] = MAE_POOLING
 
     def __post_init__(self) -> None:
         if not isinstance(self.kwargs, tuple) or not all(
@@ -96,7 +133,7 @@ class Backbone:
                 f"got {self.kwargs!r}"
             )
         keys = [key for key, _ in self.kwargs]
-        clashes = sorted(set(keys) & (set(_GEOMETRY_FIELDS) | set(_POOLING_KWARGS)))
+        clashes = sorted(set(keys) & (set(_GEOMETRY_FIELDS) | {k for k, _ in self.pooling}))
         if clashes or len(keys) != len(set(keys)):
             raise ConfigError(
                 f"Backbone {self.name!r}: kwargs repeat {clashes or keys}; set geometry through "
@@ -115,7 +152,7 @@ class Backbone:
     def timm_kwargs(self) -> dict[str, Any]:
         """The keyword arguments for ``timm.create_model`` that define this geometry."""
         geometry = {field: getattr(self, field) for field in _GEOMETRY_FIELDS}
-        return {**geometry, **dict(self.kwargs), **_POOLING_KWARGS}
+        return {**geometry, **dict(self.kwargs), **dict(self.pooling)}
 
 
 BACKBONES: dict[str, Backbone] = {
@@ -161,6 +198,60 @@ BACKBONES: dict[str, Backbone] = {
         depth=4,
         targets=TIMM_VIT_TARGETS,
     ),
+    # BiomedCLIP's vision tower: timm's ViT-B/16, read through its class token after `norm`.
+    "vit_base_patch16_token": Backbone(
+        name="vit_base_patch16_token",
+        timm_name="vit_base_patch16_224",
+        kwargs=(("num_heads", 12), ("mlp_ratio", 4.0)),
+        img_size=224,
+        patch_size=16,
+        embed_dim=768,
+        depth=12,
+        pooling=TOKEN_POOLING,
+    ),
+    # RAD-DINO: DINOv2 ViT-B/14 at 518 px, LayerScale in every block, class token pooling.
+    "vit_base_patch14_dinov2": Backbone(
+        name="vit_base_patch14_dinov2",
+        timm_name="vit_base_patch14_dinov2",
+        kwargs=(("num_heads", 12), ("mlp_ratio", 4.0), ("init_values", 1e-5)),
+        img_size=518,
+        patch_size=14,
+        embed_dim=768,
+        depth=12,
+        pooling=TOKEN_POOLING,
+    ),
+    # EVA-X (its eva_x.py): timm's Eva with a SwiGLU MLP (hidden 4 * 2/3 of the width) and RoPE
+    # on the pretraining grid (224 / 16 = 14). B sets qkv_fused=False and scale_mlp; Ti and S
+    # are built unfused here too (their files' fused qkv is split on loading,
+    # `trainables.layouts.EVA_X`), so every adapter finds q, k and v as Linears.
+    **{f"eva_x_{size}_patch16": Backbone(
+        name=f"eva_x_{size}_patch16",
+        timm_name="eva02_base_patch14_224",
+        kwargs=(("num_heads", heads), ("mlp_ratio", 4 * 2 / 3), ("qkv_fused", False),
+                ("swiglu_mlp", True), ("scale_mlp", scale), ("use_rot_pos_emb", True),
+                ("ref_feat_shape", (14, 14))),
+        img_size=224,
+        patch_size=16,
+        embed_dim=width,
+        depth=12,
+        targets=TIMM_EVA_TARGETS if scale else TIMM_EVA_PACKED_TARGETS,
+        pooling=EVA_POOLING,
+    ) for size, width, heads, scale in (("tiny", 192, 3, False), ("small", 384, 6, False),
+                                         ("base", 768, 12, True))},
+    # EVA-X B's module tree at the demo's size, for tests and a CPU study.
+    "eva_x_demo": Backbone(
+        name="eva_x_demo",
+        timm_name="eva02_base_patch14_224",
+        kwargs=(("num_heads", 4), ("mlp_ratio", 4 * 2 / 3), ("qkv_fused", False),
+                ("swiglu_mlp", True), ("scale_mlp", True), ("use_rot_pos_emb", True),
+                ("ref_feat_shape", (6, 6))),
+        img_size=48,
+        patch_size=8,
+        embed_dim=64,
+        depth=4,
+        targets=TIMM_EVA_TARGETS,
+        pooling=EVA_POOLING,
+    ),
 }
 
 
@@ -179,7 +270,7 @@ def build_backbone(
     *,
     img_size: int | None = None,
     drop_path: float = 0.0,
-) -> VisionTransformer:
+) -> nn.Module:
     """Build a randomly initialised backbone with a fresh ``num_classes`` head.
 
     Weights come later from ``trainables.foundation.load_foundation``; ``pretrained=False`` makes
