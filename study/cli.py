@@ -144,9 +144,16 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--adapter", help="adapters + head + fc_norm (safetensors)")
     export.add_argument("--merged", help="full model with LoRA merged, timm layout (safetensors)")
     export.set_defaults(func=_cmd_export)
-    from study import convert_command, data_commands, methods_command, report_command
+    from study import (
+        convert_command,
+        data_commands,
+        foundations_command,
+        methods_command,
+        report_command,
+    )
     data_commands.register(sub)
     methods_command.register(sub)
+    foundations_command.register(sub)
     report_command.register(sub)
     convert_command.register(sub)
     return parser

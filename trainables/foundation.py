@@ -137,14 +137,14 @@ FOUNDATIONS: dict[str, Foundation] = {
             backbone=f"eva_x_{size}_patch16",
             mean=EVA_X_MEAN,
             std=EVA_X_STD,
-            description=f"EVA-X {size[0].upper()}: EVA-02 ViT-{size[0].upper()}/16 (SwiGLU, "
-                        "RoPE) pretrained on chest X-rays (hustvl/EVA-X)",
+            description=f"EVA-X {short}: EVA-02 ViT-{short}/16 (SwiGLU, RoPE) pretrained on "
+                        "chest X-rays (hustvl/EVA-X)",
             layouts=(EVA_X,),
             unconfirmed=("the keys inside the published .pt files (the layout follows EVA-X's "
                          "own checkpoint filter)",) + (
                 ("RoPE reference grid 14x14 as in eva_x.py; EVA-X's native B fine-tuning model "
                  "uses 16",) if size == "base" else ()),
-        ) for size in ("tiny", "small", "base")),
+        ) for size, short in (("tiny", "Ti"), ("small", "S"), ("base", "B"))),
         Foundation(
             name="rad_dino",
             backbone="vit_base_patch14_dinov2",

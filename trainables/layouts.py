@@ -116,9 +116,14 @@ _HF_NAMES = {
 _HF_BLOCK_NAMES = {
     "attention.output.dense.weight": "attn.proj.weight",
     "attention.output.dense.bias": "attn.proj.bias",
+    "attention.o_proj.weight": "attn.proj.weight",  # transformers 5's in-memory names
+    "attention.o_proj.bias": "attn.proj.bias",
     "layer_scale1.lambda1": "ls1.gamma",
     "layer_scale2.lambda1": "ls2.gamma",
 }
+# The published files' names (which save_pretrained still writes), or transformers 5's.
+_HF_QKV_PART = re.compile(r"attention\.(?:attention\.(query|key|value)|([qkv])_proj)\."
+                          r"(weight|bias)")
 _HF_QKV = ("query", "key", "value")
 
 
@@ -127,25 +132,24 @@ def _hf_dinov2(state: State) -> State:
     into the fused ``attn.qkv`` (in q, k, v order); unknown names pass through, to be refused
     by the key check."""
     out: State = {}
-    fused: dict[tuple[str, str], dict[str, Tensor]] = {}
+    fused: dict[tuple[str, str], dict[str, tuple[str, Tensor]]] = {}
     for key, value in state.items():
         block = _HF_BLOCK.fullmatch(key)
         if not block:
             out[_HF_NAMES.get(key, key)] = value
             continue
         index, rest = block.groups()
-        part = re.fullmatch(r"attention\.attention\.(query|key|value)\.(weight|bias)", rest)
+        part = _HF_QKV_PART.fullmatch(rest)
         if part:
-            fused.setdefault((index, part.group(2)), {})[part.group(1)] = value
+            name = part.group(1) or _HF_QKV["qkv".index(part.group(2))]
+            fused.setdefault((index, part.group(3)), {})[name] = (key, value)
         else:
             out[f"blocks.{index}.{_HF_BLOCK_NAMES.get(rest, rest)}"] = value
     for (index, kind), parts in fused.items():
-        name = f"blocks.{index}.attn.qkv.{kind}"
         if set(parts) == set(_HF_QKV):
-            out[name] = torch.cat([parts[p] for p in _HF_QKV], dim=0)
-        else:  # an incomplete triple stays under its own names: the key check names them
-            out.update({f"encoder.layer.{index}.attention.attention.{p}.{kind}": v
-                        for p, v in parts.items()})
+            out[f"blocks.{index}.attn.qkv.{kind}"] = torch.cat([parts[p][1] for p in _HF_QKV])
+        else:  # an incomplete triple keeps its own names: the key check names them
+            out.update(dict(parts.values()))
     return out
 
 
