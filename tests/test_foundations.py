@@ -5,6 +5,7 @@ the keys; the entries' real sizes are the published architectures'."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -20,11 +21,13 @@ from tests.foundation_fixtures import (
     open_clip_file,
     register_tiny,
 )
+from trainables.config import TARGETS, LoraSpec
 from trainables.errors import CheckpointError
 from trainables.fit import to_model_input
 from trainables.foundation import CLIP_MEAN, CLIP_STD, get_foundation, load_foundation
 from trainables.layouts import HF_DINOV2
-from trainables.models import BACKBONES, build_backbone
+from trainables.lora import apply_lora, merged_state_dict
+from trainables.models import BACKBONES, build_backbone, get_backbone
 
 
 @pytest.fixture(autouse=True)
@@ -183,3 +186,25 @@ def test_foundations_command_lists_every_entrys_facts(capsys):
     assert "LoRA r4 q+v 158,222" in lines["rad_dino"]  # class token pooling: no fc_norm
     assert out.count("targets: q=") == len(lines)
     assert "fc1=mlp.fc1_g+mlp.fc1_x" in lines_of(out, "eva_x_base")
+
+
+@pytest.mark.parametrize("backbone", ["eva_x_demo", "tiny_eva_packed", "tiny_dinov2",
+                                      "tiny_token_vit"])
+def test_lora_on_every_target_merges_into_the_plain_architecture(backbone):
+    """`export --merged` on the new module trees (q, k, v as their own Linears; SwiGLU's two
+    fc1 Linears): strict load into the plain model, the same logits."""
+    torch.manual_seed(0)
+    base = build_backbone(backbone, 3)
+    model = apply_lora(copy.deepcopy(base), LoraSpec(rank=2, alpha=4.0, targets=TARGETS))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("lora_B"):
+                param.normal_()
+    size = get_backbone(backbone).img_size
+    plain = build_backbone(backbone, 3)
+    plain.load_state_dict(merged_state_dict(model), strict=True)
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        adapted, merged, before = model.eval()(x), plain.eval()(x), base.eval()(x)
+    torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=1e-4)
+    assert (adapted - before).abs().max() > 1e-4  # the adapters changed the function

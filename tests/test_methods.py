@@ -16,11 +16,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
 
+from tests.foundation_fixtures import register_tiny
 from trainables.config import METHOD_SPECS, DoraSpec, LoraSpec, PartialSpec, TrainSpec, VeraSpec
 from trainables.errors import ConfigError
 from trainables.lora import count_parameters, is_lora_param, trainable_state_dict
 from trainables.methods import METHODS, apply_method
-from trainables.models import BACKBONES, build_backbone
+from trainables.models import BACKBONES, build_backbone, get_backbone
 
 SPECS = {"lora": LoraSpec(4, 8.0, targets=("q", "v")), "partial": PartialSpec(1),
          "dora": DoraSpec(4, 8.0), "vera": VeraSpec(256)}
@@ -36,31 +37,42 @@ def _model(name: str, backbone: str = "vit_demo", classes: int = 3):
 def _declared(name: str, param: str, depth: int) -> bool:
     """The parameters each method says it trains, written out independently of its code."""
     head = param.startswith(("head.", "fc_norm."))
-    qv = re.match(r"blocks\.\d+\.attn\.qkv\.[qv]\.", param) is not None
+    qv = re.match(r"blocks\.\d+\.attn\.(qkv\.[qv]|[qv]_proj)\.", param) is not None
+    norm = ".norm" in param and param.startswith("blocks.") or param.startswith("norm.")
     return {"fft": True, "lora": head or is_lora_param(param), "linear_probe": head,
             "bitfit": head or param.endswith(".bias"),
-            "ln_tune": head or ".norm" in param and param.startswith("blocks."),
+            "ln_tune": head or norm,
             "partial": head or param.startswith(f"blocks.{depth - 1}."),
             "dora": head or qv and re.search(r"\.lora_(A|B|magnitude_vector)\.", param),
             "vera": head or qv and re.search(r"\.vera_lambda_[bd]\.", param),
             "ia3": head or qv and ".ia3_l." in param}[name]
 
 
+# Each architecture's module tree at test size: the MAE ViT, EVA-X B (separate q, k, v;
+# SwiGLU), EVA-X Ti/S (packed fc1), RAD-DINO's DINOv2 (layer scales, class token) and
+# BiomedCLIP's ViT (class token after the final norm).
+ARCHITECTURES = ("vit_demo", "eva_x_demo", "tiny_eva_packed", "tiny_dinov2", "tiny_token_vit")
+
+
+@pytest.mark.parametrize("backbone", ARCHITECTURES)
 @pytest.mark.parametrize("name", sorted(METHODS))
-def test_one_step_changes_exactly_the_declared_parameters(name):
-    model = _model(name)
+def test_one_step_changes_exactly_the_declared_parameters(name, backbone, monkeypatch):
+    register_tiny(monkeypatch)
+    entry = get_backbone(backbone)
+    model = _model(name, backbone)
     with torch.no_grad():  # the head starts near zero (std 2e-5): give the backbone gradients
         model.head.weight.normal_()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
-    x = torch.randn(4, 3, DEMO.img_size, DEMO.img_size, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(4, 3, entry.img_size, entry.img_size,
+                    generator=torch.Generator().manual_seed(1))
     for _ in range(2):  # LoRA's B (VeRA's lambda_b) starts at zero: A moves from the second step
         optimizer.zero_grad()
         model(x).square().mean().backward()
         optimizer.step()
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     params = dict(model.named_parameters())
-    declared = {k for k in params if _declared(name, k, DEMO.depth)}
+    declared = {k for k in params if _declared(name, k, entry.depth)}
     assert {k for k, p in params.items() if p.requires_grad} == declared
     assert changed == declared
 
