@@ -1,7 +1,7 @@
 """Studies stopped the hard way and continued: a SIGKILLed driver (everything it started killed
-too, as a reboot would), Ctrl-C, then `--resume`; and a finished study grown by a new task and
-`--add-trials` in one run. Each driver is a real `cxr-study` process; MLflow and Optuna are
-read back.
+too, as a reboot would), Ctrl-C, then `--resume`; and a finished study grown by a new task on
+another foundation (EVA-X's architecture) and `--add-trials` in one run. Each driver is a real
+`cxr-study` process; MLflow and Optuna are read back.
 
 The studies turn ASHA's early stopping off (grace = max_t) so that every trial has a fixed
 length and the counts below are exact.
@@ -13,6 +13,7 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
+from tests.foundation_fixtures import eva_x_file
 from tests.study_procs import (
     ctrl_c,
     epochs_logged,
@@ -24,6 +25,7 @@ from tests.study_procs import (
     wait_for,
     write_study,
 )
+from trainables.models import BACKBONES
 
 pytestmark = pytest.mark.slow
 
@@ -164,13 +166,21 @@ def test_ctrl_c_ends_runs_killed_then_resumes(interrupted):
     _assert_complete_and_exact(interrupted)
 
 
+NEW_TASK = "eva_x_demo-nih-1-s0"  # EVA-X B's module tree at the demo's size
+
+
 @pytest.fixture(scope="module")
 def grown(killed):
-    """The resumed study grown in one go: a new task in the study file, and one more trial
-    for the arm (in both tasks)."""
+    """The resumed study grown in one go: a new foundation in the study file (EVA-X's
+    architecture, its checkpoint in EVA-X's layout), and one more trial for the arm (in both
+    tasks). The study then mixes two foundations through the real stack."""
     end_times = {r.info.run_id: r.info.end_time for r in trial_runs(killed["uri"], "killed")}
-    text = killed["study"].read_text().replace("label_fractions = [1.0]",
-                                               "label_fractions = [1.0, 0.1]")
+    checkpoint = killed["folder"] / "eva_x_demo_mim.pt"
+    eva_x_file(checkpoint, BACKBONES["eva_x_demo"])
+    text = killed["study"].read_text().replace(
+        'foundations = [{ name = "demo" }]',
+        f'foundations = [{{ name = "demo" }}, {{ name = "eva_x_demo", checkpoint = '
+        f'"{checkpoint}" }}]')
     killed["study"].write_text(text)
     rc = run_cli("run", str(killed["study"]), "--add-trials", "1", "--arm", "lora",
                  "--no-report", log=killed["log"])
@@ -184,7 +194,7 @@ def test_grown_study_reuses_everything_done(grown):
     for run_id, end in grown["end_times"].items():  # nothing done before was run again
         assert after[run_id] == end
     search = [r for r in runs if r.data.tags["phase"] == "search"]
-    for task in ("demo-nih-1-s0", "demo-nih-0.1-s0"):
+    for task in ("demo-nih-1-s0", NEW_TASK):
         mine = [r for r in search if r.data.tags["task"] == task]
         assert sorted(int(r.data.tags["trial_index"]) for r in mine) == list(
             range(1, TRIALS + 2)), task
@@ -198,9 +208,37 @@ def test_grown_study_keeps_one_current_final_per_arm(grown):
     from analysis.runs import load_runs
     runs = load_runs(grown["uri"], "killed")
     finals = runs[runs["tag.phase"] == "final"]
-    assert sorted(finals["tag.task"]) == ["demo-nih-0.1-s0", "demo-nih-1-s0"]
+    assert sorted(finals["tag.task"]) == sorted(["demo-nih-1-s0", NEW_TASK])
     everything = load_runs(grown["uri"], "killed", include_superseded=True)
     if "tag.superseded" in everything:  # only when a grown search found a better config
         old = everything[everything["tag.superseded"] == "true"]
         assert set(old["tag.final_config"]).isdisjoint(set(finals["tag.final_config"]))
     assert (finals["status"] == "FINISHED").all()
+
+
+def test_the_new_foundations_trials_trained_its_architecture(grown):
+    """The EVA-X task's trials name their foundation and architecture, loaded its checkpoint
+    and trained exactly LoRA's parameters on EVA's separate q/k/v Linears; the summary has a
+    row per foundation."""
+    import torch
+
+    from study.summary import summary_table
+    from trainables.config import LoraSpec
+    from trainables.lora import count_parameters
+    from trainables.methods import apply_method
+    from trainables.models import build_backbone
+
+    mine = [r for r in trial_runs(grown["uri"], "killed") if r.data.tags["task"] == NEW_TASK]
+    assert mine
+    for run in mine:
+        params = run.data.params
+        assert (params["foundation"], params["model"]) == ("eva_x_demo", "eva_x_demo")
+        assert params["checkpoint"].endswith("eva_x_demo_mim.pt")
+        spec = LoraSpec(int(params["rank"]), float(params["alpha"]),
+                        targets=tuple(params["targets"].split("+")))
+        with torch.device("meta"):
+            model = apply_method(build_backbone("eva_x_demo", int(params["num_classes"])),
+                                 "lora", spec)
+        assert run.data.metrics["trainable_params"] == count_parameters(model)[0]
+    table = summary_table(grown["uri"], "killed")
+    assert sorted(table["task"]) == sorted(["demo-nih-1-s0", NEW_TASK])
