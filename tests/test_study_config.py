@@ -95,6 +95,12 @@ def test_shipped_study_files_validate(name):
     if "methods" in name:  # every method, under one budget
         assert {a.kind for a in cfg.arms} == {s.kind for s in SPACES.values()}
         assert len({a.trials for a in cfg.arms}) == 1
+    foundations = {t.foundation.name for t in cfg.tasks}
+    if name in ("eva_x", "rad_dino", "biomedclip"):  # one example per new foundation
+        assert len(cfg.tasks) == 9 and foundations == {"eva_x_base" if name == "eva_x" else name}
+    if name == "foundations_mixed":
+        assert foundations == {"mrm", "cxr_mae", "eva_x_base", "rad_dino", "biomedclip"}
+        assert len(cfg.tasks) == 10 and len({a.trials for a in cfg.arms}) == 1
 
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,0 +1,171 @@
+"""What one training step costs per fine-tuning method, and per foundation architecture.
+
+Two tables, each measured side by side in this one run (round-robin repeats, medians), on the
+CPU or a GPU, every step made of ``trainables.fit``'s own pieces (``build_optimizer``, the
+scheduler's per-iteration update, ``to_model_input``, ``masked_bce``):
+
+(a) methods: every method of the registry on ViT-B/16 at 224 px (14 classes, random weights:
+    the cost does not depend on them), at the settings ``cxr-study methods`` counts it at
+    (LoRA r4 on q+v, partial fine-tuning of one block, ...): its trainable parameters and its
+    step time relative to full fine-tuning (FFT);
+(b) foundations: each foundation architecture at its real size and native image size (RAD-DINO:
+    518 px), FFT and LoRA r4 on q+v: trainable parameters and step time relative to the same
+    arm on ViT-B/16 MAE (MRM's and CXR-MAE's architecture).
+
+Ratios carry over between machines far better than seconds. On the CPU the ratios are also
+given in process CPU time, which a busy machine disturbs less than wall time.
+
+    python benchmarks/method_steps.py [--quick] [--threads 2] [--device cpu|cuda]
+        [--part methods|foundations|both]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _table import print_rows  # noqa: E402
+from train_step import _autocast, _interleaved, make_batch  # noqa: E402
+
+from study.schema import task_key  # noqa: E402
+from trainables.config import TaskFactors, TrainSpec, TrialSpec  # noqa: E402
+from trainables.fit import (  # noqa: E402
+    build_optimizer,
+    build_scheduler,
+    masked_bce,
+    to_model_input,
+)
+from trainables.foundation import FOUNDATIONS, get_foundation  # noqa: E402
+from trainables.lora import count_parameters  # noqa: E402
+from trainables.methods import METHODS, apply_method  # noqa: E402
+from trainables.models import build_backbone, get_backbone  # noqa: E402
+
+NUM_CLASSES = 14
+REFERENCE = "mrm"  # ViT-B/16 MAE
+# The new architectures, each once (EVA-X Ti and S share B's code path at smaller widths).
+FOUNDATION_NAMES = ("mrm", "eva_x_base", "eva_x_small", "rad_dino", "biomedclip")
+STEPS_PER_EPOCH = 10_000
+
+
+def spec(foundation: str, kind: str, batch_size: int) -> TrialSpec:
+    entry = get_foundation(foundation)
+    task = TaskFactors(task=task_key(foundation, "nih", 1.0, 0), foundation=foundation,
+                       model=entry.backbone, dataset="nih", label_fraction=1.0, split_seed=0,
+                       num_classes=NUM_CLASSES)
+    # the CXR-MAE AdamW recipe (layer decay for FFT only, as the fft space searches it)
+    train = TrainSpec(lr=1e-3, weight_decay=0.05, layer_decay=0.65 if kind == "fft" else 1.0,
+                      batch_size=batch_size)
+    return TrialSpec(arm=kind, kind=kind, task=task, train=train,
+                     method=METHODS[kind].counted_at)
+
+
+def fit_step(cfg: TrialSpec, device: torch.device, batch) -> tuple[Callable[[], None], int]:
+    """One iteration of fit's loop for `cfg`'s model; returns it and the trainable count."""
+    torch.manual_seed(0)
+    entry = get_foundation(cfg.task.foundation)
+    model = apply_method(build_backbone(entry.backbone, NUM_CLASSES), cfg.kind, cfg.method)
+    model = model.to(device).train()
+    optimizer = build_optimizer(model, cfg.train)
+    scheduler = build_scheduler(optimizer, cfg.train, STEPS_PER_EPOCH)
+    counter = iter(range(10**9))
+
+    def step() -> None:
+        scheduler.step_update(next(counter))
+        x = to_model_input(batch.images, entry.mean, entry.std).to(device)
+        with _autocast(device):
+            logits = model(x)
+        loss = masked_bce(logits.float(), batch.labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss.item()
+
+    return step, count_parameters(model)[0]
+
+
+def methods_table(batch_size: int, warmup: int, repeats: int, device: torch.device) -> None:
+    batch = make_batch(batch_size, get_backbone(get_foundation(REFERENCE).backbone).img_size,
+                       device)
+    fns, counts = {}, {}
+    for name in METHODS:
+        fns[name], counts[name] = fit_step(spec(REFERENCE, name, batch_size), device, batch)
+    times = _interleaved(fns, warmup, repeats, device)
+    results = {name: {"trainable": counts[name], "step": times[name],
+                      "ratio": times[name] / times["fft"],
+                      "cpu_ratio": times[f"{name}_cpu"] / times["fft_cpu"]} for name in METHODS}
+    print(f"\n(a) methods on ViT-B/16, 224 px, batch {batch_size}")
+    rows = [("trainable params", lambda r: r["trainable"], "{:,.0f}"),
+            ("step, s", lambda r: r["step"], "{:.3f}"),
+            ("step / FFT step", lambda r: r["ratio"], "{:.3f}")]
+    if device.type == "cpu":
+        rows.append(("step / FFT step, CPU time", lambda r: r["cpu_ratio"], "{:.3f}"))
+    print_rows(results, rows, cell_width=13)
+
+
+def foundations_table(batch_size: int, warmup: int, repeats: int, device: torch.device,
+                      names: tuple[str, ...]) -> None:
+    fns, results = {}, {}
+    for name in names:  # all built at once, timed round-robin: the ratios share the load
+        entry = FOUNDATIONS[name]
+        size = get_backbone(entry.backbone).img_size
+        batch = make_batch(batch_size, size, device)
+        results[name] = {"img_size": size}
+        for kind in ("fft", "lora"):
+            fns[f"{name}/{kind}"], results[name][f"{kind}_trainable"] = fit_step(
+                spec(name, kind, batch_size), device, batch)
+    times = _interleaved(fns, warmup, repeats, device)
+    for name in names:
+        for kind in ("fft", "lora"):
+            results[name][kind] = times[f"{name}/{kind}"]
+            results[name][f"{kind}_cpu"] = times[f"{name}/{kind}_cpu"]
+    reference = results[REFERENCE]
+    print(f"\n(b) foundations at their real and native image size, batch {batch_size}; "
+          f"ratios to {REFERENCE} (ViT-B/16 MAE) with the same method")
+    rows = [("image size", lambda r: r["img_size"], "{:.0f}"),
+            ("trainable, LoRA r4 q+v", lambda r: r["lora_trainable"], "{:,.0f}"),
+            ("trainable, FFT", lambda r: r["fft_trainable"], "{:,.0f}"),
+            ("FFT step, s", lambda r: r["fft"], "{:.3f}"),
+            ("LoRA step, s", lambda r: r["lora"], "{:.3f}"),
+            ("FFT step / ViT-B/16 MAE", lambda r: r["fft"] / reference["fft"], "{:.3f}"),
+            ("LoRA step / ViT-B/16 MAE", lambda r: r["lora"] / reference["lora"], "{:.3f}")]
+    if device.type == "cpu":
+        rows += [("FFT / ViT-B/16 MAE, CPU time",
+                  lambda r: r["fft_cpu"] / reference["fft_cpu"], "{:.3f}"),
+                 ("LoRA / ViT-B/16 MAE, CPU time",
+                  lambda r: r["lora_cpu"] / reference["lora_cpu"], "{:.3f}")]
+    print_rows(results, rows, cell_width=13)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="batch 1 (CPU), fewer repeats, two foundations: a few minutes")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (2)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--part", choices=("methods", "foundations", "both"), default="both")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no GPU here")
+    torch.set_num_threads(args.threads)
+    if device.type == "cuda":
+        batch, warmup, repeats = 32, 3, 10
+    else:
+        batch, warmup, repeats = (1, 1, 2) if args.quick else (2, 1, 3)
+    names = (REFERENCE, "eva_x_base") if args.quick else FOUNDATION_NAMES
+    where = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    print(f"torch {torch.__version__} on {where}, {torch.get_num_threads()} threads; AdamW; "
+          f"medians of {repeats} round-robin repeats after {warmup} warm-up")
+    if args.part in ("methods", "both"):
+        methods_table(batch, warmup, repeats, device)
+    if args.part in ("foundations", "both"):
+        foundations_table(batch, warmup, repeats, device, names)
+
+
+if __name__ == "__main__":
+    main()
