@@ -23,6 +23,7 @@ from trainables.config import FLAT_KINDS, METHOD_KEYS, TRAIN_KEYS, TrainSpec, ki
 from trainables.datasets import DataSpec
 from trainables.errors import ConfigError
 from trainables.foundation import get_foundation
+from trainables.models import get_backbone
 from trainables.paths import tracking_store, writable_dir
 
 DATASETS = ("nih", "chexpert", "rsna")
@@ -37,12 +38,25 @@ def _check(ok: bool, where: str, message: str) -> None:
 class FoundationRef:
     name: str
     checkpoint: str | None = None
+    # the study's image size for this foundation (default: its native size); positional
+    # embeddings are resized to it when the checkpoint loads, RoPE is built for it
+    img_size: int | None = None
 
     def __post_init__(self) -> None:
         try:
-            get_foundation(self.name)
+            entry = get_foundation(self.name)
         except ConfigError as exc:
             raise ConfigError(f"tasks.foundations.name: {exc}") from None
+        patch = get_backbone(entry.backbone).patch_size
+        _check(self.img_size is None or self.img_size >= patch and self.img_size % patch == 0,
+               "tasks.foundations.img_size", f"{self.img_size} for {self.name!r}: give a "
+               f"multiple of its patch size {patch} (its native size is "
+               f"{get_backbone(entry.backbone).img_size})")
+
+    @property
+    def size(self) -> int:
+        """The image size the study trains this foundation at."""
+        return self.img_size or get_backbone(get_foundation(self.name).backbone).img_size
 
 
 @dataclass(frozen=True)

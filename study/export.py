@@ -23,7 +23,7 @@ from trainables.errors import CheckpointError, ConfigError
 from trainables.fit import BEST_FILE, STATE_FILE, TRAINABLE_FILE, build_model, checkpoint_epochs
 from trainables.foundation import get_foundation
 from trainables.lora import merged_state_dict, trainable_state_dict
-from trainables.models import build_backbone, get_backbone
+from trainables.models import build_backbone
 from trainables.paths import safetensors_file
 
 TOLERANCE = 1e-4
@@ -79,7 +79,7 @@ def export_run(tracking_uri: str, run_id: str, adapter: Path | None,
     if merged is not None:
         state = merged_state_dict(model)
         plain = build_backbone(get_foundation(cfg.task.foundation).backbone,
-                               cfg.task.num_classes)
+                               cfg.task.num_classes, img_size=cfg.task.img_size)
         try:
             plain.load_state_dict(state, strict=True)
         except RuntimeError as exc:  # peft's layers (DoRA, VeRA, IA3) have no plain layout
@@ -87,7 +87,7 @@ def export_run(tracking_uri: str, run_id: str, adapter: Path | None,
                                   f"timm ViT ({str(exc).splitlines()[0][:120]}): export "
                                   "--adapter instead") from None
         plain.eval()
-        size = get_backbone(get_foundation(cfg.task.foundation).backbone).img_size
+        size = plain.patch_embed.img_size[0]  # the study's size (the run's pos_embed)
         x = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             diff = float((model(x) - plain(x)).abs().max())

@@ -16,7 +16,7 @@ from trainables.datasets import DatasetSplits, load_splits
 from trainables.errors import ConfigError
 from trainables.foundation import get_foundation, load_foundation
 from trainables.methods import apply_method
-from trainables.models import build_backbone, get_backbone
+from trainables.models import build_backbone
 
 
 @dataclass
@@ -30,8 +30,7 @@ def prepare_task_data(task: TaskSpec, cache_root: Path, splits: DatasetSplits | 
                       ) -> TaskData:
     """Load the task's splits and build (or reuse) the shared image cache at the model's size."""
     splits = splits or load_splits(task.data_spec())
-    size = get_backbone(get_foundation(task.foundation.name).backbone).img_size
-    cache = build_cache(splits, size, cache_root)
+    cache = build_cache(splits, task.foundation.size, cache_root)
     return TaskData(cache, len(label_names(cache)), splits.content_hash)
 
 
@@ -40,7 +39,7 @@ def preflight(cfg: StudyConfig) -> dict[str, DatasetSplits]:
     and without writing anything: every task's splits, every foundation checkpoint against its
     architecture, every fixed LoRA setting."""
     for ref in {t.foundation for t in cfg.tasks}:
-        check_foundation(ref.name, ref.checkpoint)
+        check_foundation(ref.name, ref.checkpoint, ref.size)
     for arm in cfg.arms:
         for name in {t.foundation.name for t in cfg.tasks}:
             check_arm(arm, name)
@@ -57,12 +56,14 @@ def prepare_caches(cfg: StudyConfig, splits: dict[str, DatasetSplits],
     return data
 
 
-def check_foundation(name: str, checkpoint: str | None) -> None:
-    """The checkpoint loads into the foundation's architecture (weights only, real shapes)."""
+def check_foundation(name: str, checkpoint: str | None, img_size: int | None = None) -> None:
+    """The checkpoint loads into the foundation's architecture at the study's image size
+    (weights only, real shapes, positional embeddings resized)."""
     if not checkpoint:
         return
     foundation = get_foundation(name)
-    load_foundation(build_backbone(foundation.backbone, 2), Path(checkpoint), foundation.layouts)
+    model = build_backbone(foundation.backbone, 2, img_size=img_size)
+    load_foundation(model, Path(checkpoint), foundation.layouts)
 
 
 def check_arm(arm: ArmSpec, foundation: str) -> None:

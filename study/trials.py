@@ -41,7 +41,7 @@ def task_factors(task: TaskSpec, data: TaskData) -> TaskFactors:
                        model=get_foundation(task.foundation.name).backbone,
                        dataset=task.dataset.name, label_fraction=task.label_fraction,
                        split_seed=task.split_seed, num_classes=data.num_classes,
-                       checkpoint=task.foundation.checkpoint)
+                       checkpoint=task.foundation.checkpoint, img_size=task.foundation.size)
 
 
 def train_defaults(cfg: StudyConfig, arm: ArmSpec, recipe: Recipe | None,

@@ -208,3 +208,25 @@ def test_lora_on_every_target_merges_into_the_plain_architecture(backbone):
         adapted, merged, before = model.eval()(x), plain.eval()(x), base.eval()(x)
     torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=1e-4)
     assert (adapted - before).abs().max() > 1e-4  # the adapters changed the function
+
+
+@pytest.mark.parametrize(("backbone", "foundation", "size"), [("eva_x_demo", "eva_x_demo", 64),
+                                                              ("tiny_dinov2", "rad_dino", 28)])
+def test_a_checkpoint_loads_at_the_studys_image_size(backbone, foundation, size, tmp_path):
+    """Positional embeddings are resized to the study's grid on loading; EVA's RoPE is built
+    for that grid (scaled to the pretraining grid, `ref_feat_shape`)."""
+    entry = get_backbone(backbone)
+    if foundation == "rad_dino":
+        hf_dinov2_dir(tmp_path / "hf", entry)
+        path = tmp_path / "hf" / "model.safetensors"
+    else:
+        path = tmp_path / "eva.pt"
+        eva_x_file(path, entry)
+    model = build_backbone(backbone, 3, img_size=size)
+    report = load_foundation(model, path, get_foundation(foundation).layouts)
+    grid = size // entry.patch_size
+    assert report.resized_pos_embed and model.pos_embed.shape[1] == grid * grid + 1
+    if hasattr(model, "rope"):
+        assert model.rope.get_embed().shape[0] == grid * grid
+    logits = model.eval()(torch.randn(2, 3, size, size))
+    assert logits.shape == (2, 3) and torch.isfinite(logits).all()

@@ -64,6 +64,11 @@ def test_grid_is_the_product_of_factors(tmp_path):
     (_with("train", warmup_epochs=3), r"search.grace_period|warmup_epochs"),
     (_with("tasks", label_fractions=[0]), r"tasks.label_fractions"),
     (_with("tasks", foundations=[{"name": "mae_huge"}]), r"foundation"),
+    (_with("tasks", foundations=[{"name": "rad_dino", "img_size": 230}]),
+     r"tasks.foundations.img_size: 230 for 'rad_dino': give a multiple of its patch size 14 "
+     r"\(its native size is 518\)"),
+    (_with("tasks", foundations=[{"name": "demo", "img_size": "64"}]),
+     r"tasks.foundations.img_size: expected int"),
     (_with("tasks", datasets=[{"name": "mimic", "root": "x"}]), r"tasks.datasets.name"),
     (_with("resources", num_workers=0), r"resources.num_workers"),
     ({**GOOD, "extra": {}}, r"study file: unknown keys \['extra'\]"),
@@ -191,3 +196,18 @@ def test_any_other_objective_is_refused(tmp_path, values, key):
     message = str(err.value)
     assert message == (f"search.{key}: the search always maximises validation macro AUROC "
                        "(val_auroc): remove the key")
+
+
+def test_a_foundations_image_size_reaches_its_trials(tmp_path):
+    """`img_size` sets the study's size for one foundation (the others keep their native
+    size): the cache is built at it and every trial's model is built at it."""
+    from study.preflight import TaskData
+    from study.trials import task_factors
+
+    data = _with("tasks", foundations=[{"name": "rad_dino", "img_size": 224}, {"name": "demo"}])
+    cfg = parse_study(data, tmp_path)
+    sizes = {t.foundation.name: t.foundation.size for t in cfg.tasks}
+    assert sizes == {"rad_dino": 224, "demo": 48}
+    task = next(t for t in cfg.tasks if t.foundation.name == "rad_dino")
+    factors = task_factors(task, TaskData(tmp_path, num_classes=14, content_hash="x"))
+    assert factors.img_size == 224 and "img_size" in FLAT_KINDS

@@ -219,9 +219,11 @@ class TaskFactors:
     split_seed: int
     num_classes: int
     checkpoint: str | None = None  # the foundation weights (None: random init)
+    img_size: int | None = None  # the study's image size (None: the backbone's native size)
 
     def __post_init__(self) -> None:
         _require(self.num_classes >= 1, "num_classes", "must be >= 1")
+        _require(self.img_size is None or self.img_size >= 1, "img_size", "must be >= 1")
         _require(0 < self.label_fraction <= 1, "label_fraction", "must be in (0, 1]")
 
 

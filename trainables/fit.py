@@ -112,7 +112,7 @@ def build_model(cfg: TrialSpec) -> nn.Module:
     """Backbone from the registry, foundation weights (safely), then the arm's method."""
     foundation = get_foundation(cfg.task.foundation)
     model = build_backbone(foundation.backbone, cfg.task.num_classes,
-                           drop_path=cfg.train.drop_path)
+                           img_size=cfg.task.img_size, drop_path=cfg.train.drop_path)
     if cfg.task.checkpoint:
         load_foundation(model, Path(cfg.task.checkpoint), foundation.layouts)
     return apply_method(model, cfg.kind, cfg.method)
