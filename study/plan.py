@@ -111,11 +111,13 @@ def largest_spec(arm: ArmSpec, optimizer: str, recipe: Recipe | None) -> object:
 
 
 @functools.cache
-def _largest_trainable(foundation: str, kind: str, spec: object, num_classes: int = 14) -> int:
-    """Trainable parameters of the model under the method with these settings, counted on
-    meta tensors (no memory)."""
+def _largest_trainable(foundation: str, kind: str, spec: object, img_size: int,
+                       num_classes: int = 14) -> int:
+    """Trainable parameters of the model under the method with these settings, at the study's
+    image size, counted on meta tensors (no memory)."""
     with torch.device("meta"):
-        model = build_backbone(get_foundation(foundation).backbone, num_classes)
+        model = build_backbone(get_foundation(foundation).backbone, num_classes,
+                               img_size=img_size)
         apply_method(model, kind, spec)
     return count_parameters(model)[0]
 
@@ -127,7 +129,7 @@ def arm_plan(task: TaskSpec, arm: ArmSpec) -> ArmPlan:
     recipe = trials.arm_recipe(task, arm)
     optimizer = trials.arm_optimizer(task, arm, recipe)
     spec = largest_spec(arm, optimizer, recipe)
-    trainable = _largest_trainable(task.foundation.name, arm.kind, spec)
+    trainable = _largest_trainable(task.foundation.name, arm.kind, spec, task.foundation.size)
     lora = spec if isinstance(spec, LoraSpec) else None
     return ArmPlan(optimizer, lora, trainable,
                    trainable * BYTES * (1 + OPTIMIZER_STATES[optimizer] + 1), arm.kind, spec)
@@ -149,11 +151,15 @@ def plan_text(cfg: StudyConfig) -> str:
     lines = [f"study {cfg.name}: {len(cfg.tasks)} task(s) x {len(cfg.arms)} arm(s) = "
              f"{len(cfg.tasks) * len(cfg.arms)} searches; storage {cfg.storage}; "
              f"tracking {cfg.tracking.uri}"]
-    lines += [f"  task {t.key}" for t in cfg.tasks]
+    lines += [f"  task {t.key} ({get_foundation(t.foundation.name).backbone}, "
+              f"{t.foundation.size} px)" for t in cfg.tasks]
+    several = len({t.foundation.name for t in cfg.tasks}) > 1  # then each says whose it is
     disk = 0
     for arm in cfg.arms:
         plans = [arm_plan(task, arm) for task in cfg.tasks]
-        described = list(dict.fromkeys(_describe(p) for p in plans))  # distinct, in task order
+        described = list(dict.fromkeys(  # distinct, in task order
+            (f"{t.foundation.name}: " if several else "") + _describe(p)
+            for t, p in zip(cfg.tasks, plans, strict=True)))
         lines.append(f"  arm {arm.name}: space {arm.space}, {arm.trials} trials x at most "
                      f"{cfg.search.max_t} epochs (ASHA grace {cfg.search.grace_period}, "
                      f"reduction {cfg.search.reduction_factor}); final seeds {cfg.final.seeds}; "

@@ -96,3 +96,18 @@ def test_checkpoint_counts_the_optimizer_state(tmp_path):
     assert sgd.lora is None and sgd.trainable == adamw.trainable
     assert sgd.checkpoint_bytes == sgd.trainable * plan.BYTES * 3  # weights, momentum, best
     assert adamw.checkpoint_bytes == adamw.trainable * plan.BYTES * 4
+
+
+def test_a_mixed_foundation_plan_says_each_foundations_size_and_count(tmp_path):
+    data = {"study": {"name": "p"},
+            "tasks": {"foundations": [{"name": "mrm"}, {"name": "rad_dino", "img_size": 224}],
+                      "datasets": [{"name": "nih", "root": "data"}],
+                      "label_fractions": [1.0]},
+            "arms": {"fft": {"space": "fft"}},
+            "search": {"max_t": 4, "grace_period": 1}}
+    text = plan_text(parse_study(data, tmp_path))
+    assert "task rad_dino-nih-1-s0 (vit_base_patch14_dinov2, 224 px)" in text
+    assert "task mrm-nih-1-s0 (vit_base_patch16, 224 px)" in text
+    # RAD-DINO at 224 px: 16 x 16 positions (not 37 x 37), so 86,590,478 - 1113 x 768
+    assert "mrm: sgd, every parameter trained (85,809,422)" in text
+    assert "rad_dino: adamw, every parameter trained (85,735,694)" in text
