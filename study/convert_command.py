@@ -27,17 +27,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     convert.add_argument("--trust-pickle", action="store_true",
                          help="fully unpickle SRC, which can run code from it: only for a file "
                               "you vouch for")
+    convert.add_argument("--foundation", default=None,
+                         help="read the weights where this foundation's files hold them (EVA-X: "
+                              "model_ema first); default: under model or state_dict, or flat")
     convert.set_defaults(func=_cmd_convert)
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
     from safetensors import safe_open
 
-    from trainables.foundation import CONVERT_HINT, convert_to_safetensors
+    from trainables.foundation import CONVERT_HINT, convert_to_safetensors, get_foundation
+    from trainables.layouts import MAE
 
+    wrappers = get_foundation(args.foundation).layouts[0].wrappers if args.foundation else (
+        MAE.wrappers)
     src, dst = Path(args.src), safetensors_file(Path(args.dst), "DST")
     try:
-        convert_to_safetensors(src, dst, trust_pickle=args.trust_pickle)
+        convert_to_safetensors(src, dst, trust_pickle=args.trust_pickle, wrappers=wrappers)
     except CheckpointError as err:
         # The library's advice is to run this very command; here the next step is the flag.
         if CONVERT_HINT not in str(err):

@@ -77,3 +77,20 @@ def test_dst_must_be_a_safetensors_name(capsys, tmp_path, weights):
     code, _, err = _run(capsys, "convert", src, dst)
     assert code == 2 and "safetensors" in err and len(err.strip().splitlines()) == 1
     assert not dst.exists()
+
+
+def test_a_foundations_files_are_unwrapped_as_it_publishes_them(capsys, tmp_path, weights):
+    """EVA-X's files hold the EMA weights and the raw ones: `--foundation eva_x_base` takes
+    `model_ema`, as EVA-X's own loader does; by default `model` is taken (MAE's files)."""
+    raw = {k: v + 1 for k, v in weights.items()}
+    src = tmp_path / "eva_x.pt"
+    torch.save({"model_ema": weights, "model": raw, "args": argparse.Namespace(a=1)}, src)
+    code, _, err = _run(capsys, "convert", src, tmp_path / "ema.safetensors",
+                        "--foundation", "eva_x_base")
+    assert code == 0, err
+    _assert_same(tmp_path / "ema.safetensors", weights)
+    assert _run(capsys, "convert", src, tmp_path / "raw.safetensors")[0] == 0
+    _assert_same(tmp_path / "raw.safetensors", raw)
+    code, _, err = _run(capsys, "convert", src, tmp_path / "x.safetensors", "--foundation", "eva")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "unknown foundation" in err
+    assert not (tmp_path / "x.safetensors").exists()
