@@ -80,6 +80,11 @@ def wide_checkpoint(tmp: Path, phantom: Path) -> None:
     torch.save({"model": narrow.state_dict()}, tmp / "other.pth")
 
 
+def vit_checkpoint(tmp: Path, phantom: Path) -> None:
+    """The demo ViT's weights, given to a foundation of another architecture (EVA-X's)."""
+    torch.save({"model": build_backbone("vit_demo", 2).state_dict()}, tmp / "vit.pth")
+
+
 def pickled_checkpoint(tmp: Path, phantom: Path) -> None:
     weights = build_backbone("vit_demo", 2).state_dict()
     torch.save({"model": weights, "evil": Evil()}, tmp / "evil.pth")
