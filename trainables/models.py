@@ -12,6 +12,7 @@ records the entry's name on the model, and adapters ask ``targets_of(model)``.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -198,17 +199,6 @@ BACKBONES: dict[str, Backbone] = {
         depth=4,
         targets=TIMM_VIT_TARGETS,
     ),
-    # BiomedCLIP's vision tower: timm's ViT-B/16, read through its class token after `norm`.
-    "vit_base_patch16_token": Backbone(
-        name="vit_base_patch16_token",
-        timm_name="vit_base_patch16_224",
-        kwargs=(("num_heads", 12), ("mlp_ratio", 4.0)),
-        img_size=224,
-        patch_size=16,
-        embed_dim=768,
-        depth=12,
-        pooling=TOKEN_POOLING,
-    ),
     # RAD-DINO: DINOv2 ViT-B/14 at 518 px, LayerScale in every block, class token pooling.
     "vit_base_patch14_dinov2": Backbone(
         name="vit_base_patch14_dinov2",
@@ -238,21 +228,15 @@ BACKBONES: dict[str, Backbone] = {
         pooling=EVA_POOLING,
     ) for size, width, heads, scale in (("tiny", 192, 3, False), ("small", 384, 6, False),
                                          ("base", 768, 12, True))},
-    # EVA-X B's module tree at the demo's size, for tests and a CPU study.
-    "eva_x_demo": Backbone(
-        name="eva_x_demo",
-        timm_name="eva02_base_patch14_224",
-        kwargs=(("num_heads", 4), ("mlp_ratio", 4 * 2 / 3), ("qkv_fused", False),
-                ("swiglu_mlp", True), ("scale_mlp", True), ("use_rot_pos_emb", True),
-                ("ref_feat_shape", (6, 6))),
-        img_size=48,
-        patch_size=8,
-        embed_dim=64,
-        depth=4,
-        targets=TIMM_EVA_TARGETS,
-        pooling=EVA_POOLING,
-    ),
 }
+# BiomedCLIP's vision tower: timm's ViT-B/16, read through its class token after `norm`.
+BACKBONES["vit_base_patch16_token"] = dataclasses.replace(
+    BACKBONES["vit_base_patch16"], name="vit_base_patch16_token", pooling=TOKEN_POOLING)
+# EVA-X B's module tree at the demo's size, for tests and a CPU study.
+BACKBONES["eva_x_demo"] = dataclasses.replace(
+    BACKBONES["eva_x_base_patch16"], name="eva_x_demo", img_size=48, patch_size=8,
+    embed_dim=64, depth=4, kwargs=tuple({**dict(BACKBONES["eva_x_base_patch16"].kwargs),
+                                         "num_heads": 4, "ref_feat_shape": (6, 6)}.items()))
 
 
 def get_backbone(name: str) -> Backbone:
