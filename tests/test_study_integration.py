@@ -11,6 +11,8 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
+MAX_T = 2  # ASHA's rungs at epochs 1 and 2 (grace 1, reduction 2): trials can stop at 1
+
 STUDY = """
 [study]
 name = "itest"
@@ -29,7 +31,7 @@ trials = 3
 space = "linear_probe"
 trials = 3
 [search]
-max_t = 3
+max_t = {max_t}
 grace_period = 1
 reduction_factor = 2
 [train]
@@ -49,7 +51,7 @@ def small_study(phantom_root, tmp_path_factory):
     from study.runner import init_ray, run_study
 
     folder = tmp_path_factory.mktemp("study")
-    (folder / "study.toml").write_text(STUDY.format(root=phantom_root))
+    (folder / "study.toml").write_text(STUDY.format(root=phantom_root, max_t=MAX_T))
     cfg = load_study(folder / "study.toml")
     init_ray(num_cpus=2)
     try:
@@ -143,12 +145,12 @@ def test_final_runs_have_test_metrics_and_predictions(small_study):
 def test_arms_get_equal_budgets(small_study):
     runs = small_study["runs"]
     arms = runs[runs["tag.level"] == "arm"]
-    assert arms["max_t"].eq(3).all() and arms["tag.trials"].astype(int).eq(3).all()
+    assert arms["max_t"].eq(MAX_T).all() and arms["tag.trials"].astype(int).eq(3).all()
     trials = runs[runs["tag.trial_id"].notna() & (runs["tag.phase"] == "search")]
     assert trials.groupby("tag.arm")["epochs"].unique().map(list).to_dict() == {
-        "fft": [3], "lora": [3], "linear_probe": [3]}
+        "fft": [MAX_T], "lora": [MAX_T], "linear_probe": [MAX_T]}
     spent = arms["metric.epochs_spent"] + arms["metric.epochs_saved"]
-    assert (spent == 3 * 3).all()
+    assert (spent == 3 * MAX_T).all()
 
 
 def test_trainable_share_lora_below_fft(small_study):
