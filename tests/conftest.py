@@ -1,8 +1,10 @@
-"""Shared fixtures: one small phantom NIH dataset and its image cache per test session."""
+"""Shared fixtures: one small phantom NIH dataset and its image cache per test session, and
+empty MLflow stores made by copying one blank store."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -40,3 +42,24 @@ def phantom_splits(phantom_root):
 @pytest.fixture(scope="session")
 def phantom_cache(phantom_splits, tmp_path_factory) -> Path:
     return build_cache(phantom_splits, IMG_SIZE, tmp_path_factory.mktemp("cache"), workers=1)
+
+
+@pytest.fixture(scope="session")
+def _blank_mlflow_db(tmp_path_factory) -> Path:
+    """An MLflow sqlite store with its schema made (MLflow's migrations take about a second)."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow_template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def fresh_mlflow(_blank_mlflow_db) -> Callable[[Path], str]:
+    """`fresh_mlflow(folder)`: a new, empty MLflow store in `folder` (a copy of the blank
+    one), returned as its tracking URI."""
+    def make(folder: Path) -> str:
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(_blank_mlflow_db, folder / "mlflow.db")
+        return f"sqlite:///{folder / 'mlflow.db'}"
+    return make

@@ -1,8 +1,8 @@
 """Faults a long study meets on a shared machine, each survived or reported, never silent:
 a Train worker process killed mid-trial, a diverging trial, two studies writing one MLflow
-sqlite store at once. (The driver SIGKILL, Ctrl-C, damaged checkpoint, MLflow outage and full
-disk cases live in test_study_resume.py, test_study_state.py, test_tracking_server.py and
-test_cache.py.)"""
+sqlite store at once (the diverging study is one of the two). (The driver SIGKILL, Ctrl-C,
+damaged checkpoint, MLflow outage and full disk cases live in test_study_resume.py,
+test_study_state.py, test_tracking_server.py and test_cache.py.)"""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from mlflow.tracking import MlflowClient
 from tests.study_procs import (
     epochs_logged,
     kill_tree,
-    run_cli,
     running_after_epoch,
     start_cli,
     trial_runs,
@@ -57,17 +56,41 @@ def test_killed_train_worker_resumes_from_its_checkpoint(tmp_path, phantom_root)
     assert 1 <= run.data.metrics["resumed_from_epoch"] < max_t
 
 
-def test_diverging_trial_fails_at_once_and_the_study_goes_on(tmp_path, phantom_root, capsys):
-    boom = '[arms.boom]\nspace = "lora"\ntrials = 1\noptimizer = "sgd"\n' \
-           'fixed = { lr = 1e30 }\n'
-    study = write_study(tmp_path, phantom_root, name="diverge", trials=1, max_t=2, grace=2,
-                        extra_arms=boom)
-    uri = f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}"
-    log = tmp_path / "driver.log"
-    rc = run_cli("run", str(study), "--no-report", log=log)
-    errors = [ln for ln in log.read_text().splitlines() if ln.startswith("cxr-study: error")]
-    assert rc == 2 and len(errors) == 1 and "boom" in errors[0], log.read_text()[-3000:]
-    runs = trial_runs(uri, "diverge")
+BOOM = '[arms.boom]\nspace = "lora"\ntrials = 1\noptimizer = "sgd"\nfixed = { lr = 1e30 }\n'
+
+
+@pytest.fixture(scope="module")
+def shared_store(phantom_root, tmp_path_factory):
+    """Two studies at once writing one MLflow sqlite store: `left` a plain search, `right` a
+    search with a diverging arm (`boom`, SGD at lr 1e30) beside a healthy one, then its final
+    phase. Each driver is a real `cxr-study` process."""
+    root = tmp_path_factory.mktemp("shared")
+    store = root / "shared" / "mlflow.db"
+    store.parent.mkdir()
+    tracking = f'[tracking]\nuri = "sqlite:///{store}"\n'
+    studies = {"left": dict(trials=2, seeds=0), "right": dict(trials=1, extra_arms=BOOM)}
+    drivers = {}
+    for name, options in studies.items():
+        study = write_study(root / name, phantom_root, name=name, max_t=2, grace=2,
+                            tracking=tracking, **options)
+        log = root / f"{name}.log"
+        drivers[name] = (start_cli("run", str(study), "--no-report", log=log), log)
+    try:
+        codes = {name: proc.wait(timeout=900) for name, (proc, _) in drivers.items()}
+    finally:
+        for proc, _ in drivers.values():
+            kill_tree(proc)
+    return {"store": store, "uri": f"sqlite:///{store}", "root": root, "codes": codes,
+            "logs": {name: log for name, (_, log) in drivers.items()}}
+
+
+def test_diverging_trial_fails_at_once_and_the_study_goes_on(shared_store):
+    uri, root = shared_store["uri"], shared_store["root"]
+    log = shared_store["logs"]["right"].read_text()
+    errors = [ln for ln in log.splitlines() if ln.startswith("cxr-study: error")]
+    assert shared_store["codes"]["right"] == 2 and len(errors) == 1 and "boom" in errors[0], (
+        log[-3000:])
+    runs = trial_runs(uri, "right")
     (failed,) = [r for r in runs if r.data.tags["arm"] == "boom"]
     assert failed.info.status == "FAILED"
     assert "loss became" in failed.data.tags["error"]
@@ -76,36 +99,24 @@ def test_diverging_trial_fails_at_once_and_the_study_goes_on(tmp_path, phantom_r
     ok = [r for r in runs if r.data.tags["arm"] == "lora"]
     assert {r.data.tags["phase"] for r in ok} == {"search", "final"}
     assert all(r.info.status == "FINISHED" for r in ok)
-    storage = f"sqlite:///{tmp_path / 'run' / 'optuna.db'}"
-    told = optuna.load_study(study_name="diverge/demo-nih-1-s0/boom", storage=storage).trials
+    storage = f"sqlite:///{root / 'right' / 'run' / 'optuna.db'}"
+    told = optuna.load_study(study_name="right/demo-nih-1-s0/boom", storage=storage).trials
     assert [t.state for t in told] == [optuna.trial.TrialState.FAIL]  # the searcher knows
-    markers = list((tmp_path / "run" / "train").glob("train-*/diverged.txt"))
+    markers = list((root / "right" / "run" / "train").glob("train-*/diverged.txt"))
     assert len(markers) == 1 and "loss became" in markers[0].read_text()
 
 
-def test_two_studies_share_one_sqlite_store(tmp_path, phantom_root):
-    store = tmp_path / "shared" / "mlflow.db"
-    store.parent.mkdir()
-    tracking = f'[tracking]\nuri = "sqlite:///{store}"\n'
-    drivers = []
-    for name in ("left", "right"):
-        study = write_study(tmp_path / name, phantom_root, name=name, trials=2, max_t=2,
-                            grace=2, seeds=0, tracking=tracking)
-        log = tmp_path / f"{name}.log"
-        drivers.append((start_cli("run", str(study), "--no-report", log=log), log))
-    try:
-        codes = [proc.wait(timeout=900) for proc, _ in drivers]
-    finally:
-        for proc, _ in drivers:
-            kill_tree(proc)
-    assert codes == [0, 0], [log.read_text()[-2000:] for _, log in drivers]
-    uri = f"sqlite:///{store}"
-    for name in ("left", "right"):
-        runs = trial_runs(uri, name)
-        assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
-        for run in runs:
+def test_two_studies_share_one_sqlite_store(shared_store):
+    uri = shared_store["uri"]
+    assert shared_store["codes"]["left"] == 0, shared_store["logs"]["left"].read_text()[-2000:]
+    runs = trial_runs(uri, "left")
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    for run in runs + trial_runs(uri, "right"):  # every epoch once, from either writer
+        if run.info.status == "FINISHED" and run.data.tags["phase"] == "search":
             assert epochs_logged(uri, run.info.run_id) == [1, 2]
-        exp = MlflowClient(uri).get_experiment_by_name(name)
-        assert len(MlflowClient(uri).search_runs([exp.experiment_id])) == 4  # study, arm, 2
-    with sqlite3.connect(store) as db:
+    client = MlflowClient(uri)
+    for name, count in (("left", 4), ("right", 6)):  # study, arms, trials: none lost or doubled
+        exp = client.get_experiment_by_name(name)
+        assert len(client.search_runs([exp.experiment_id])) == count, name
+    with sqlite3.connect(shared_store["store"]) as db:
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)

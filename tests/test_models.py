@@ -24,7 +24,8 @@ from trainables.models import (
 @pytest.mark.parametrize("name", sorted(BACKBONES))
 def test_every_backbone_builds_with_its_geometry(name: str) -> None:
     entry = BACKBONES[name]
-    model = build_backbone(name, num_classes=5)
+    with torch.device("meta"):  # shapes and module types only: no memory, no init cost
+        model = build_backbone(name, num_classes=5)
     grid = entry.img_size // entry.patch_size
 
     assert isinstance(model, Eva if entry.pooling == EVA_POOLING else VisionTransformer)
@@ -41,7 +42,8 @@ def test_pooling_is_the_entrys_with_class_token_kept(name: str) -> None:
     """MAE and EVA-X fine-tuning average the patch tokens into fc_norm; DINOv2 and CLIP read
     the class token after the final norm. Either way the class token is in the sequence."""
     entry = BACKBONES[name]
-    model = build_backbone(name, num_classes=2)
+    with torch.device("meta"):
+        model = build_backbone(name, num_classes=2)
     if entry.pooling in (MAE_POOLING, EVA_POOLING):
         assert model.global_pool == "avg"
         assert isinstance(model.fc_norm, nn.LayerNorm)

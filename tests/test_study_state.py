@@ -66,9 +66,8 @@ def _trial(trial_id: str, counter: int = 1, **config) -> SimpleNamespace:
 
 
 @pytest.fixture
-def store(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = MlflowClient(uri)
+def store(tmp_path, fresh_mlflow):
+    client = MlflowClient(fresh_mlflow(tmp_path))
     exp = client.create_experiment("e", artifact_location=(tmp_path / "a").as_uri())
     parent = start_run(client, exp, "arm", {"level": "arm"})
     return client, exp, parent, tmp_path / "backlog" / "seg.jsonl"
