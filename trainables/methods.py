@@ -96,8 +96,9 @@ def _partial(model: nn.Module, spec: object) -> Trains:
     return lambda name: _head(name) or name.startswith(last)
 
 
-# What the peft methods adapt: q and v of the split qkv, the targets of the reference study's
-# LoRA (peft on the fused qkv would adapt q, k and v together).
+# What the peft methods adapt: q and v (of the split qkv, or the model's own q and v Linears
+# in EVA), the targets of the reference study's LoRA (peft on a fused qkv would adapt q, k and
+# v together).
 PEFT_TARGETS: tuple[str, ...] = ("q", "v")
 PEFT_ADAPTER = "default"  # peft's adapter name: part of every adapter parameter's name
 # VeRA's frozen projections are drawn from this seed, not saved with the adapter: the adapter
