@@ -30,26 +30,20 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _table import print_rows  # noqa: E402
-from train_step import _autocast, _interleaved, make_batch  # noqa: E402
+from train_step import _interleaved, device_arguments, make_batch, project_step  # noqa: E402
 
 from study.schema import task_key  # noqa: E402
 from trainables.config import TaskFactors, TrainSpec, TrialSpec  # noqa: E402
-from trainables.fit import (  # noqa: E402
-    build_optimizer,
-    build_scheduler,
-    masked_bce,
-    to_model_input,
-)
+from trainables.fit import build_model  # noqa: E402
 from trainables.foundation import FOUNDATIONS, get_foundation  # noqa: E402
 from trainables.lora import count_parameters  # noqa: E402
-from trainables.methods import METHODS, apply_method  # noqa: E402
-from trainables.models import build_backbone, get_backbone  # noqa: E402
+from trainables.methods import METHODS  # noqa: E402
+from trainables.models import get_backbone  # noqa: E402
 
 NUM_CLASSES = 14
 REFERENCE = "mrm"  # ViT-B/16 MAE
 # The new architectures, each once (EVA-X Ti and S share B's code path at smaller widths).
 FOUNDATION_NAMES = ("mrm", "eva_x_base", "eva_x_small", "rad_dino", "biomedclip")
-STEPS_PER_EPOCH = 10_000
 
 
 def spec(foundation: str, kind: str, batch_size: int) -> TrialSpec:
@@ -65,27 +59,11 @@ def spec(foundation: str, kind: str, batch_size: int) -> TrialSpec:
 
 
 def fit_step(cfg: TrialSpec, device: torch.device, batch) -> tuple[Callable[[], None], int]:
-    """One iteration of fit's loop for `cfg`'s model; returns it and the trainable count."""
+    """One iteration of fit's loop (train_step's) on fit's own model for `cfg` (no
+    checkpoint: random weights); returns it and the trainable count."""
     torch.manual_seed(0)
-    entry = get_foundation(cfg.task.foundation)
-    model = apply_method(build_backbone(entry.backbone, NUM_CLASSES), cfg.kind, cfg.method)
-    model = model.to(device).train()
-    optimizer = build_optimizer(model, cfg.train)
-    scheduler = build_scheduler(optimizer, cfg.train, STEPS_PER_EPOCH)
-    counter = iter(range(10**9))
-
-    def step() -> None:
-        scheduler.step_update(next(counter))
-        x = to_model_input(batch.images, entry.mean, entry.std).to(device)
-        with _autocast(device):
-            logits = model(x)
-        loss = masked_bce(logits.float(), batch.labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        loss.item()
-
-    return step, count_parameters(model)[0]
+    model = build_model(cfg).to(device).train()
+    return project_step(model, cfg, batch, device), count_parameters(model)[0]
 
 
 def methods_table(batch_size: int, warmup: int, repeats: int, device: torch.device) -> None:
@@ -145,14 +123,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
                         help="batch 1 (CPU), fewer repeats, two foundations: a few minutes")
-    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (2)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--part", choices=("methods", "foundations", "both"), default="both")
-    args = parser.parse_args()
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: torch sees no GPU here")
-    torch.set_num_threads(args.threads)
+    args, device = device_arguments(parser)
     if device.type == "cuda":
         batch, warmup, repeats = 32, 3, 10
     else:

@@ -286,18 +286,24 @@ def print_table(results: dict[str, dict[str, float | None]], device: torch.devic
     print_rows(results, _rows(device))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="fewer timed steps and ViT-B at batch 4 (CPU): under 3 minutes")
+def device_arguments(parser: argparse.ArgumentParser) -> tuple[argparse.Namespace, torch.device]:
+    """Add --threads and --device, parse, refuse a GPU torch cannot see, set the threads."""
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (2)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--models", nargs="+", default=list(MODELS), help="backbone names")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no GPU here")
     torch.set_num_threads(args.threads)
+    return args, device
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="fewer timed steps and ViT-B at batch 4 (CPU): under 3 minutes")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), help="backbone names")
+    args, device = device_arguments(parser)
     if device.type == "cuda":
         batches = dict.fromkeys(args.models, GPU_BATCH)
         warmup, repeats, memory_steps = (3, 10, 3) if args.quick else (5, 30, 3)

@@ -7,13 +7,10 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 from trainables.config import TARGETS
 from trainables.foundation import FOUNDATIONS, Foundation, Stat
-from trainables.lora import count_parameters
-from trainables.methods import METHODS, apply_method
-from trainables.models import build_backbone, get_backbone
+from trainables.methods import METHODS, count_on_meta
+from trainables.models import get_backbone
 
 
 def _stat(value: Stat) -> str:
@@ -28,13 +25,8 @@ def _pooling(pooling: dict) -> str:
 
 def trainable_counts(entry: Foundation, num_classes: int) -> dict[str, int]:
     """Trainable parameters per method ("lora" at the registry's counted settings, "fft")."""
-    counts = {}
-    for name in ("lora", "fft"):
-        with torch.device("meta"):
-            model = apply_method(build_backbone(entry.backbone, num_classes), name,
-                                 METHODS[name].counted_at)
-        counts[name] = count_parameters(model)[0]
-    return counts
+    return {name: count_on_meta(entry.backbone, name, METHODS[name].counted_at, num_classes)[0]
+            for name in ("lora", "fft")}
 
 
 def foundation_text(entry: Foundation, num_classes: int) -> str:

@@ -6,22 +6,16 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 from search_spaces import SPACES
-from trainables.lora import count_parameters
-from trainables.methods import METHODS, apply_method
-from trainables.models import BACKBONES, build_backbone
+from trainables.methods import METHODS, count_on_meta
+from trainables.models import BACKBONES
 
 
 def methods_table(backbone: str, num_classes: int) -> list[tuple[str, str, int, float, str]]:
     """(method, what trains, trainable params, % of the model, spaces) per method."""
     rows = []
     for name, method in METHODS.items():
-        with torch.device("meta"):
-            model = apply_method(build_backbone(backbone, num_classes), name,
-                                 method.counted_at)
-        trainable, total = count_parameters(model)
+        trainable, total = count_on_meta(backbone, name, method.counted_at, num_classes)
         at = f" ({method.counted_as})" if method.counted_as else ""
         spaces = ", ".join(s.name for s in SPACES.values() if s.kind == name) or "-"
         rows.append((name + at, method.summary, trainable, 100.0 * trainable / total, spaces))

@@ -11,7 +11,6 @@ import functools
 from dataclasses import dataclass
 
 import optuna
-import torch
 
 from search_spaces.define_by_run import DefineByRun
 from search_spaces.presets import Recipe
@@ -30,9 +29,7 @@ from trainables.config import (
 )
 from trainables.errors import ConfigError
 from trainables.foundation import get_foundation
-from trainables.lora import count_parameters
-from trainables.methods import apply_method, get_method
-from trainables.models import build_backbone
+from trainables.methods import count_on_meta, get_method
 
 BYTES = 4  # float32
 OPTIMIZER_STATES = {"sgd": 1, "adamw": 2}  # momentum; first and second moments
@@ -115,11 +112,8 @@ def _largest_trainable(foundation: str, kind: str, spec: object, img_size: int,
                        num_classes: int = 14) -> int:
     """Trainable parameters of the model under the method with these settings, at the study's
     image size, counted on meta tensors (no memory)."""
-    with torch.device("meta"):
-        model = build_backbone(get_foundation(foundation).backbone, num_classes,
-                               img_size=img_size)
-        apply_method(model, kind, spec)
-    return count_parameters(model)[0]
+    return count_on_meta(get_foundation(foundation).backbone, kind, spec, num_classes,
+                         img_size)[0]
 
 
 def arm_plan(task: TaskSpec, arm: ArmSpec) -> ArmPlan:

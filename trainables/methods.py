@@ -20,12 +20,13 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from trainables.config import FLAT_KINDS, METHOD_SPECS, DoraSpec, LoraSpec, PartialSpec, VeraSpec
 from trainables.errors import ConfigError
-from trainables.lora import ALWAYS_TRAINABLE_PREFIXES, apply_lora, split_qkv
-from trainables.models import targets_of
+from trainables.lora import ALWAYS_TRAINABLE_PREFIXES, apply_lora, count_parameters, split_qkv
+from trainables.models import build_backbone, targets_of
 
 Trains = Callable[[str], bool]
 
@@ -229,3 +230,14 @@ def apply_method(model: nn.Module, name: str, spec: object = None) -> nn.Module:
     if not any(_head(n) for n, p in model.named_parameters() if p.requires_grad):
         raise ConfigError(f"method {name!r}: the model has no head or fc_norm to train")
     return model
+
+
+def count_on_meta(backbone: str, name: str, spec: object, num_classes: int,
+                  img_size: int | None = None) -> tuple[int, int]:
+    """(trainable, total) parameters of `backbone` under method `name` with `spec`, built on
+    meta tensors (no memory, no weights): the counts `methods`, `foundations` and the plan
+    give."""
+    with torch.device("meta"):
+        model = apply_method(build_backbone(backbone, num_classes, img_size=img_size), name,
+                             spec)
+    return count_parameters(model)
