@@ -1,18 +1,17 @@
 """What the driver plugs into Ray Tune: trial callbacks (placement-group reaper, progress
-printer, interrupt watch), short trial folders, and an OptunaSearch that survives a resume."""
+printer, interrupt watch) and short trial folders."""
 
 from __future__ import annotations
 
-import contextlib
 import time
 from pathlib import Path
 
-import optuna
 import ray
 from ray.tune import Callback
-from ray.tune.search.optuna import OptunaSearch
 from ray.util.placement_group import PlacementGroup, remove_placement_group
 
+from study.pool import SEARCH
+from study.pool_tune import phase_of, search_key
 from study.schema import Metric
 from study.summary import config_text
 from trainables.ray_train import WORKER_PG
@@ -49,27 +48,31 @@ class PlacementGroupReaper(Callback):
 
 
 class TrialPrinter(Callback):
-    """One line per finished trial, with a running count and an estimate of the time left."""
+    """One line per finished search trial, with its search's running count and an estimate of
+    the time that search has left (`totals`: trials per search key in this experiment)."""
 
-    def __init__(self, label: str, total: int, max_t: int) -> None:
-        self.label, self.total, self.max_t = label, total, max_t
-        self.done, self.start, self.last = 0, time.monotonic(), {}
+    def __init__(self, totals: dict[str, int], max_t: int) -> None:
+        self.totals, self.max_t = totals, max_t
+        self.done: dict[str, int] = {}
+        self.start, self.last = time.monotonic(), {}
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         self.last[trial.trial_id] = result
 
     def _line(self, trial, status: str) -> None:
-        self.done += 1
+        if phase_of(trial.config) != SEARCH:
+            return
+        key = search_key(trial.config)
+        done = self.done[key] = self.done.get(key, 0) + 1
+        total = self.totals.get(key, done)
         res = self.last.get(trial.trial_id) or trial.last_result or {}
-        elapsed = time.monotonic() - self.start
-        eta = elapsed / self.done * (self.total - self.done)
-        params = config_text(trial.config)
+        eta = (time.monotonic() - self.start) / done * max(0, total - done)
         epochs = int(res.get(Metric.EPOCH, 0))
         if status == "done" and epochs < self.max_t:
             status = "stopped early"
-        print(f"  [{self.done}/{self.total}] {self.label} {params} "
-                  f"val_auroc={res.get(Metric.BEST_VAL_AUROC, float('nan')):.4f} epochs={epochs} "
-                  f"{status} (about {eta:.0f}s left)", flush=True)
+        print(f"  [{done}/{total}] {key.replace('/', ' ')} {config_text(trial.config)} "
+              f"val_auroc={res.get(Metric.BEST_VAL_AUROC, float('nan')):.4f} epochs={epochs} "
+              f"{status} (about {eta:.0f}s left)", flush=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self._line(trial, "done")
@@ -114,21 +117,3 @@ class InterruptWatch(Callback):
             self.before = {t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")}
         over = self.ended | self.before
         _UNFINISHED[self.key] = any(t.trial_id not in over for t in trials)
-
-
-class ResumableOptunaSearch(OptunaSearch):
-    """OptunaSearch that survives a resume racing its storage.
-
-    A driver killed after Optuna was told a trial's outcome but before Tune saved that the trial
-    ended restores the trial as running; its next report would hit a finished Optuna trial.
-    The outcome is already recorded, so those calls are skipped.
-    """
-
-    def on_trial_result(self, trial_id: str, result: dict) -> None:
-        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
-            super().on_trial_result(trial_id, result)
-
-    def on_trial_complete(self, trial_id: str, result: dict | None = None,
-                          error: bool = False) -> None:
-        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
-            super().on_trial_complete(trial_id, result, error)

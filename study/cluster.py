@@ -16,7 +16,7 @@ import ray
 import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from study.config import StudyConfig
+from study.config import ResourceSpec, StudyConfig
 from trainables.errors import ConfigError
 
 # Train polls its workers this often; Ray's default of 2 s adds up to 2 s to every report
@@ -74,16 +74,23 @@ def local_concurrency(cfg: StudyConfig) -> int:
 
 def concurrency(cfg: StudyConfig, cluster: dict[str, float] | None = None,
                 per_node: list[dict[str, float]] | None = None) -> int:
-    """How many trials fit at once; a trial that can never be placed is a ConfigError."""
+    """How many trials fit at once (the smallest reservation's count, so the cluster can be
+    filled); a trial that can never be placed is a ConfigError."""
     cluster = ray.cluster_resources() if cluster is None else cluster
+    if per_node is None:
+        per_node = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    fits = max(_fits(res, cluster, per_node) for res in cfg.resource_specs())
+    cap = cfg.resources.max_concurrent_trials
+    return min(fits, cap) if cap else fits
+
+
+def _fits(res: ResourceSpec, cluster: dict[str, float], per_node: list[dict[str, float]]
+          ) -> int:
     cpus, gpus = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
-    res = cfg.resources
     fits_cpu = int(cpus // res.cpus_per_trial)
     fits_gpu = int(gpus // (res.num_workers * res.gpus_per_worker)) if res.gpus_per_worker else (
         fits_cpu)
     fits = min(fits_cpu, fits_gpu)
-    if per_node is None:
-        per_node = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
     if per_node and not any(r.get("CPU", 0) >= res.cpus_per_worker and r.get("GPU", 0) >= (
             res.gpus_per_worker) for r in per_node):
         fits = 0
@@ -93,7 +100,7 @@ def concurrency(cfg: StudyConfig, cluster: dict[str, float] | None = None,
             f"and {res.gpus_per_worker:g} GPU but the cluster has {cpus:g} CPUs and {gpus:g} "
             f"GPUs (most on one node: {_largest_node(per_node)}): lower num_workers, "
             "cpus_per_worker or gpus_per_worker")
-    return min(fits, res.max_concurrent_trials) if res.max_concurrent_trials else fits
+    return fits
 
 
 def _largest_node(nodes: list[dict]) -> str:

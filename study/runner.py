@@ -1,25 +1,25 @@
-"""Run a study: per task, prepare the data cache; per arm, an Optuna + ASHA search through Ray
-Tune, each trial a Ray Train run; then retrain each arm's best config with the final seeds and
-score it on test. MLflow gets the whole hierarchy through `study.tracking`.
+"""Run a study as one pool: every task x arm search (an Optuna study with its own ASHA) and
+every arm's finals (its best config retrained with the final seeds, scored on test) share the
+cluster through one Tune experiment per driver run. MLflow gets the whole hierarchy through
+`study.tracking`.
 
-The parts live beside it: `study.cluster` (Ray), `study.preflight` (inputs and caches),
-`study.trials` (what a trial is told), `study.callbacks` (Tune plug-ins) and
+The parts live beside it: `study.pool` (which search gets the next slot, no Ray),
+`study.pool_tune` (how Tune executes that), `study.cluster` (Ray), `study.preflight` (inputs
+and caches), `study.trials` (what a trial is told), `study.callbacks` (Tune plug-ins) and
 `search_spaces.define_by_run` (Optuna).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import time
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import optuna
-from ray import tune
-from ray.tune import Callback, FailureConfig, ResultGrid, RunConfig, TuneConfig, Tuner
+from ray.tune import FailureConfig, ResultGrid, RunConfig, TuneConfig, Tuner
 from ray.tune.schedulers import ASHAScheduler
 
 from search_spaces import get_space, preset_point
@@ -28,7 +28,6 @@ from study.callbacks import (
     _UNFINISHED,
     InterruptWatch,
     PlacementGroupReaper,
-    ResumableOptunaSearch,
     TrialPrinter,
     trial_dirname,
 )
@@ -40,22 +39,30 @@ from study.cluster import (
     local_concurrency,
 )
 from study.config import ArmSpec, StudyConfig, TaskSpec, check_destinations
+from study.pool import FINAL, SearchPlan
+from study.pool_tune import (
+    Best,
+    PoolScheduler,
+    PoolSearcher,
+    ResumableOptunaSearch,
+    phase_of,
+    search_key,
+)
 from study.preflight import TaskData, preflight, prepare_caches
 from study.schema import (
     SEARCH_METRIC,
     SEARCH_MODE,
     ArmParams,
     Metric,
-    Phase,
+    Param,
     StudyParams,
     Tag,
     checkpoint_sha_tag,
 )
-from study.state import Segment, StudyState, config_hash
+from study.state import Pool, Segment, StudyState
 from study.tracking import (
     TRANSIENT,
-    MlflowTrialTracker,
-    arm_tags,
+    PoolTracker,
     check_reachable,
     connect,
     end_open_runs,
@@ -63,12 +70,17 @@ from study.tracking import (
     open_arm_run,
     open_study_run,
     provenance,
-    reopen_run,
-    set_trial_count,
     supersede_finals,
 )
-from study.trials import arm_optimizer, arm_recipe, run_settings, search_constants, study_trainable
-from trainables.config import RunSettings, TrialSpec
+from study.trials import (
+    arm_optimizer,
+    arm_recipe,
+    predictions_file,
+    run_settings,
+    search_constants,
+    study_trainable,
+)
+from trainables.config import RunSettings, TrialSpec, config_digest
 from trainables.errors import ArmFailed, ConfigError, StudyFailed, TrackingUnavailable
 
 
@@ -85,23 +97,22 @@ class ArmOutcome:
     failed: int
     epochs_spent: int
     wall_s: float
-    settings: RunSettings
     final_test: list[float] = field(default_factory=list)
 
 
 class StudyInterrupted(KeyboardInterrupt):
-    """Ctrl-C reached a search: Tune saved its state, the study can be resumed."""
+    """Ctrl-C reached the pool: Tune saved its state, the study can be resumed."""
 
 
 @dataclass
 class Session:
-    """What every search of one `run_study` call shares."""
+    """What every part of one `run_study` call shares."""
 
     cfg: StudyConfig
     client: Any
     exp_id: str
     parent: str
-    max_concurrent: int
+    slots: int
     state: StudyState
     emit: Callable[[str], None]
 
@@ -112,8 +123,23 @@ class Session:
         return self.cfg.storage / "tracking_backlog" / f"{name}.jsonl"
 
 
-def _fit(path: Path, make: Callable[[], Tuner], trainable: Any, expected: int, emit
-         ) -> ResultGrid:
+@dataclass
+class Search:
+    """One task x arm search as the driver prepared it: its MLflow run and Optuna space."""
+
+    task: TaskSpec
+    arm: ArmSpec
+    data: TaskData
+    run_id: str
+    define_by_run: DefineByRun
+    preset: dict[str, Any] | None
+
+    @property
+    def key(self) -> str:
+        return f"{self.task.key}/{self.arm.name}"
+
+
+def _fit(path: Path, make: Callable[[], Tuner], trainable: Any, emit) -> ResultGrid:
     """Fit a Tune experiment, continuing it from its folder if it already started.
 
     A finished experiment comes back at once with its results; unfinished trials continue
@@ -130,16 +156,14 @@ def _fit(path: Path, make: Callable[[], Tuner], trainable: Any, expected: int, e
     unfinished = _UNFINISHED.pop(str(path), None)
     if unfinished is None:  # the watch never heard the end: judge by the saved statuses
         unfinished = grid.num_terminated + grid.num_errors < len(grid)
-    if len(grid) < expected or unfinished:
+    if unfinished:
         raise StudyInterrupted(path.name)
     return grid
 
 
-def search_arm(session: Session, task: TaskSpec, arm: ArmSpec, data: TaskData) -> ArmOutcome:
-    """One Optuna study and ASHA scheduler for this task x arm, over one or more Tune
-    experiments: the first runs the study file's trials; `--add-trials` and a raised trial
-    count append more, asked from the same Optuna study (the sampler sees every past trial)."""
-    cfg, client, state = session.cfg, session.client, session.state
+def prepare_search(session: Session, task: TaskSpec, arm: ArmSpec, data: TaskData) -> Search:
+    """The search's MLflow run (found again or created) and its Optuna define-by-run space."""
+    cfg, state = session.cfg, session.state
     key = f"{task.key}/{arm.name}"
     space = get_space(arm.space)
     recipe = arm_recipe(task, arm)
@@ -152,129 +176,183 @@ def search_arm(session: Session, task: TaskSpec, arm: ArmSpec, data: TaskData) -
                        optimizer=optimizer, preset=preset or {}, split_hash=data.content_hash,
                        foundation=task.foundation.name, dataset=task.dataset.name,
                        label_fraction=task.label_fraction, split_seed=task.split_seed)
-    run_id = open_arm_run(client, session.exp_id, state.arm_runs.get(key), session.parent, key,
-                          arm.name, task.key, record)
+    run_id = open_arm_run(session.client, session.exp_id, state.arm_runs.get(key),
+                          session.parent, key, arm.name, task.key, record)
     if state.arm_runs.get(key) != run_id:
         state.arm_runs[key] = run_id
         session.save()
-    planned = state.planned(arm.name, arm.trials)
-    segments = state.segments.setdefault(key, [])
-    if state.done_trials(key) < planned:
-        suffix = f"-add{len(segments)}" if segments else ""
-        segments.append(Segment(f"{task.key}-{arm.name}{suffix}",
-                                planned - state.done_trials(key)))
-        session.save()
-    set_trial_count(client, run_id, state.done_trials(key))
-    settings = run_settings(cfg, data)
-    trainable = study_trainable(cfg, settings)
-
-    start = time.monotonic()
-    results, failed, offset = [], 0, 0
-    for number, segment in enumerate(segments):
-        storage = optuna.storages.RDBStorage(f"sqlite:///{cfg.storage / 'optuna.db'}")
-        name_objective(storage, f"{cfg.name}/{key}", SEARCH_METRIC, SEARCH_MODE)
-        points = [{k: v for k, v in preset.items() if k not in fixed}] if (
-            preset and number == 0) else None
-        tracker = MlflowTrialTracker(client, session.exp_id, run_id,
-                                     arm_tags(arm.name, task.key, arm.kind), cfg.search.max_t,
-                                     session.backlog(segment.name), offset, run=settings)
-        path = cfg.storage / "tune" / segment.name
-
-        def make(segment=segment, points=points, storage=storage, tracker=tracker,
-                 path=path) -> Tuner:
-            searcher = ResumableOptunaSearch(space=define_by_run, metric=SEARCH_METRIC,
-                                             mode=SEARCH_MODE, points_to_evaluate=points,
-                                             sampler=sampler(cfg.search.sampler,
-                                                             cfg.search.seed),
-                                             storage=storage, study_name=f"{cfg.name}/{key}")
-            scheduler = ASHAScheduler(time_attr=Metric.EPOCH, metric=SEARCH_METRIC,
-                                      mode=SEARCH_MODE,
-                                      max_t=cfg.search.max_t,
-                                      grace_period=cfg.search.grace_period,
-                                      reduction_factor=cfg.search.reduction_factor)
-            return Tuner(trainable, tune_config=TuneConfig(
-                search_alg=searcher, scheduler=scheduler, num_samples=segment.trials,
-                max_concurrent_trials=1 if cfg.search.sequential else session.max_concurrent,
-                trial_dirname_creator=trial_dirname, reuse_actors=True),
-                run_config=_run_config(cfg, segment.name, [
-                    tracker, PlacementGroupReaper(), InterruptWatch(path),
-                    TrialPrinter(f"{task.key} {arm.name}", segment.trials, cfg.search.max_t)]))
-        grid = _fit(path, make, trainable, segment.trials, session.emit)
-        tracker.drain()
-        fail_orphans(storage, f"{cfg.name}/{key}")
-        results += [r for r in grid if r.metrics and Metric.BEST_VAL_AUROC in r.metrics]
-        failed += grid.num_errors
-        offset += segment.trials
-    wall = time.monotonic() - start
-    if not results:
-        end_run(client, run_id, "FAILED", tags={Tag.ERROR: "every trial failed"})
-        raise ArmFailed(f"{key}: all {failed} trial(s) failed while training; the study went "
-                        f"on without this arm. The '{Tag.ERROR}' tag of each trial run says why")
-    best = max(results, key=lambda r: r.metrics[Metric.BEST_VAL_AUROC])
-    epochs = sum(int(r.metrics.get(Metric.EPOCH, 0)) for r in results)
-    stopped = sum(1 for r in results if int(r.metrics.get(Metric.EPOCH, 0)) < cfg.search.max_t)
-    outcome = ArmOutcome(arm.name, arm.kind, task.key, run_id, dict(best.config),
-                         float(best.metrics[Metric.BEST_VAL_AUROC]), len(results) + failed,
-                         stopped, failed, epochs, wall, settings)
-    full = state.done_trials(key) * cfg.search.max_t
-    end_run(client, run_id, metrics={
-        Metric.BEST_VAL_AUROC: outcome.best_val, Metric.EPOCHS_SPENT: epochs,
-        Metric.EPOCHS_SAVED: full - epochs, Metric.TRIALS_STOPPED_EARLY: stopped,
-        Metric.TRIALS_FAILED: failed, Metric.WALL_S: wall,
-        Metric.TRAINABLE_PARAMS: float(best.metrics.get(Metric.TRAINABLE_PARAMS, 0)),
-        Metric.TOTAL_PARAMS: float(best.metrics.get(Metric.TOTAL_PARAMS, 0))})
-    return outcome
+    points = {k: v for k, v in preset.items() if k not in fixed} if preset else None
+    return Search(task, arm, data, run_id, define_by_run, points)
 
 
-def _run_config(cfg: StudyConfig, name: str, callbacks: list[Callback]) -> RunConfig:
-    return RunConfig(name=name, storage_path=str(cfg.storage / "tune"), verbose=0,
-                     failure_config=FailureConfig(max_failures=1), callbacks=callbacks)
+def _optuna(cfg: StudyConfig, search: Search, first: bool) -> ResumableOptunaSearch:
+    """The search's Optuna study in the study's storage (every experiment of the search asks
+    the same study, so its sampler sees every past trial); the preset is its first trial."""
+    storage = optuna.storages.RDBStorage(f"sqlite:///{cfg.storage / 'optuna.db'}")
+    name = f"{cfg.name}/{search.key}"
+    name_objective(storage, name, SEARCH_METRIC, SEARCH_MODE)
+    return ResumableOptunaSearch(space=search.define_by_run, metric=SEARCH_METRIC,
+                                 mode=SEARCH_MODE,
+                                 points_to_evaluate=[search.preset] if (
+                                     search.preset and first) else None,
+                                 sampler=sampler(cfg.search.sampler, cfg.search.seed),
+                                 storage=storage, study_name=name)
 
 
-def final_arm(session: Session, outcome: ArmOutcome) -> None:
-    """Retrain the arm's best config with the final seeds; score the best-val epoch on test.
+def _asha(cfg: StudyConfig) -> ASHAScheduler:
+    return ASHAScheduler(time_attr=Metric.EPOCH, metric=SEARCH_METRIC, mode=SEARCH_MODE,
+                         max_t=cfg.search.max_t, grace_period=cfg.search.grace_period,
+                         reduction_factor=cfg.search.reduction_factor)
 
-    The final runs belong to a config: when a grown search finds a better one, the earlier
-    final runs are tagged `superseded` and the new config is retrained.
-    """
-    cfg, client, state = session.cfg, session.client, session.state
-    key = f"{outcome.task}/{outcome.arm}"
-    digest = config_hash(outcome.best_config)
-    if state.finals.get(key) not in (None, digest):
-        supersede_finals(client, session.exp_id, outcome.run_id, state.finals[key])
-    state.finals[key] = digest
-    session.save()
+
+@dataclass
+class Trials:
+    """What the study's pool experiments hold so far, per search key."""
+
+    search: dict[str, list[Any]] = field(default_factory=dict)  # Tune Results, in order
+    failed: dict[str, int] = field(default_factory=dict)
+    finals: dict[str, list[Any]] = field(default_factory=dict)
+
+    def add(self, grid: ResultGrid) -> None:
+        for result in grid:
+            config = result.config or {}
+            if Param.TASK not in config:
+                continue
+            key = search_key(config)
+            if phase_of(config) == FINAL:
+                self.finals.setdefault(key, []).append(result)
+            elif result.error is not None or not (
+                    result.metrics and Metric.BEST_VAL_AUROC in result.metrics):
+                self.failed[key] = self.failed.get(key, 0) + 1
+            else:
+                self.search.setdefault(key, []).append(result)
+
+    def best(self, key: str) -> Best | None:
+        """The search's best trial: highest best validation AUROC, the earliest on ties (the
+        pool's searcher chooses the finals' config by the same rule)."""
+        best = None
+        for order, result in enumerate(self.search.get(key, [])):
+            found = Best(float(result.metrics[Metric.BEST_VAL_AUROC]), order,
+                         dict(result.config))
+            if found.better(best):
+                best = found
+        return best
+
+
+def _pool_results(session: Session, trainable: Any, pools: list[Pool]) -> Trials:
+    """The trials of pool experiments that have ended (read back from their folders)."""
+    trials = Trials()
+    for pool in pools:
+        path = session.cfg.storage / "tune" / pool.name
+        if Tuner.can_restore(str(path)):
+            trials.add(Tuner.restore(str(path), trainable=trainable).get_results())
+    return trials
+
+
+def _work(session: Session, search: Search, pool: Pool, earlier: Trials
+          ) -> tuple[int, int] | None:
+    """(trials before `pool`, trials in it) for the search, or None when it has nothing to do
+    there: no trials and no finals due (a best config from earlier pools not yet retrained)."""
+    segments = session.state.segments.get(search.key, [])
+    names = [s.name for s in segments]
+    before = segments[:names.index(pool.name)] if pool.name in names else segments
+    mine = sum(s.trials for s in segments if s.name == pool.name)
+    best = earlier.best(search.key)
+    finals_due = bool(session.cfg.final.seeds) and best is not None and (
+        session.state.finals.get(search.key) != config_digest(best.config))
+    return (sum(s.trials for s in before), mine) if mine or finals_due else None
+
+
+def run_pool(session: Session, searches: list[Search], pool: Pool, trainable: Any,
+             earlier: Trials, runs: dict[str, RunSettings]) -> ResultGrid:
+    """One Tune experiment for every search with trials in `pool` (the state's segments say
+    how many) and every arm whose finals are still to run."""
+    cfg, state = session.cfg, session.state
+    plans, optunas, offsets = [], {}, {}
     seeds = list(range(cfg.final.seeds))
-    pred_dir = cfg.storage / "predictions" / outcome.task / outcome.arm / digest
-    config = {**outcome.best_config, **dict(phase=Phase.FINAL, seed=tune.grid_search(seeds))}
-    settings = dataclasses.replace(outcome.settings,
-                                   predictions_path=str(pred_dir / "seed{seed}.parquet"),
-                                   patient_salt=cfg.name)
-    trainable = study_trainable(cfg, settings)
-    name = f"{outcome.task}-{outcome.arm}-final-{digest}"
-    tags = {**arm_tags(outcome.arm, outcome.task, outcome.kind, Phase.FINAL),
-            Tag.FINAL_CONFIG: digest}
-    tracker = MlflowTrialTracker(client, session.exp_id, outcome.run_id, tags,
-                                 cfg.search.max_t, session.backlog(name), run=settings)
-
-    path = cfg.storage / "tune" / name
+    for search in searches:
+        key = search.key
+        work = _work(session, search, pool, earlier)
+        if work is None:
+            continue
+        offsets[key], mine = work
+        plans.append(SearchPlan(key, mine, search.task.label_fraction, len(seeds)))
+        optunas[key] = _optuna(cfg, search, first=offsets[key] == 0)
+    path = cfg.storage / "tune" / pool.name
+    arm_runs = {s.key: s.run_id for s in searches}
+    any_run = next(iter(runs.values()))
+    tracker = PoolTracker(session.client, session.exp_id, arm_runs, cfg.search.max_t,
+                          session.backlog(pool.name), offsets, run=any_run)
+    best = {key: b for key in optunas if (b := earlier.best(key)) is not None}
+    for key, b in best.items():  # earlier trials come first in the search's order
+        best[key] = Best(b.value, b.order - offsets[key], b.config)
 
     def make() -> Tuner:
-        return Tuner(trainable, param_space=config,
-                     tune_config=TuneConfig(max_concurrent_trials=session.max_concurrent,
-                                            trial_dirname_creator=trial_dirname, reuse_actors=True),
-                     run_config=_run_config(cfg, name, [tracker, PlacementGroupReaper(),
-                                                        InterruptWatch(path)]))
-    reopen_run(client, outcome.run_id)
-    grid = _fit(path, make, trainable, len(seeds), session.emit)
+        searcher = PoolSearcher(optunas, plans, cfg.search.concurrency, session.slots,
+                                cfg.search.sequential, seeds, best, dict(state.finals))
+        totals = {p.key: p.trials for p in plans}
+        return Tuner(trainable, tune_config=TuneConfig(
+            search_alg=searcher, scheduler=PoolScheduler(functools.partial(_asha, cfg)),
+            num_samples=-1, trial_dirname_creator=trial_dirname, reuse_actors=True),
+            run_config=RunConfig(name=pool.name, storage_path=str(cfg.storage / "tune"),
+                                 verbose=0, failure_config=FailureConfig(max_failures=1),
+                                 callbacks=[tracker, PlacementGroupReaper(),
+                                            InterruptWatch(path),
+                                            TrialPrinter(totals, cfg.search.max_t)]))
+    grid = _fit(path, make, trainable, session.emit)
     tracker.drain()
-    for result in grid:
+    for key in optunas:
+        fail_orphans(optunas[key]._storage, f"{cfg.name}/{key}")
+    return grid
+
+
+def _wall(results: list[Any]) -> float:
+    """From the first trial's start to the last trial's last report."""
+    spans = [(r.metrics["timestamp"] - r.metrics.get("time_total_s", 0), r.metrics["timestamp"])
+             for r in results if r.metrics and "timestamp" in r.metrics]
+    return max(e for _, e in spans) - min(s for s, _ in spans) if spans else 0.0
+
+
+def close_search(session: Session, search: Search, trials: Trials, tracker: PoolTracker,
+                 runs: dict[str, RunSettings]) -> ArmOutcome:
+    """Write what the search and its finals found to the arm's run: the search's totals, the
+    finals' predictions; an earlier config's finals are tagged superseded."""
+    cfg, client, state = session.cfg, session.client, session.state
+    key = search.key
+    results, failed = trials.search.get(key, []), trials.failed.get(key, 0)
+    best = trials.best(key)
+    if best is None:
+        end_run(client, search.run_id, "FAILED", tags={Tag.ERROR: "every trial failed"})
+        raise ArmFailed(f"{key}: all {failed} trial(s) failed while training; the study went "
+                        f"on without this arm. The '{Tag.ERROR}' tag of each trial run says why")
+    epochs = sum(int(r.metrics.get(Metric.EPOCH, 0)) for r in results)
+    stopped = sum(1 for r in results if int(r.metrics.get(Metric.EPOCH, 0)) < cfg.search.max_t)
+    best_result = results[best.order]
+    outcome = ArmOutcome(search.arm.name, search.arm.kind, search.task.key, search.run_id,
+                         best.config, best.value, len(results) + failed, stopped, failed,
+                         epochs, _wall(results))
+    digest = config_digest(best.config)
+    finals = [r for r in trials.finals.get(key, []) if config_digest(r.config) == digest]
+    if cfg.final.seeds and finals:
+        if state.finals.get(key) not in (None, digest):
+            supersede_finals(client, session.exp_id, search.run_id, state.finals[key])
+        state.finals[key] = digest
+        session.save()
+    for result in finals:
         if result.metrics and Metric.TEST_AUROC in result.metrics:
             outcome.final_test.append(float(result.metrics[Metric.TEST_AUROC]))
-            spec_seed = TrialSpec.from_tune(result.config).train.seed
-            tracker.log_artifact(result.metrics["trial_id"],
-                                 pred_dir / f"seed{spec_seed}.parquet")
-    end_run(client, outcome.run_id)
+            trial_id = result.metrics["trial_id"]
+            seed = TrialSpec.from_tune(result.config).train.seed
+            tracker.log_artifact(trial_id, predictions_file(runs[search.task.key], trial_id,
+                                                            seed), parent=search.run_id)
+    full = state.done_trials(key) * cfg.search.max_t
+    end_run(client, search.run_id, metrics={
+        Metric.BEST_VAL_AUROC: outcome.best_val, Metric.EPOCHS_SPENT: epochs,
+        Metric.EPOCHS_SAVED: full - epochs, Metric.TRIALS_STOPPED_EARLY: stopped,
+        Metric.TRIALS_FAILED: failed, Metric.WALL_S: outcome.wall_s,
+        Metric.TRAINABLE_PARAMS: float(best_result.metrics.get(Metric.TRAINABLE_PARAMS, 0)),
+        Metric.TOTAL_PARAMS: float(best_result.metrics.get(Metric.TOTAL_PARAMS, 0))})
+    return outcome
 
 
 def run_study(cfg: StudyConfig, emit: Callable[[str], None] = print,
@@ -303,7 +381,7 @@ def run_study(cfg: StudyConfig, emit: Callable[[str], None] = print,
     splits = preflight(cfg)
     data = prepare_caches(cfg, splits, emit)
     init_ray(address)
-    max_concurrent = concurrency(cfg)
+    slots = 1 if cfg.search.sequential else concurrency(cfg)
     if (nodes := check_shared_storage(cfg)) > 1:
         emit(f"cluster of {nodes} nodes: storage, cache and checkpoints visible from every node")
     client, exp_id = connect(cfg.tracking.uri, cfg.tracking.experiment, cfg.storage)
@@ -320,24 +398,41 @@ def run_study(cfg: StudyConfig, emit: Callable[[str], None] = print,
                             len(cfg.tasks))
     state.study_run = parent
     state.save(cfg.storage)
-    session = Session(cfg, client, exp_id, parent, max_concurrent, state, emit)
+    session = Session(cfg, client, exp_id, parent, slots, state, emit)
+    runs = {task.key: run_settings(cfg, task, data[task.key]) for task in cfg.tasks}
+    trainable = study_trainable(runs)
     outcomes: list[ArmOutcome] = []
     failed: list[str] = []
     status = "FAILED"
     try:
-        for task in cfg.tasks:
-            task_outcomes = []
-            for arm in cfg.arms:
-                try:
-                    task_outcomes.append(search_arm(session, task, arm, data[task.key]))
-                except ArmFailed as exc:
-                    emit(f"  {exc}")
-                    failed.append(f"{task.key}/{arm.name}")
-            if cfg.final.seeds and task_outcomes:
-                emit(f"task {task.key}: final evaluation, {cfg.final.seeds} seed(s) per arm")
-                for outcome in task_outcomes:
-                    final_arm(session, outcome)
-            outcomes += task_outcomes
+        searches = [prepare_search(session, task, arm, data[task.key])
+                    for task in cfg.tasks for arm in cfg.arms]
+        trials = _pool_results(session, trainable, [p for p in state.pools if p.done])
+        # A pool a killed or interrupted driver left goes on first, with its own plan.
+        for pool in [p for p in state.pools if not p.done]:
+            trials.add(run_pool(session, searches, pool, trainable, trials, runs))
+            pool.done = True
+            session.save()
+        pool = Pool(f"pool-{len(state.pools)}")
+        for search in searches:
+            left = state.planned(search.arm.name, search.arm.trials) - state.done_trials(
+                search.key)
+            if left > 0:
+                state.segments.setdefault(search.key, []).append(Segment(pool.name, left))
+        if any(_work(session, s, pool, trials) is not None for s in searches):
+            state.pools.append(pool)
+            session.save()
+            trials.add(run_pool(session, searches, pool, trainable, trials, runs))
+            pool.done = True
+            session.save()
+        tracker = PoolTracker(client, exp_id, {s.key: s.run_id for s in searches},
+                              cfg.search.max_t, session.backlog("artifacts"), background=False)
+        for search in searches:
+            try:
+                outcomes.append(close_search(session, search, trials, tracker, runs))
+            except ArmFailed as exc:
+                emit(f"  {exc}")
+                failed.append(search.key)
         status = "FINISHED" if not failed else "FAILED"
     except KeyboardInterrupt:
         status = "KILLED"

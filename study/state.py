@@ -9,26 +9,34 @@ before the step it records, so a killed driver leaves a state that `--resume` ca
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
-from study.schema import Param
 from trainables.errors import ConfigError
 
 STATE_FILE = "study_state.json"
-STATE_VERSION = 1
+# 2: the study pool (one Tune experiment per driver run serves every search and final).
+STATE_VERSION = 2
 
 
 @dataclass
 class Segment:
-    """One Tune experiment of a search: its folder name and how many trials it runs."""
+    """A search's share of one pool experiment: the experiment's folder and the trials it
+    runs for that search."""
 
     name: str
     trials: int
+
+
+@dataclass
+class Pool:
+    """One pool experiment (a Tune experiment serving every search and final with work left
+    when it started); `done` once its results are written to MLflow."""
+
+    name: str
+    done: bool = False
 
 
 @dataclass
@@ -39,7 +47,8 @@ class StudyState:
     arm_runs: dict[str, str] = field(default_factory=dict)
     segments: dict[str, list[Segment]] = field(default_factory=dict)
     added: dict[str, int] = field(default_factory=dict)
-    finals: dict[str, str] = field(default_factory=dict)  # task/arm -> config hash retrained
+    finals: dict[str, str] = field(default_factory=dict)  # task/arm -> config digest retrained
+    pools: list[Pool] = field(default_factory=list)
 
     @staticmethod
     def path(storage: Path) -> Path:
@@ -52,9 +61,17 @@ class StudyState:
             return None
         try:
             raw = json.loads(path.read_text())
+            if raw.get("version") == 1:
+                raise ConfigError(
+                    f"{path} was written before the study pool (state version 1, a queue of "
+                    f"Tuners; this code reads {STATE_VERSION}): finish that study with the code "
+                    "that started it, or start again in a new storage")
             raw["segments"] = {k: [Segment(**s) for s in v]
                                for k, v in raw.get("segments", {}).items()}
+            raw["pools"] = [Pool(**p) for p in raw.get("pools", [])]
             state = cls(**raw)
+        except ConfigError:
+            raise
         except (ValueError, TypeError, AttributeError) as exc:  # not UTF-8, not JSON, wrong shape
             raise ConfigError(f"{path} is damaged ({exc}): restore it from a backup, or move "
                               "the study directory aside and start again") from exc
@@ -76,9 +93,3 @@ class StudyState:
 
     def done_trials(self, key: str) -> int:
         return sum(s.trials for s in self.segments.get(key, []))
-
-
-def config_hash(config: dict[str, Any]) -> str:
-    """A short stable id of a trial config (which best config an arm's final runs used)."""
-    text = json.dumps({k: config[k] for k in sorted(config) if k != Param.SEED}, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:10]

@@ -27,6 +27,8 @@ from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
 from study.backlog import Backlog
+from study.pool import FINAL
+from study.pool_tune import index_in_search, phase_of, search_key
 from study.schema import (
     EXPERIMENT_KIND,
     FALSE,
@@ -40,7 +42,8 @@ from study.schema import (
     Tag,
     params,
 )
-from trainables.config import RunSettings
+from study.schema import Param as ParamName
+from trainables.config import RunSettings, config_digest
 from trainables.errors import ConfigError, DivergenceError, TrackingUnavailable
 from trainables.fit import REPLAY
 from trainables.ray_train import WORKER_NODE
@@ -249,7 +252,8 @@ class MlflowTrialTracker(Callback):
     def _apply(self, record: dict[str, Any]) -> None:
         kind = record["kind"]
         run_id = self._run(record["trial_id"], record.get("config"), record.get("index"),
-                           reopen=kind != "finish")
+                           reopen=kind != "finish", parent=record.get("parent"),
+                           run_tags=record.get("run_tags"))
         if kind == "metrics":
             step = int(record["step"])
             if step in self.logged_steps[record["trial_id"]]:
@@ -264,14 +268,18 @@ class MlflowTrialTracker(Callback):
             self.client.set_terminated(run_id, record["status"])
 
     def _run(self, trial_id: str, config: dict[str, Any] | None = None,
-             index: str | None = None, reopen: bool = False) -> str:
+             index: str | None = None, reopen: bool = False, parent: str | None = None,
+             run_tags: dict[str, str] | None = None) -> str:
         """The trial's run, created if new; `reopen` marks a found run RUNNING again (a killed
-        or interrupted trial goes on). Its params are the trial's flat config, key for key."""
+        or interrupted trial goes on). Its params are the trial's flat config, key for key.
+        `parent` and `run_tags` (the record's) override the tracker's own."""
         if trial_id in self.runs:
             return self.runs[trial_id]
+        parent = parent or self.parent
+        run_tags = run_tags or self.tags
         found = self.client.search_runs(
             [self.exp_id], filter_string=f"tags.{Tag.TRIAL_ID} = '{trial_id}' and "
-            f"tags.`{PARENT}` = '{self.parent}'", max_results=2)
+            f"tags.`{PARENT}` = '{parent}'", max_results=2)
         if found:
             run_id = found[0].info.run_id
             if reopen and found[0].info.status != "RUNNING":
@@ -280,9 +288,9 @@ class MlflowTrialTracker(Callback):
             self.logged_steps[trial_id] = {m.step for m in history}
         else:
             config = config or {}
-            name = f"{self.tags.get(Tag.ARM, 'trial')}-{trial_id}"
-            tags = {**self.tags, Tag.TRIAL_ID: trial_id, Tag.TRIAL_INDEX: str(index)}
-            run_id = start_run(self.client, self.exp_id, name, tags, self.parent, config)
+            name = f"{run_tags.get(Tag.ARM, 'trial')}-{trial_id}"
+            tags = {**run_tags, Tag.TRIAL_ID: trial_id, Tag.TRIAL_INDEX: str(index)}
+            run_id = start_run(self.client, self.exp_id, name, tags, parent, config)
             self.client.log_dict(run_id, config, "config.json")
             self.logged_steps[trial_id] = set()
         self.runs[trial_id] = run_id
@@ -335,9 +343,50 @@ class MlflowTrialTracker(Callback):
         self._finish(trial, "FAILED", {Tag.ERROR: trial_error(trial, marker),
                                        Tag.STOPPED_EARLY: FALSE})
 
-    def log_artifact(self, trial_id: str, path: Path) -> None:
+    def log_artifact(self, trial_id: str, path: Path, parent: str | None = None) -> None:
         if path.exists():
-            self.client.log_artifact(self._run(trial_id), str(path))
+            self.client.log_artifact(self._run(trial_id, parent=parent), str(path))
+
+
+class PoolTracker(MlflowTrialTracker):
+    """The tracker of a study's pool: each trial's run goes under its own task x arm's run,
+    with that arm's tags (and, for a final run, the digest of the config it retrains); its
+    trial index counts within its own search, after `offsets[key]` trials of earlier
+    experiments of that search."""
+
+    def __init__(self, client: MlflowClient, exp_id: str, arm_runs: dict[str, str],
+                 max_t: int, backlog: Path, offsets: dict[str, int] | None = None,
+                 background: bool = True, run: RunSettings | None = None) -> None:
+        super().__init__(client, exp_id, "", {}, max_t, backlog, 0, background, run)
+        self.arm_runs, self.offsets = arm_runs, dict(offsets or {})
+        self.trials: list = []
+
+    def _start_record(self, trial) -> dict[str, Any]:
+        config = dict(trial.config)
+        key, final = search_key(config), phase_of(config) == FINAL
+        run_tags = arm_tags(config[ParamName.ARM], config[ParamName.TASK],
+                            config[ParamName.KIND], Phase.FINAL if final else Phase.SEARCH)
+        if final:
+            run_tags[Tag.FINAL_CONFIG] = config_digest(config)
+        index = index_in_search(trial, self.trials) + (0 if final else self.offsets.get(key, 0))
+        return {"trial_id": trial.trial_id, "config": _jsonable(config), "index": str(index),
+                "parent": self.arm_runs[key], "run_tags": run_tags}
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self.trials = trials
+        super().on_trial_start(iteration, trials, trial, **info)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        self.trials = trials
+        super().on_trial_result(iteration, trials, trial, result, **info)
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self.trials = trials
+        super().on_trial_complete(iteration, trials, trial, **info)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self.trials = trials
+        super().on_trial_error(iteration, trials, trial, **info)
 
 
 def _jsonable(config: dict[str, Any]) -> dict[str, Any]:

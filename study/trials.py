@@ -66,21 +66,26 @@ def search_constants(cfg: StudyConfig, task: TaskSpec, arm: ArmSpec, data: TaskD
             **flatten(train_defaults(cfg, arm, recipe, optimizer))}
 
 
-def run_settings(cfg: StudyConfig, data: TaskData, predictions: Path | None = None,
-                 patient_salt: str = "") -> RunSettings:
-    """Paths and resources of a search's or final evaluation's trials."""
-    res = cfg.resources
+def run_settings(cfg: StudyConfig, task: TaskSpec, data: TaskData) -> RunSettings:
+    """Paths and resources of a task's trials (its foundation's resources, else the study's);
+    a final trial writes its test predictions to `predictions/<task>/<trial id>/seed<k>.parquet`."""
+    res = cfg.resources_for(task)
+    predictions = cfg.storage / "predictions" / task.key / "{trial_id}" / "seed{seed}.parquet"
     return RunSettings(
         cache_dir=str(data.cache_dir), storage_path=str(cfg.storage / "train"),
-        checkpoints_to_keep=cfg.checkpoints_to_keep,
-        predictions_path=str(predictions) if predictions else None, patient_salt=patient_salt,
-        num_workers=res.num_workers, cpus_per_worker=res.cpus_per_worker,
-        gpus_per_worker=res.gpus_per_worker, local_mode=res.local_mode)
+        checkpoints_to_keep=cfg.checkpoints_to_keep, predictions_path=str(predictions),
+        patient_salt=cfg.name, num_workers=res.num_workers,
+        cpus_per_worker=res.cpus_per_worker, gpus_per_worker=res.gpus_per_worker,
+        local_mode=res.local_mode)
 
 
-def study_trainable(cfg: StudyConfig, run: RunSettings):
-    """The Tune trainable with these run settings and what each trial reserves."""
-    from trainables.ray_train import trainable, trial_resources  # Ray: not for a plan
-    res = cfg.resources
-    return trainable(run, trial_resources(res.num_workers, res.cpus_per_worker,
-                                          res.gpus_per_worker, res.local_mode))
+def predictions_file(run: RunSettings, trial_id: str, seed: int) -> Path:
+    """Where a final trial with these run settings wrote its test predictions."""
+    return Path(run.for_trial(trial_id).predictions_path.format(seed=seed))
+
+
+def study_trainable(runs: dict[str, RunSettings]):
+    """The pool's Tune trainable: run settings per task key, each trial reserving what its
+    task's settings ask for."""
+    from trainables.ray_train import trainable  # Ray: not for a plan
+    return trainable(runs)

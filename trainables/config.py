@@ -14,6 +14,8 @@ No torch here: analysis reads the param types without importing a model library.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import tempfile
 import types
@@ -231,7 +233,7 @@ class TaskFactors:
 class RunSettings:
     """Where a trial reads its data and writes its outputs, and what it runs on: the same for
     every trial of a search, so never searched, logged as params or hashed with the config.
-    `predictions_path` may hold `{seed}`."""
+    `predictions_path` may hold `{seed}` and `{trial_id}`."""
 
     cache_dir: str
     storage_path: str = ""
@@ -253,6 +255,14 @@ class RunSettings:
         (where a worker group's Ray Train run of the same name keeps its own)."""
         storage = self.storage_path or os.path.join(tempfile.gettempdir(), "cxr-train")
         return Path(storage) / f"train-{trial_id}"
+
+    def for_trial(self, trial_id: str) -> RunSettings:
+        """These settings with `{trial_id}` of `predictions_path` filled in (`{seed}` stays:
+        the fit loop fills it from the trial's spec)."""
+        if not self.predictions_path:
+            return self
+        return dataclasses.replace(self, predictions_path=self.predictions_path.replace(
+            "{trial_id}", trial_id))
 
     def divergence_marker(self, trial_id: str) -> Path:
         """Where a diverged trial leaves its reason (a retry and the driver read it)."""
@@ -412,3 +422,11 @@ assert {f.name for f in dataclasses.fields(_TrialFactors)} == {
     f.name for f in dataclasses.fields(TrialSpec)
     if not f.metadata.get("spec")
     and not dataclasses.is_dataclass(kind_of(typing.get_type_hints(TrialSpec)[f.name]))}
+
+
+def config_digest(config: Mapping[str, Any]) -> str:
+    """A short stable id of a trial's flat config without its seed and phase: a search
+    trial and the final runs that retrain its config share it."""
+    text = json.dumps({k: config[k] for k in sorted(config) if k not in ("seed", "phase")},
+                      default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:10]

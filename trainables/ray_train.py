@@ -23,11 +23,12 @@ arrive beside it through `tune.with_parameters`.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ import ray.util
 import torch
 from ray.train import Checkpoint, CheckpointConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer, prepare_data_loader, prepare_model
+from ray.tune import PlacementGroupFactory
 from ray.tune.integration.ray_train import TuneReportCallback
 from torch import nn
 from torch.utils.data import DataLoader
@@ -274,14 +276,16 @@ def _trainer(loop: Callable[[dict[str, Any]], None], spec: TrialSpec,
     )
 
 
-def tune_trial(config: dict[str, Any], run: RunSettings) -> None:
+def tune_trial(config: dict[str, Any], runs: Mapping[str, RunSettings]) -> None:
     """A Tune function trial: one Ray Train run (local mode or a worker group) of this config.
 
     `config` is the searched flat form; it becomes a `TrialSpec` here and nothing below sees
-    a dict. `run` (paths, resources) comes through `tune.with_parameters`, never the config.
+    a dict. `runs` (paths, resources per task key) comes through `tune.with_parameters`, never
+    the config.
     """
-    spec = TrialSpec.from_tune(config, run)
     trial_id = ray.tune.get_context().get_trial_id()
+    run = runs[config["task"]].for_trial(trial_id)
+    spec = TrialSpec.from_tune(config, run)
     marker = run.divergence_marker(trial_id)
     # A failed trial is retried by Tune (FailureConfig in study/); the retry finds the latest
     # checkpoint in the trial's `train-<id>` folder (Ray Train's run of the same name, with
@@ -291,7 +295,20 @@ def tune_trial(config: dict[str, Any], run: RunSettings) -> None:
     _trainer(worker_loop, spec, trial_id).fit()
 
 
-def trainable(run: RunSettings, resources: dict[str, float]):
-    """The Tune trainable of one search or final evaluation: the run settings bound as a
-    parameter, the trial's reservation as its resources (see `trial_resources`)."""
-    return ray.tune.with_resources(ray.tune.with_parameters(tune_trial, run=run), resources)
+def settings_resources(run: RunSettings) -> dict[str, float]:
+    """What a trial with these run settings reserves (see `trial_resources`)."""
+    return trial_resources(run.num_workers, run.cpus_per_worker, run.gpus_per_worker,
+                           run.local_mode)
+
+
+def _reservation(config: dict[str, Any], runs: Mapping[str, RunSettings]
+                 ) -> PlacementGroupFactory:
+    return PlacementGroupFactory([settings_resources(runs[config["task"]])])
+
+
+def trainable(runs: Mapping[str, RunSettings]):
+    """The Tune trainable of a study's pool: run settings per task key bound as a parameter,
+    each trial's reservation following its task's settings (a foundation may need more)."""
+    runs = dict(runs)
+    return ray.tune.with_resources(ray.tune.with_parameters(tune_trial, runs=runs),
+                                   functools.partial(_reservation, runs=runs))
