@@ -16,6 +16,7 @@ but the contract rides in the config.
 from __future__ import annotations
 
 import contextlib
+import copy
 import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -152,12 +153,18 @@ class PoolSearcher(Searcher):
         return mine.index(trial_id)
 
     def save(self, checkpoint_path: str) -> None:
+        state = dict(self.__dict__)
+        # The policy asks this searcher for final seeds: bound again on restore, not pickled
+        # as a cycle back into this very dict.
+        state["policy"] = copy.copy(self.policy)
+        state["policy"].finals_for = None
         with open(checkpoint_path, "wb") as fh:
-            pickle.dump(self.__dict__, fh)  # Tune's own format for searcher state
+            pickle.dump(state, fh)  # Tune's own format for searcher state
 
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as fh:
             self.__dict__.update(pickle.load(fh))  # noqa: S301 - written by this study's Tune
+        self.policy.finals_for = self._finals_for
 
 
 class PoolScheduler(FIFOScheduler):

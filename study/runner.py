@@ -70,6 +70,7 @@ from study.tracking import (
     open_arm_run,
     open_study_run,
     provenance,
+    set_trial_count,
     supersede_finals,
 )
 from study.trials import (
@@ -185,10 +186,15 @@ def prepare_search(session: Session, task: TaskSpec, arm: ArmSpec, data: TaskDat
     return Search(task, arm, data, run_id, define_by_run, points)
 
 
+def _optuna_storage(cfg: StudyConfig) -> optuna.storages.RDBStorage:
+    """Every search's Optuna study lives in the study's `optuna.db`."""
+    return optuna.storages.RDBStorage(f"sqlite:///{cfg.storage / 'optuna.db'}")
+
+
 def _optuna(cfg: StudyConfig, search: Search, first: bool) -> ResumableOptunaSearch:
     """The search's Optuna study in the study's storage (every experiment of the search asks
     the same study, so its sampler sees every past trial); the preset is its first trial."""
-    storage = optuna.storages.RDBStorage(f"sqlite:///{cfg.storage / 'optuna.db'}")
+    storage = _optuna_storage(cfg)
     name = f"{cfg.name}/{search.key}"
     name_objective(storage, name, SEARCH_METRIC, SEARCH_MODE)
     return ResumableOptunaSearch(space=search.define_by_run, metric=SEARCH_METRIC,
@@ -227,6 +233,12 @@ class Trials:
             else:
                 self.search.setdefault(key, []).append(result)
 
+    def final_runs(self, key: str) -> list[Any]:
+        """The finals that retrained the search's current best config."""
+        best = self.best(key)
+        digest = config_digest(best.config) if best else None
+        return [r for r in self.finals.get(key, []) if config_digest(r.config) == digest]
+
     def best(self, key: str) -> Best | None:
         """The search's best trial: highest best validation AUROC, the earliest on ties (the
         pool's searcher chooses the finals' config by the same rule)."""
@@ -237,6 +249,22 @@ class Trials:
             if found.better(best):
                 best = found
         return best
+
+
+def record_finals(session: Session, searches: list[Search], trials: Trials) -> None:
+    """After a pool: which config each arm's finals retrained (so no later pool retrains it);
+    the finals of an arm's earlier config are tagged superseded."""
+    state = session.state
+    for search in searches:
+        best = trials.best(search.key)
+        if best is None or not trials.final_runs(search.key):
+            continue
+        digest = config_digest(best.config)
+        if state.finals.get(search.key) not in (None, digest):
+            supersede_finals(session.client, session.exp_id, search.run_id,
+                             state.finals[search.key])
+        state.finals[search.key] = digest
+    session.save()
 
 
 def _pool_results(session: Session, trainable: Any, pools: list[Pool]) -> Trials:
@@ -268,7 +296,7 @@ def run_pool(session: Session, searches: list[Search], pool: Pool, trainable: An
     """One Tune experiment for every search with trials in `pool` (the state's segments say
     how many) and every arm whose finals are still to run."""
     cfg, state = session.cfg, session.state
-    plans, optunas, offsets = [], {}, {}
+    plans, mine_searches, offsets = [], {}, {}
     seeds = list(range(cfg.final.seeds))
     for search in searches:
         key = search.key
@@ -277,17 +305,21 @@ def run_pool(session: Session, searches: list[Search], pool: Pool, trainable: An
             continue
         offsets[key], mine = work
         plans.append(SearchPlan(key, mine, search.task.label_fraction, len(seeds)))
-        optunas[key] = _optuna(cfg, search, first=offsets[key] == 0)
+        mine_searches[key] = search
     path = cfg.storage / "tune" / pool.name
     arm_runs = {s.key: s.run_id for s in searches}
     any_run = next(iter(runs.values()))
     tracker = PoolTracker(session.client, session.exp_id, arm_runs, cfg.search.max_t,
                           session.backlog(pool.name), offsets, run=any_run)
-    best = {key: b for key in optunas if (b := earlier.best(key)) is not None}
+    best = {key: b for key in mine_searches if (b := earlier.best(key)) is not None}
     for key, b in best.items():  # earlier trials come first in the search's order
         best[key] = Best(b.value, b.order - offsets[key], b.config)
 
     def make() -> Tuner:
+        # Only a new experiment builds its Optuna searches: building one enqueues the preset
+        # in the Optuna study, which a restored experiment must not ask again.
+        optunas = {key: _optuna(cfg, search, first=offsets[key] == 0)
+                   for key, search in mine_searches.items()}
         searcher = PoolSearcher(optunas, plans, cfg.search.concurrency, session.slots,
                                 cfg.search.sequential, seeds, best, dict(state.finals))
         totals = {p.key: p.trials for p in plans}
@@ -301,8 +333,9 @@ def run_pool(session: Session, searches: list[Search], pool: Pool, trainable: An
                                             TrialPrinter(totals, cfg.search.max_t)]))
     grid = _fit(path, make, trainable, session.emit)
     tracker.drain()
-    for key in optunas:
-        fail_orphans(optunas[key]._storage, f"{cfg.name}/{key}")
+    storage = _optuna_storage(cfg)
+    for key in mine_searches:
+        fail_orphans(storage, f"{cfg.name}/{key}")
     return grid
 
 
@@ -316,7 +349,7 @@ def _wall(results: list[Any]) -> float:
 def close_search(session: Session, search: Search, trials: Trials, tracker: PoolTracker,
                  runs: dict[str, RunSettings]) -> ArmOutcome:
     """Write what the search and its finals found to the arm's run: the search's totals, the
-    finals' predictions; an earlier config's finals are tagged superseded."""
+    finals' predictions."""
     cfg, client, state = session.cfg, session.client, session.state
     key = search.key
     results, failed = trials.search.get(key, []), trials.failed.get(key, 0)
@@ -331,14 +364,7 @@ def close_search(session: Session, search: Search, trials: Trials, tracker: Pool
     outcome = ArmOutcome(search.arm.name, search.arm.kind, search.task.key, search.run_id,
                          best.config, best.value, len(results) + failed, stopped, failed,
                          epochs, _wall(results))
-    digest = config_digest(best.config)
-    finals = [r for r in trials.finals.get(key, []) if config_digest(r.config) == digest]
-    if cfg.final.seeds and finals:
-        if state.finals.get(key) not in (None, digest):
-            supersede_finals(client, session.exp_id, search.run_id, state.finals[key])
-        state.finals[key] = digest
-        session.save()
-    for result in finals:
+    for result in trials.final_runs(key):
         if result.metrics and Metric.TEST_AUROC in result.metrics:
             outcome.final_test.append(float(result.metrics[Metric.TEST_AUROC]))
             trial_id = result.metrics["trial_id"]
@@ -411,6 +437,7 @@ def run_study(cfg: StudyConfig, emit: Callable[[str], None] = print,
         # A pool a killed or interrupted driver left goes on first, with its own plan.
         for pool in [p for p in state.pools if not p.done]:
             trials.add(run_pool(session, searches, pool, trainable, trials, runs))
+            record_finals(session, searches, trials)
             pool.done = True
             session.save()
         pool = Pool(f"pool-{len(state.pools)}")
@@ -419,10 +446,12 @@ def run_study(cfg: StudyConfig, emit: Callable[[str], None] = print,
                 search.key)
             if left > 0:
                 state.segments.setdefault(search.key, []).append(Segment(pool.name, left))
+            set_trial_count(client, search.run_id, state.done_trials(search.key))
         if any(_work(session, s, pool, trials) is not None for s in searches):
             state.pools.append(pool)
             session.save()
             trials.add(run_pool(session, searches, pool, trainable, trials, runs))
+            record_finals(session, searches, trials)
             pool.done = True
             session.save()
         tracker = PoolTracker(client, exp_id, {s.key: s.run_id for s in searches},

@@ -17,8 +17,9 @@ from mlflow.tracking import MlflowClient
 from search_spaces.define_by_run import fail_orphans
 from study.callbacks import _UNFINISHED, InterruptWatch
 from study.cluster import check_shared_storage
-from study.state import Segment, StudyState, config_hash
+from study.state import STATE_FILE, Pool, Segment, StudyState
 from study.tracking import MlflowTrialTracker, end_open_runs, start_run, supersede_finals
+from trainables.config import config_digest
 from trainables.errors import ConfigError, TrackingUnavailable
 from trainables.fit import TrainState
 from trainables.ray_train import usable_checkpoint
@@ -27,7 +28,7 @@ from trainables.ray_train import usable_checkpoint
 def test_state_round_trip_and_counts(tmp_path):
     state = StudyState("s", study_run="r", segments={"t/lora": [Segment("a", 3),
                                                                 Segment("b", 2)]},
-                       added={"lora": 2})
+                       added={"lora": 2}, pools=[Pool("a", done=True), Pool("b")])
     state.save(tmp_path)
     back = StudyState.load(tmp_path)
     assert back == state
@@ -41,9 +42,17 @@ def test_damaged_state_is_a_config_error_naming_the_file(tmp_path):
         StudyState.load(tmp_path)
 
 
-def test_config_hash_ignores_the_seed_only():
-    assert config_hash({"lr": 1e-3, "seed": 0}) == config_hash({"lr": 1e-3, "seed": 4})
-    assert config_hash({"lr": 1e-3}) != config_hash({"lr": 2e-3})
+def test_a_state_from_before_the_pool_is_refused_in_one_line(tmp_path):
+    (tmp_path / STATE_FILE).write_text(json.dumps({"name": "s", "version": 1, "segments": {}}))
+    with pytest.raises(ConfigError, match="before the study pool") as err:
+        StudyState.load(tmp_path)
+    assert "\n" not in str(err.value)
+
+
+def test_config_digest_ignores_the_seed_and_phase_only():
+    search = {"lr": 1e-3, "seed": 0, "phase": "search"}
+    assert config_digest(search) == config_digest({**search, "seed": 4, "phase": "final"})
+    assert config_digest(search) != config_digest({**search, "lr": 2e-3})
 
 
 def test_orphaned_optuna_trials_become_fail(tmp_path):
