@@ -133,7 +133,7 @@ def test_paper_grid_makespan_against_the_lower_bound(slots):
     bound = {8: 1.01, 32: 1.1, 64: 1.15}[slots]
     assert pool.makespan <= bound * pool.lower_bound
     assert queue.makespan >= 1.7 * pool.makespan  # the queue leaves slots idle
-    for (key, phase), end in pool.ends.items():  # finals start after their search ended
+    for key, phase in pool.ends:  # finals start after their search ended
         if phase == FINAL:
             first_final = min(t for t, k, p in pool.starts if (k, p) == (key, FINAL))
             assert first_final >= pool.ends[(key, SEARCH)]

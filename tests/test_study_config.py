@@ -211,3 +211,33 @@ def test_a_foundations_image_size_reaches_its_trials(tmp_path):
     task = next(t for t in cfg.tasks if t.foundation.name == "rad_dino")
     factors = task_factors(task, TaskData(tmp_path, num_classes=14, content_hash="x"))
     assert factors.img_size == 224 and "img_size" in FLAT_KINDS
+
+
+def test_a_foundations_resources_reach_its_trials_and_fill_the_cluster(tmp_path):
+    """A foundation's `resources` override `[resources]` for its trials only; the pool's slot
+    count follows the smallest reservation, and one that no node can place is refused."""
+    from study.cluster import concurrency
+    from study.preflight import TaskData
+    from study.trials import run_settings
+    from trainables.ray_train import settings_resources
+
+    data = _with("tasks", foundations=[
+        {"name": "rad_dino", "resources": {"cpus_per_worker": 4, "gpus_per_worker": 1.0}},
+        {"name": "demo"}])
+    data["resources"] = {"cpus_per_worker": 2}
+    cfg = parse_study(data, tmp_path)
+    facts = TaskData(tmp_path, num_classes=14, content_hash="x")
+    reserved = {t.foundation.name: settings_resources(run_settings(cfg, t, facts))
+                for t in cfg.tasks}
+    assert reserved == {"rad_dino": {"CPU": 4.0, "GPU": 1.0}, "demo": {"CPU": 2.0}}
+    node = {"CPU": 16.0, "GPU": 2.0}
+    assert concurrency(cfg, node, [node]) == 8  # 16 CPUs / the demo's 2
+    with pytest.raises(ConfigError, match="1 worker.*4 CPU and 1 GPU"):
+        concurrency(cfg, {"CPU": 16.0}, [{"CPU": 16.0}])  # rad_dino needs a GPU
+
+
+def test_search_concurrency_defaults_to_four_and_is_checked(tmp_path):
+    assert parse_study(GOOD, tmp_path).search.concurrency == 4
+    assert parse_study(_with("search", concurrency=2), tmp_path).search.concurrency == 2
+    with pytest.raises(ConfigError, match="search.concurrency"):
+        parse_study(_with("search", concurrency=0), tmp_path)
