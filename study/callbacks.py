@@ -54,7 +54,11 @@ class TrialPrinter(Callback):
     def __init__(self, totals: dict[str, int], max_t: int) -> None:
         self.totals, self.max_t = totals, max_t
         self.done: dict[str, int] = {}
-        self.start, self.last = time.monotonic(), {}
+        self.start: dict[str, float] = {}  # search key -> when its first trial started
+        self.last: dict[str, dict] = {}
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self.start.setdefault(search_key(trial.config), time.monotonic())
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         self.last[trial.trial_id] = result
@@ -66,7 +70,8 @@ class TrialPrinter(Callback):
         done = self.done[key] = self.done.get(key, 0) + 1
         total = self.totals.get(key, done)
         res = self.last.get(trial.trial_id) or trial.last_result or {}
-        eta = (time.monotonic() - self.start) / done * max(0, total - done)
+        began = self.start.setdefault(key, time.monotonic())
+        eta = (time.monotonic() - began) / done * max(0, total - done)
         epochs = int(res.get(Metric.EPOCH, 0))
         if status == "done" and epochs < self.max_t:
             status = "stopped early"

@@ -16,10 +16,12 @@ but the contract rides in the config.
 from __future__ import annotations
 
 import contextlib
-import copy
-import pickle
+import dataclasses
+import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -28,7 +30,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from study.pool import FINAL, SEARCH, PoolPolicy, SearchPlan
+from study.pool import FINAL, SEARCH, PoolPolicy, SearchPlan, Unit
 from study.schema import SEARCH_METRIC, SEARCH_MODE, Metric, Param, Phase
 from trainables.config import config_digest
 
@@ -94,7 +96,6 @@ class PoolSearcher(Searcher):
                                  finals_for=self._finals_for)
         self.routes: dict[str, tuple[str, str]] = {}  # trial id -> (search key, phase)
         self.configs: dict[str, dict[str, Any]] = {}
-        self.order: dict[str, int] = {}  # search key -> trials suggested in this experiment
         self.ended: set[str] = set()
 
     def _finals_for(self, key: str) -> int:
@@ -113,7 +114,6 @@ class PoolSearcher(Searcher):
             return None
         if unit.phase == SEARCH:
             config = self.searches[unit.key].suggest(trial_id)
-            self.order[unit.key] = self.order.get(unit.key, 0) + 1
         else:
             best = self.best[unit.key].config
             config = {**best, Param.PHASE: Phase.FINAL,
@@ -152,19 +152,38 @@ class PoolSearcher(Searcher):
         mine = [t for t, (k, p) in self.routes.items() if k == key and p == SEARCH]
         return mine.index(trial_id)
 
+    # -- Tune saves the searcher with the experiment and restores it on a resume ----------
+    # This searcher's own state is JSON; each OptunaSearch saves itself in Ray's own format
+    # beside it (its sampler's random state and its Tune-to-Optuna trial map).
+    def _optuna_file(self, checkpoint_path: str, index: int) -> Path:
+        return Path(checkpoint_path).parent / f"pool-optuna-{index}.pkl"
+
     def save(self, checkpoint_path: str) -> None:
-        state = dict(self.__dict__)
-        # The policy asks this searcher for final seeds: bound again on restore, not pickled
-        # as a cycle back into this very dict.
-        state["policy"] = copy.copy(self.policy)
-        state["policy"].finals_for = None
-        with open(checkpoint_path, "wb") as fh:
-            pickle.dump(state, fh)  # Tune's own format for searcher state
+        for index, key in enumerate(sorted(self.searches)):
+            final = self._optuna_file(checkpoint_path, index)
+            tmp = final.with_name(f".{final.name}.tmp")
+            self.searches[key].save(str(tmp))
+            os.replace(tmp, final)
+        policy = self.policy
+        state = {"searches": [dataclasses.asdict(p) for p in policy.searches],
+                 "cap": policy.cap, "slots": policy.slots, "sequential": policy.sequential,
+                 "units": [dataclasses.asdict(u) for u in policy.units.values()],
+                 "routes": self.routes, "configs": self.configs, "ended": sorted(self.ended),
+                 "best": {k: dataclasses.asdict(b) for k, b in self.best.items()},
+                 "done_finals": self.done_finals, "final_seeds": self.final_seeds}
+        Path(checkpoint_path).write_text(json.dumps(state))
 
     def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as fh:
-            self.__dict__.update(pickle.load(fh))  # noqa: S301 - written by this study's Tune
-        self.policy.finals_for = self._finals_for
+        state = json.loads(Path(checkpoint_path).read_text())
+        for index, key in enumerate(sorted(self.searches)):
+            self.searches[key].restore(str(self._optuna_file(checkpoint_path, index)))
+        self.policy = PoolPolicy([SearchPlan(**p) for p in state["searches"]], state["cap"],
+                                 state["sequential"], state["slots"], self._finals_for)
+        self.policy.units = {(u["key"], u["phase"]): Unit(**u) for u in state["units"]}
+        self.routes = {t: (k, p) for t, (k, p) in state["routes"].items()}
+        self.configs, self.ended = state["configs"], set(state["ended"])
+        self.best = {k: Best(**b) for k, b in state["best"].items()}
+        self.done_finals, self.final_seeds = state["done_finals"], state["final_seeds"]
 
 
 class PoolScheduler(FIFOScheduler):
