@@ -5,12 +5,12 @@
 NIH at 100% and 50% labels, `vit_demo` from random init) x 3 arms (LoRA, FFT, linear probe) x
 `--trials` trials, ASHA (max_t 3, grace 1, rf 3), one final seed. Both runs use Optuna's
 seeded random sampler, so each search asks the same configs in both.
-- queue: what a study was before the pool: each task x arm a Tune experiment of its own, as
-  wide as the cluster, one after another (here its finals share the search's experiment,
-  which spares the queue one experiment start per arm).
+- queue: what a study was before the pool: per task, each arm's search a Tune experiment of
+  its own, as wide as the cluster, one after another, then each arm's finals, one experiment
+  each (here: a one-search study, then the same study resumed with a final seed).
 - pool: one `run_study` of the whole study.
-Prints wall time, slot occupancy (trial time / (wall x slots), trial time from the MLflow
-runs' start and end), trials and early stops. Goal: the same trials and early stops, >= 3x.
+Prints wall time, slot occupancy (trial time / (wall x slots), trial time from Tune's results),
+trials and early stops. Goal: the same trials and early stops, >= 3x.
 
 (b) The paper's methods grid simulated (`study.pool.simulate`): 18 tasks x 9 arms x 20
 trials, async ASHA (max_t 50, grace 5, rf 3), 3 final seeds, an epoch's time proportional to
@@ -39,7 +39,7 @@ from study.pool import Asha, paper_grid, queue_order, simulate  # noqa: E402
 
 SLOTS = 16
 ARMS = ("lora", "fft", "linear_probe")
-FRACTIONS = (1.0, 0.5)
+FRACTIONS = (1.0, 0.1)
 
 
 def study_doc(work: Path, data: Path, name: str, trials: int, fractions: tuple[float, ...],
@@ -59,21 +59,26 @@ def study_doc(work: Path, data: Path, name: str, trials: int, fractions: tuple[f
     }
 
 
-def _trial_facts(uri: str, experiment: str) -> dict[str, float]:
-    """Trial time (sum of trial runs' durations), trials and early stops from MLflow."""
-    from mlflow.tracking import MlflowClient
+def _trial_facts(cfg) -> dict:
+    """Trial time (from Tune's results: each trial's running time), trials, early stops and
+    the searched configs, from the study's Tune experiments."""
+    import json
 
-    from study.schema import Phase, Tag
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(experiment)
-    runs = [r for r in client.search_runs([exp.experiment_id], max_results=10000)
-            if Tag.TRIAL_ID in r.data.tags]
-    search = [r for r in runs if r.data.tags.get(Tag.PHASE) == Phase.SEARCH]
-    return {"busy": sum((r.info.end_time - r.info.start_time) / 1000 for r in runs),
-            "trials": len(search), "finals": len(runs) - len(search),
-            "stopped": sum(r.data.tags.get(Tag.STOPPED_EARLY) == "true" for r in search),
-            "configs": sorted((r.data.tags[Tag.ARM], r.data.params.get("task"),
-                               r.data.params.get("lr")) for r in search)}
+    facts = {"busy": 0.0, "trials": 0, "finals": 0, "stopped": 0, "configs": []}
+    for path in sorted(cfg.storage.glob("tune/*/trial_*/result.json")):
+        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        if not lines:
+            continue
+        last, config = lines[-1], lines[-1]["config"]
+        facts["busy"] += last["time_total_s"]
+        if config["phase"] == "final":
+            facts["finals"] += 1
+            continue
+        facts["trials"] += 1
+        facts["stopped"] += int(last["epoch"] < cfg.search.max_t)
+        facts["configs"].append((config["task"], config["arm"], repr(config["lr"])))
+    facts["configs"].sort()
+    return facts
 
 
 def run_real(work: Path, trials: int) -> dict[str, dict]:
@@ -95,17 +100,26 @@ def run_real(work: Path, trials: int) -> dict[str, dict]:
     out = {}
     for mode in ("queue", "pool"):
         start = time.perf_counter()
-        facts = {"busy": 0.0, "trials": 0, "finals": 0, "stopped": 0, "configs": []}
-        docs = ([study_doc(work, data, f"queue-{f:g}-{a}", trials, (f,), (a,), SLOTS)
-                 for f in FRACTIONS for a in ARMS] if mode == "queue" else
-                [study_doc(work, data, "pool", trials, FRACTIONS, ARMS)])
-        for doc in docs:
+        if mode == "pool":
+            runs = [(study_doc(work, data, "pool", trials, FRACTIONS, ARMS), False)]
+        else:  # per task: each arm's search, then each arm's finals, each a Tune experiment
+            runs = []
+            for fraction in FRACTIONS:
+                docs = [study_doc(work, data, f"queue-{fraction:g}-{arm}", trials, (fraction,),
+                                  (arm,), SLOTS) for arm in ARMS]
+                runs += [({**doc, "final": {"seeds": 0}}, False) for doc in docs]
+                runs += [(doc, True) for doc in docs]  # --resume: the finals alone
+        for doc, resume in runs:
             cfg = parse_study(doc, work)
             with contextlib.redirect_stdout(io.StringIO()):
-                run_study(cfg, emit=lambda s: None)
-            one = _trial_facts(cfg.tracking.uri, cfg.tracking.experiment)
-            for key in facts:
-                facts[key] += one[key]
+                run_study(cfg, emit=lambda s: None, resume=resume)
+        facts = {"busy": 0.0, "trials": 0, "finals": 0, "stopped": 0, "configs": []}
+        for doc, resume in runs:
+            if resume or mode == "pool":
+                cfg = parse_study(doc, work)
+                one = _trial_facts(cfg)
+                for key in facts:
+                    facts[key] += one[key]
         wall = time.perf_counter() - start
         out[mode] = {**facts, "wall": wall, "occupancy": facts["busy"] / (wall * SLOTS)}
     return out
@@ -119,7 +133,12 @@ def print_real(out: dict[str, dict], trials: int) -> None:
     for mode, r in out.items():
         print(f"{mode:6s} {r['wall']:7.1f}s {r['occupancy']:9.0%} {r['trials']:7d} "
               f"{r['stopped']:14d} {r['finals']:7d}")
-    same = out["queue"]["configs"] == out["pool"]["configs"]
+    queue, pool = sorted(out["queue"]["configs"]), sorted(out["pool"]["configs"])
+    same = queue == pool
+    if not same:
+        from collections import Counter
+        print("configs only in the queue:", sorted((Counter(queue) - Counter(pool)).items()))
+        print("configs only in the pool:", sorted((Counter(pool) - Counter(queue)).items()))
     print(f"same trial configs in both: {same}; queue / pool wall: "
           f"{out['queue']['wall'] / out['pool']['wall']:.2f}x")
 

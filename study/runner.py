@@ -325,7 +325,10 @@ def run_pool(session: Session, searches: list[Search], pool: Pool, trainable: An
         totals = {p.key: p.trials for p in plans}
         return Tuner(trainable, tune_config=TuneConfig(
             search_alg=searcher, scheduler=PoolScheduler(functools.partial(_asha, cfg)),
-            num_samples=-1, trial_dirname_creator=trial_dirname, reuse_actors=True),
+            num_samples=-1, trial_dirname_creator=trial_dirname, reuse_actors=True,
+            # Tune creates one pending trial at a time for a custom searcher unless a
+            # concurrency limit says more may wait (the policy decides which, within it).
+            max_concurrent_trials=session.slots),
             run_config=RunConfig(name=pool.name, storage_path=str(cfg.storage / "tune"),
                                  verbose=0, failure_config=FailureConfig(max_failures=1),
                                  callbacks=[tracker, PlacementGroupReaper(),
