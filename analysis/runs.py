@@ -201,6 +201,11 @@ def best_configs(runs: pd.DataFrame, task: str | None = None,
     finals = trials[(trials[phase] == Phase.FINAL) & _col(trials, test).notna()
                     & (_col(trials, tag(Tag.SUPERSEDED)) != TRUE)]
     task_col, arm_col = tag(Tag.TASK), tag(Tag.ARM)
+    for name, value, column in (("--task", task, task_col), ("--arm", arm, arm_col)):
+        known = sorted(str(v) for v in search[column].dropna().unique())
+        if value and known and value not in known:
+            raise ConfigError(f"{name} {value!r} is not in this study: its {name[2:]}s with "
+                              f"finished trials are {known}")
     if task:
         search = search[search[task_col] == task]
     if arm:

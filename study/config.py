@@ -19,7 +19,15 @@ from typing import Any
 from search_spaces import get_space
 from search_spaces.define_by_run import SAMPLERS
 from study.schema import SEARCH_METRIC, SEARCH_MODE, Param, task_key
-from trainables.config import FLAT_KINDS, METHOD_KEYS, TRAIN_KEYS, TrainSpec, kind_of, parse_targets
+from trainables.config import (
+    FLAT_KINDS,
+    METHOD_KEYS,
+    TRAIN_KEYS,
+    TrainSpec,
+    kind_of,
+    method_keys,
+    parse_targets,
+)
 from trainables.datasets import DataSpec
 from trainables.errors import ConfigError
 from trainables.foundation import get_foundation
@@ -347,9 +355,15 @@ def _parse_arm(name: str, arm: Any, train: dict[str, Any], max_t: int) -> ArmSpe
             raise ConfigError(f"{where}.fixed.{exc}") from None  # "targets: problem"
     _check_recipe({**train, **{k: v for k, v in fixed.items() if k in _FIELD_KINDS}}, max_t,
                   f"{where}.fixed")
-    return ArmSpec(name, _typed(arm.get("space", name), str, f"{where}.space"),
+    spec = ArmSpec(name, _typed(arm.get("space", name), str, f"{where}.space"),
                    _typed(arm.get("trials", 4), int, f"{where}.trials"),
                    tuple(sorted(fixed.items())), arm.get("optimizer"))
+    own = method_keys(spec.kind)
+    foreign = sorted(set(fixed) & set(METHOD_KEYS) - set(own))
+    _check(not foreign, f"{where}.fixed", f"{foreign} are settings of another method, not of "
+           f"this arm's {spec.kind!r}: remove them (its own settings: "
+           f"{', '.join(own) if own else 'none'})")
+    return spec
 
 
 def _foundation(table: Any, resources: dict[str, Any]) -> FoundationRef:

@@ -47,12 +47,28 @@ def summary_table(tracking_uri: str, experiment: str) -> pd.DataFrame:
     })
 
 
+MLFLOW_UI_PORT = 5000  # `mlflow ui`'s default
+
+
+def experiment_url(experiment_id: str, base: str = f"http://127.0.0.1:{MLFLOW_UI_PORT}") -> str:
+    """The MLflow UI page of an experiment's runs. MLflow 3 opens an experiment in its GenAI
+    view ("Traces") unless the URL asks for the model-training view; the view is a setting of
+    the browser, not of the experiment, so only the URL can choose it."""
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning"
+
+
 def look_further(tracking_uri: str, experiment: str, storage: Path) -> list[str]:
     """The commands that open what a study wrote (all servers on 127.0.0.1)."""
     lines = [f"  cxr-study best --tracking-uri {tracking_uri} --experiment {experiment}",
              f"  cxr-study status {storage}"]
+    from mlflow.tracking import MlflowClient
+    found = MlflowClient(tracking_uri).get_experiment_by_name(experiment)
     if tracking_uri.startswith("sqlite:"):
         lines.append(f"  mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1")
+        if found is not None:
+            lines.append(f"    then open {experiment_url(found.experiment_id)}")
+    elif found is not None:
+        lines.append(f"  open {experiment_url(found.experiment_id, tracking_uri)}")
     lines.append(f"  optuna-dashboard sqlite:///{storage / 'optuna.db'} --host 127.0.0.1")
     return lines
 

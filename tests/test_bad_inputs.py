@@ -381,6 +381,31 @@ CASES = [
 ]
 
 
+def _foreign_settings() -> list:
+    """Every method's arm with one setting of every other method that has settings."""
+    from search_spaces import get_space
+    from search_spaces.spaces import SPACES
+    from trainables.config import METHOD_SPECS, method_keys
+    cases = []
+    for space in SPACES:
+        kind = get_space(space).kind
+        for other in METHOD_SPECS:
+            keys = [k for k in method_keys(other) if k not in method_keys(kind)]
+            if other != kind and keys:
+                value = {"targets": '"q+v"'}.get(keys[0], "4")
+                cases.append(pytest.param(
+                    Bad(("arms.lora.fixed", f"['{keys[0]}']", "another method", f"'{kind}'"),
+                        edits={LORA: f'space = "{space}"\ntrials = 2\n'
+                                     f"fixed = {{ {keys[0]} = {value} }}"}),
+                    id=f"fixed-{other}-setting-in-{space}"))
+    return cases
+
+
+@pytest.mark.parametrize("case", _foreign_settings())
+def test_another_methods_setting_in_fixed_is_refused(case, capsys, tmp_path, phantom_root):
+    _refused_writing_nothing(capsys, tmp_path, phantom_root, case)
+
+
 def _refused_writing_nothing(capsys, tmp_path: Path, phantom: Path, case: Bad,
                              cache_dir: Path | None = None) -> None:
     data = (case.prepare(tmp_path, phantom) if case.prepare else None) or phantom

@@ -84,3 +84,38 @@ def test_dry_run_of_the_paper_grid(capsys):
     disk_gb = float(out.split("disk: at most ")[1].split(" GB")[0])
     # an FFT checkpoint of ViT-B/16 (SGD: weights + momentum + best copy) is about 1 GB
     assert 300 < disk_gb < 400
+
+
+def test_best_and_report_name_the_tasks_and_arms_that_exist(capsys, tmp_path_factory):
+    """A task or arm the study lacks is one line naming those it has, exit 2, nothing written
+    (not an empty table and exit 0)."""
+    from tests.synthetic_study import shared_study
+    study = shared_study(tmp_path_factory)
+    where = ("--tracking-uri", study.tracking_uri, "--experiment", study.experiment)
+    task = study.tasks[0].key
+    for flag, value, needle in (("--task", "NO_SUCH_TASK", task), ("--arm", "nope", "'lora'")):
+        code, _, err = _run(capsys, "best", *where, flag, value)
+        _assert_one_line_error(code, err, f"{flag} '{value}' is not in this study", needle)
+    code, out, _ = _run(capsys, "best", *where, "--task", task, "--arm", "lora")
+    assert code == 0 and task in out
+    out_dir = tmp_path_factory.mktemp("report") / "out"
+    for flag in ("--lora-arm", "--fft-arm", "--reference-arm"):
+        code, _, err = _run(capsys, "report", *where, "--out", str(out_dir), flag, "nope")
+        _assert_one_line_error(code, err, f"{flag} 'nope'")
+        assert not out_dir.exists()
+
+
+def test_the_printed_mlflow_page_is_the_experiments_runs(tmp_path_factory):
+    """MLflow 3.17 opens an experiment in its GenAI view unless the URL asks for the
+    model-training one: the line printed after a study names that URL, for this experiment."""
+    from mlflow.tracking import MlflowClient
+
+    from study.summary import look_further
+    from tests.synthetic_study import shared_study
+    study = shared_study(tmp_path_factory)
+    exp_id = MlflowClient(study.tracking_uri).get_experiment_by_name(
+        study.experiment).experiment_id
+    lines = look_further(study.tracking_uri, study.experiment, tmp_path_factory.mktemp("s"))
+    ui = next(i for i, line in enumerate(lines) if "mlflow ui --backend-store-uri" in line)
+    assert lines[ui + 1].strip() == (f"then open http://127.0.0.1:5000/#/experiments/{exp_id}"
+                                     "?workflowType=machine_learning")

@@ -418,6 +418,14 @@ TRAIN_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TrainSpec
 LORA_KEYS: tuple[str, ...] = tuple(_flat_names(LoraSpec))
 # The flat keys of every method's own settings (LoRA's, partial's, ...).
 METHOD_KEYS: tuple[str, ...] = tuple(k for spec in _SPECS for k in _flat_names(spec))
+
+
+def method_keys(kind: str) -> tuple[str, ...]:
+    """The flat keys of one method's own settings (none for a method without settings)."""
+    spec = METHOD_SPECS.get(kind)
+    return tuple(_flat_names(spec)) if spec is not None else ()
+
+
 assert {f.name for f in dataclasses.fields(_TrialFactors)} == {
     f.name for f in dataclasses.fields(TrialSpec)
     if not f.metadata.get("spec")
