@@ -48,6 +48,8 @@ from trainables.errors import ConfigError, DivergenceError, TrackingUnavailable
 from trainables.fit import REPLAY
 from trainables.ray_train import WORKER_NODE
 
+CONFIG_ARTIFACT = "config.json"  # a trial run's flat config, as an artifact
+
 # What Tune adds to every result that is not worth a time series of its own.
 _SKIP_METRICS = {Metric.EPOCH, "training_iteration", "time_this_iter_s", "time_total_s",
                  "timestamp", "time_since_restore", "iterations_since_restore", "pid"}
@@ -286,12 +288,16 @@ class MlflowTrialTracker(Callback):
                 self.client.update_run(run_id, status="RUNNING")
             history = self.client.get_metric_history(run_id, Metric.VAL_AUROC)
             self.logged_steps[trial_id] = {m.step for m in history}
+            # The store may have gone away between creating the run and writing its config.
+            if config and CONFIG_ARTIFACT not in {
+                    a.path for a in self.client.list_artifacts(run_id)}:
+                self.client.log_dict(run_id, config, CONFIG_ARTIFACT)
         else:
             config = config or {}
             name = f"{run_tags.get(Tag.ARM, 'trial')}-{trial_id}"
             tags = {**run_tags, Tag.TRIAL_ID: trial_id, Tag.TRIAL_INDEX: str(index)}
             run_id = start_run(self.client, self.exp_id, name, tags, parent, config)
-            self.client.log_dict(run_id, config, "config.json")
+            self.client.log_dict(run_id, config, CONFIG_ARTIFACT)
             self.logged_steps[trial_id] = set()
         self.runs[trial_id] = run_id
         return run_id
