@@ -108,7 +108,7 @@ def _check_server(uri: str) -> None:
         reply = requests.get(uri.rstrip("/") + "/health", timeout=5)
     except requests.RequestException as exc:
         raise ConfigError(f"tracking.uri {uri}: no MLflow server answers ({type(exc).__name__})"
-                          ": start it (see the README's team section) or fix the URI") from exc
+                          ": start it (see docs/clusters.md) or fix the URI") from exc
     if reply.status_code == 401:
         raise ConfigError(f"tracking.uri {uri}: the server wants credentials: set "
                           "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")

@@ -84,5 +84,6 @@ def test_local_ray_binds_its_dashboard_to_localhost(monkeypatch):
 
 
 def test_docs_never_suggest_binding_to_every_interface():
-    for doc in [ROOT / "README.md", *sorted((ROOT / "studies").glob("*.toml"))]:
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")),
+                *sorted((ROOT / "studies").glob("*.toml"))]:
         assert "0.0.0.0" not in doc.read_text(), doc

@@ -56,7 +56,7 @@ class Foundation:
     alike) or three (per RGB channel, for models pretrained on colour statistics).
     ``has_checkpoint`` is False for the random-initialisation baseline, which needs no file.
     ``unconfirmed`` lists, one line each, the facts of the entry that public material did not
-    confirm (the `foundations` command and the README show them).
+    confirm (the `foundations` command and docs/foundations.md show them).
     """
 
     name: str
