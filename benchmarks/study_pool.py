@@ -26,15 +26,14 @@ import argparse
 import contextlib
 import io
 import logging
-import shutil
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._scratch import scratch  # noqa: E402
 from study.pool import Asha, paper_grid, queue_order, simulate  # noqa: E402
 
 SLOTS = 16
@@ -169,15 +168,9 @@ def main() -> None:
     print_sim((8, 32, 64), args.cap)
     if not args.skip_real:
         trials = 3 if args.quick else args.trials
-        work = Path(tempfile.mkdtemp(prefix="study-pool-"))
-        try:
+        with scratch("study-pool-") as work:
             print()
             print_real(run_real(work, trials), trials)
-        finally:
-            ray = sys.modules.get("ray")
-            if ray is not None and ray.is_initialized():
-                ray.shutdown()
-            shutil.rmtree(work, ignore_errors=True)
     print(f"\n(benchmark wall time {time.perf_counter() - began:.0f} s)")
 
 

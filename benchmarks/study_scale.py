@@ -26,10 +26,8 @@ import contextlib
 import io
 import logging
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Iterator
@@ -41,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import optuna  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
+from benchmarks._scratch import scratch  # noqa: E402
 from benchmarks._study_scale_report import bench_report, print_report  # noqa: E402
 from benchmarks._table import print_rows  # noqa: E402
 from study.schema import PARENT, Level, Metric, Param, Phase, Tag  # noqa: E402
@@ -271,9 +270,8 @@ def main() -> None:
     runs = 150 if args.quick else args.runs
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    work = Path(tempfile.mkdtemp(prefix="study-scale-"))
     began = time.perf_counter()
-    try:
+    with scratch("study-scale-") as work:
         if not args.skip_report:
             print_report(*bench_report(work, runs, args.n_boot, args.quick))
             print()
@@ -283,11 +281,6 @@ def main() -> None:
             mem = {n: optuna_cost(work, n, rdb=False) for n in sizes}
             driver = bench_driver(work, sizes, args.quick)
             print_driver(driver, tracker, rdb, mem, sizes)
-    finally:
-        ray = sys.modules.get("ray")
-        if ray is not None and ray.is_initialized():
-            ray.shutdown()
-        shutil.rmtree(work, ignore_errors=True)
     print(f"\n(benchmark wall time {time.perf_counter() - began:.0f} s)")
 
 

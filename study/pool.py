@@ -27,6 +27,16 @@ from dataclasses import dataclass, field
 SEARCH, FINAL = "search", "final"
 
 
+def search_key(task: str, arm: str) -> str:
+    """A search's key: its task's key and its arm's name."""
+    return f"{task}/{arm}"
+
+
+def task_of(key: str) -> str:
+    """The task part of a search key."""
+    return key.rsplit("/", 1)[0]
+
+
 @dataclass
 class Unit:
     """A search (or an arm's finals): how many trials it starts in all, how many at once."""
@@ -112,8 +122,8 @@ class PoolPolicy:
     def _fixed_order(self, unit: Unit) -> tuple:
         """Sequential order: per task (the key's task part, in the study's order), its
         searches, then its finals."""
-        task = unit.key.rsplit("/", 1)[0]
-        tasks = list(dict.fromkeys(p.key.rsplit("/", 1)[0] for p in self.searches))
+        task = task_of(unit.key)
+        tasks = list(dict.fromkeys(task_of(p.key) for p in self.searches))
         return (tasks.index(task), unit.phase != SEARCH, unit.order)
 
     def started(self, unit: Unit) -> None:
@@ -282,9 +292,9 @@ def queue_order(searches: list[SimSearch], slots: int, asha: Asha, seed: int = 0
     now, busy, total, stopped = 0.0, 0.0, 0, 0
     starts: list[tuple[float, str, str]] = []
     ends: dict[tuple[str, str], float] = {}
-    tasks = list(dict.fromkeys(s.key.rsplit("/", 1)[0] for s in searches))
+    tasks = list(dict.fromkeys(task_of(s.key) for s in searches))
     for task in tasks:
-        mine = [s for s in searches if s.key.rsplit("/", 1)[0] == task]
+        mine = [s for s in searches if task_of(s.key) == task]
         for phase, group in ((SEARCH, mine), (FINAL, [s for s in mine if s.finals])):
             for search in group:
                 alone = SimSearch(search.key, search.trials if phase == SEARCH else 0,

@@ -31,13 +31,14 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from study.pool import FINAL, SEARCH, PoolPolicy, SearchPlan, Unit
+from study.pool import search_key as key_of
 from study.schema import SEARCH_METRIC, SEARCH_MODE, Metric, Param, Phase
 from trainables.config import config_digest
 
 
 def search_key(config: dict[str, Any]) -> str:
     """The search a trial belongs to: its task and arm."""
-    return f"{config[Param.TASK]}/{config[Param.ARM]}"
+    return key_of(config[Param.TASK], config[Param.ARM])
 
 
 def phase_of(config: dict[str, Any]) -> str:

@@ -40,6 +40,7 @@ from study.cluster import (
 )
 from study.config import ArmSpec, StudyConfig, TaskSpec, check_destinations
 from study.pool import FINAL, SearchPlan
+from study.pool import search_key as key_of
 from study.pool_tune import (
     Best,
     PoolScheduler,
@@ -137,7 +138,7 @@ class Search:
 
     @property
     def key(self) -> str:
-        return f"{self.task.key}/{self.arm.name}"
+        return key_of(self.task.key, self.arm.name)
 
 
 def _fit(path: Path, make: Callable[[], Tuner], trainable: Any, emit) -> ResultGrid:
@@ -165,7 +166,7 @@ def _fit(path: Path, make: Callable[[], Tuner], trainable: Any, emit) -> ResultG
 def prepare_search(session: Session, task: TaskSpec, arm: ArmSpec, data: TaskData) -> Search:
     """The search's MLflow run (found again or created) and its Optuna define-by-run space."""
     cfg, state = session.cfg, session.state
-    key = f"{task.key}/{arm.name}"
+    key = key_of(task.key, arm.name)
     space = get_space(arm.space)
     recipe = arm_recipe(task, arm)
     optimizer = arm_optimizer(task, arm, recipe)
