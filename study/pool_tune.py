@@ -96,6 +96,7 @@ class PoolSearcher(Searcher):
         self.policy = PoolPolicy(plans, cap, sequential, slots=slots,
                                  finals_for=self._finals_for)
         self.routes: dict[str, tuple[str, str]] = {}  # trial id -> (search key, phase)
+        self.index: dict[str, int] = {}  # trial id -> its place among its search's trials
         self.configs: dict[str, dict[str, Any]] = {}
         self.ended: set[str] = set()
 
@@ -122,6 +123,7 @@ class PoolSearcher(Searcher):
             if unit.started == 0:
                 print(f"  {unit.key.replace('/', ' ')}: final evaluation, {unit.budget} "
                       "seed(s)", flush=True)
+        self.index[trial_id] = unit.started
         self.policy.started(unit)
         self.routes[trial_id] = (unit.key, unit.phase)
         self.configs[trial_id] = dict(config)
@@ -141,17 +143,11 @@ class PoolSearcher(Searcher):
         if phase == SEARCH:
             self.searches[key].on_trial_complete(trial_id, result, error)
             if result and Metric.BEST_VAL_AUROC in result and not error:
-                found = Best(float(result[Metric.BEST_VAL_AUROC]),
-                             self._index(trial_id), self.configs[trial_id])
+                found = Best(float(result[Metric.BEST_VAL_AUROC]), self.index[trial_id],
+                             self.configs[trial_id])
                 if found.better(self.best.get(key)):
                     self.best[key] = found
         self.policy.ended(key, phase)
-
-    def _index(self, trial_id: str) -> int:
-        """The order a trial was suggested in within its search (ties go to the earlier)."""
-        key = self.routes[trial_id][0]
-        mine = [t for t, (k, p) in self.routes.items() if k == key and p == SEARCH]
-        return mine.index(trial_id)
 
     # -- Tune saves the searcher with the experiment and restores it on a resume ----------
     # This searcher's own state is JSON; each OptunaSearch saves itself in Ray's own format
@@ -169,7 +165,8 @@ class PoolSearcher(Searcher):
         state = {"searches": [dataclasses.asdict(p) for p in policy.searches],
                  "cap": policy.cap, "slots": policy.slots, "sequential": policy.sequential,
                  "units": [dataclasses.asdict(u) for u in policy.units.values()],
-                 "routes": self.routes, "configs": self.configs, "ended": sorted(self.ended),
+                 "routes": self.routes, "index": self.index, "configs": self.configs,
+                 "ended": sorted(self.ended),
                  "best": {k: dataclasses.asdict(b) for k, b in self.best.items()},
                  "done_finals": self.done_finals, "final_seeds": self.final_seeds}
         Path(checkpoint_path).write_text(json.dumps(state))
@@ -182,6 +179,7 @@ class PoolSearcher(Searcher):
                                  state["sequential"], state["slots"], self._finals_for)
         self.policy.units = {(u["key"], u["phase"]): Unit(**u) for u in state["units"]}
         self.routes = {t: (k, p) for t, (k, p) in state["routes"].items()}
+        self.index = state["index"]
         self.configs, self.ended = state["configs"], set(state["ended"])
         self.best = {k: Best(**b) for k, b in state["best"].items()}
         self.done_finals, self.final_seeds = state["done_finals"], state["final_seeds"]

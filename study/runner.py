@@ -82,7 +82,7 @@ from study.trials import (
     search_constants,
     study_trainable,
 )
-from trainables.config import RunSettings, TrialSpec, config_digest
+from trainables.config import RunSettings, config_digest
 from trainables.errors import ArmFailed, ConfigError, StudyFailed, TrackingUnavailable
 
 
@@ -372,9 +372,9 @@ def close_search(session: Session, search: Search, trials: Trials, tracker: Pool
         if result.metrics and Metric.TEST_AUROC in result.metrics:
             outcome.final_test.append(float(result.metrics[Metric.TEST_AUROC]))
             trial_id = result.metrics["trial_id"]
-            seed = TrialSpec.from_tune(result.config).train.seed
-            tracker.log_artifact(trial_id, predictions_file(runs[search.task.key], trial_id,
-                                                            seed), parent=search.run_id)
+            tracker.log_artifact(trial_id, predictions_file(
+                runs[search.task.key], trial_id, int(result.config[Param.SEED])),
+                parent=search.run_id)
     full = state.done_trials(key) * cfg.search.max_t
     end_run(client, search.run_id, metrics={
         Metric.BEST_VAL_AUROC: outcome.best_val, Metric.EPOCHS_SPENT: epochs,

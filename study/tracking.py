@@ -366,6 +366,7 @@ class PoolTracker(MlflowTrialTracker):
         super().__init__(client, exp_id, "", {}, max_t, backlog, 0, background, run)
         self.arm_runs, self.offsets = arm_runs, dict(offsets or {})
         self.trials: list = []
+        self.indices: dict[str, int] = {}
 
     def _start_record(self, trial) -> dict[str, Any]:
         config = dict(trial.config)
@@ -374,7 +375,10 @@ class PoolTracker(MlflowTrialTracker):
                             config[ParamName.KIND], Phase.FINAL if final else Phase.SEARCH)
         if final:
             run_tags[Tag.FINAL_CONFIG] = config_digest(config)
-        index = index_in_search(trial, self.trials) + (0 if final else self.offsets.get(key, 0))
+        if trial.trial_id not in self.indices:  # a trial's place never changes: found once
+            self.indices[trial.trial_id] = index_in_search(trial, self.trials) + (
+                0 if final else self.offsets.get(key, 0))
+        index = self.indices[trial.trial_id]
         return {"trial_id": trial.trial_id, "config": _jsonable(config), "index": str(index),
                 "parent": self.arm_runs[key], "run_tags": run_tags}
 
