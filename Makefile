@@ -20,13 +20,19 @@ $(STAMP): requirements.lock pyproject.toml
 demo: venv
 	$(BIN)/cxr-study demo --dir demo_run
 
+# Two pytest workers (pytest-xdist), each test file on one of them so a file's shared study is
+# made once: the end-to-end tests mostly wait on Ray and MLflow processes, so a second worker
+# fills two cores. TEST_WORKERS=0 runs the suite in one process.
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+
 # pytest exits 5 when it collected nothing: that must fail, not pass.
 test: venv
-	$(BIN)/python -m pytest -q; status=$$?; \
+	$(PYTEST); status=$$?; \
 	if [ $$status -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$status
 
 test-fast: venv
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 lint: venv
 	$(BIN)/ruff check study trainables search_spaces analysis tests benchmarks

@@ -8,6 +8,7 @@ and nothing is left RUNNING (Ray's own MLflow integrations do neither reliably).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -20,6 +21,7 @@ from typing import Any
 import mlflow
 import requests
 import sqlalchemy.exc
+from filelock import FileLock
 from mlflow.entities import Metric as MlflowMetric
 from mlflow.entities import Param, RunTag
 from mlflow.exceptions import MlflowException
@@ -70,10 +72,26 @@ def connect(uri: str, experiment: str, storage: Path) -> tuple[MlflowClient, str
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
         _check_server(uri)
     mlflow.set_tracking_uri(uri)
+    # Two drivers starting at once on one sqlite store race to create its tables (MLflow's
+    # migrations fail halfway: "table _alembic_tmp_experiments already exists"): on this
+    # machine, one creates while the other waits.
+    with _store_lock(uri):
+        return _open_experiment(uri, experiment, storage, local)
+
+
+def _store_lock(uri: str) -> contextlib.AbstractContextManager:
+    """A lock file beside a sqlite store (none for other stores)."""
+    if not uri.startswith("sqlite:///"):
+        return contextlib.nullcontext()
+    return FileLock(uri.removeprefix("sqlite:///").split("?")[0] + ".lock")
+
+
+def _open_experiment(uri: str, experiment: str, storage: Path,
+                     local: bool) -> tuple[MlflowClient, str]:
     client = MlflowClient(uri)
     artifacts = (storage / "mlartifacts").resolve().as_uri() if local else None
-    # Two studies starting at once on one sqlite store race to create its tables and their
-    # experiments ("database is locked", "already exists"): a few quick retries settle it.
+    # Two studies starting at once on one store race to create their experiments ("database
+    # is locked", "already exists"): a few quick retries settle it.
     for attempt in range(5):
         try:
             found = client.get_experiment_by_name(experiment)

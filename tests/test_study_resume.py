@@ -1,13 +1,15 @@
-"""Studies stopped the hard way and continued: a SIGKILLed driver (everything it started killed
-too, as a reboot would), Ctrl-C, then `--resume`; and a finished study grown by a new task on
-another foundation (EVA-X's architecture) and `--add-trials` in one run. Each driver is a real
-`cxr-study` process; MLflow and Optuna are read back.
+"""A study stopped the hard way twice and continued: Ctrl-C, `--resume` SIGKILLed (everything
+it started killed too, as a reboot would), then `--resume` to the end; then grown by a new task
+on another foundation (EVA-X's architecture) and `--add-trials` in one run. Each driver is a
+real `cxr-study` process; MLflow and Optuna are read back.
 
 The studies turn ASHA's early stopping off (grace = max_t) so that every trial has a fixed
 length and the counts below are exact.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import optuna
 import pytest
@@ -33,48 +35,52 @@ MAX_T = 3
 TRIALS = 2
 
 
-def _stop_midway(folder, root, name: str, stop, report: bool = False, seeds: int = 1) -> dict:
-    """Run a study, stop its driver while a trial is between epochs, then `--resume` it (with
-    the report at the end, if asked)."""
-    study = write_study(folder, root, name=name, trials=TRIALS, max_t=MAX_T, grace=MAX_T,
-                        seeds=seeds)
+def _snapshot(uri: str, name: str) -> dict:
+    """Each trial run's status and logged epochs, by Tune trial id."""
+    return {r.data.tags["trial_id"]: (r.info.status, epochs_logged(uri, r.info.run_id))
+            for r in trial_runs(uri, name)}
+
+
+@pytest.fixture(scope="module")
+def stopped(phantom_root, tmp_path_factory):
+    """One study stopped twice the hard way while trials are between epochs, then finished:
+    Ctrl-C in its search, `--resume` SIGKILLed (with everything it started, as a reboot would)
+    while trials run again, and `--resume` to the end with the report. Each snapshot is taken
+    right after its stop."""
+    folder, name = tmp_path_factory.mktemp("stopped"), "stopped"
+    study = write_study(folder, phantom_root, name=name, trials=TRIALS, max_t=MAX_T,
+                        grace=MAX_T, seeds=1)
     uri = f"sqlite:///{folder / 'run' / 'mlflow.db'}"
     log = folder / "driver.log"
-    proc = start_cli("run", str(study), "--no-report", log=log)
-    try:
-        wait_for(running_after_epoch(uri, name), proc, log)
-        first_rc = stop(proc)
-    finally:
-        kill_tree(proc)
-    before = {r.data.tags["trial_id"]: (r.info.status, epochs_logged(uri, r.info.run_id))
-              for r in trial_runs(uri, name)}
-    everything_before = _all_runs(uri, name)
-    rc = run_cli("run", str(study), "--resume", *([] if report else ["--no-report"]), log=log)
-    return {"folder": folder, "study": study, "uri": uri, "name": name, "log": log, "seeds": seeds,
-            "first_rc": first_rc, "before": before, "runs_before": everything_before, "rc": rc}
+    found: dict = {"folder": folder, "study": study, "uri": uri, "name": name, "log": log,
+                   "seeds": 1}
+    for stage, args in (("interrupted", ()), ("killed", ("--resume",))):
+        proc = start_cli("run", str(study), *args, "--no-report", log=log)
+        try:
+            wait_for(running_after_epoch(uri, name) if stage == "interrupted" else
+                     _trained_again(uri, name, found["interrupted"]), proc, log)
+            if stage == "interrupted":
+                ctrl_c(proc)
+                found["ctrl_c_rc"] = proc.wait(timeout=180)
+                found["log_after_ctrl_c"] = log.read_text()
+            else:
+                kill_tree(proc)
+        finally:
+            kill_tree(proc)
+        found[stage] = _snapshot(uri, name)
+        found[f"runs_{stage}"] = _all_runs(uri, name)
+    found["rc"] = run_cli("run", str(study), "--resume", log=log)
+    return found
 
 
-def _sigkill(proc) -> int:
-    kill_tree(proc)
-    return proc.returncode
-
-
-def _ctrl_c(proc) -> int:
-    ctrl_c(proc)
-    return proc.wait(timeout=180)
-
-
-@pytest.fixture(scope="module")
-def killed(phantom_root, tmp_path_factory):
-    return _stop_midway(tmp_path_factory.mktemp("killed"), phantom_root, "killed", _sigkill,
-                        report=True)
-
-
-@pytest.fixture(scope="module")
-def interrupted(phantom_root, tmp_path_factory):
-    # no final phase: the search is what Ctrl-C cuts (the killed study has one)
-    return _stop_midway(tmp_path_factory.mktemp("interrupted"), phantom_root, "interrupted",
-                        _ctrl_c, seeds=0)
+def _trained_again(uri: str, name: str, before: dict) -> Callable[[], bool]:
+    """True once a trial run (search or final) is running and has logged an epoch since
+    `before`: the resumed driver has trials between epochs."""
+    def check() -> bool:
+        now = _snapshot(uri, name)
+        return any(status == "RUNNING" and len(epochs) > len(before.get(tid, ("", []))[1])
+                   for tid, (status, epochs) in now.items())
+    return check
 
 
 def _all_runs(uri: str, name: str) -> list:
@@ -112,19 +118,29 @@ def _assert_complete_and_exact(study: dict) -> None:
         assert epochs_logged(study["uri"], run.info.run_id) == list(range(1, MAX_T + 1))
 
 
-def test_killed_driver_resumes_to_exactly_the_planned_trials(killed):
-    assert any(status == "RUNNING" and epochs for status, epochs in killed["before"].values())
-    _assert_complete_and_exact(killed)
+def test_ctrl_c_ends_the_runs_killed_and_says_how_to_resume(stopped):
+    assert stopped["ctrl_c_rc"] == 130
+    assert "--resume" in stopped["log_after_ctrl_c"]
+    statuses = {r.data.tags.get("level", "trial"): r.info.status
+                for r in stopped["runs_interrupted"]}
+    assert statuses["study"] == "KILLED" and statuses["arm"] == "KILLED"
+    assert "RUNNING" not in {r.info.status for r in stopped["runs_interrupted"]}
+    assert "KILLED" in {status for status, _ in stopped["interrupted"].values()}
 
 
-def test_a_finished_run_ends_with_its_summary_report_and_where_to_look(killed):
+def test_stopped_twice_the_study_ends_with_exactly_the_planned_trials(stopped):
+    assert any(status == "RUNNING" and epochs for status, epochs in stopped["killed"].values())
+    _assert_complete_and_exact(stopped)
+
+
+def test_a_finished_run_ends_with_its_summary_report_and_where_to_look(stopped):
     """`cxr-study run` ends as the demo does: a table per task and arm, the report written
     at the end, and the commands that open what the study wrote."""
-    lines = killed["log"].read_text().splitlines()
+    lines = stopped["log"].read_text().splitlines()
     header = next(i for i, ln in enumerate(lines) if "selected config" in ln)
     rows = lines[header + 1:header + 2]
     assert rows and rows[0].split()[:2] == ["demo-nih-1-s0", "lora"], lines[header:]
-    page = killed["folder"] / "run" / "report" / "report.html"
+    page = stopped["folder"] / "run" / "report" / "report.html"
     assert f"report: {page}" in lines and page.stat().st_size > 10_000
     further = lines[lines.index("Look further with:") + 1:]
     assert further[0].strip().startswith("cxr-study best --tracking-uri sqlite:")
@@ -132,23 +148,26 @@ def test_a_finished_run_ends_with_its_summary_report_and_where_to_look(killed):
     assert not any("Traceback" in ln or "Warning:" in ln for ln in lines)
 
 
-def test_trials_running_at_the_kill_continue_from_their_checkpoint(killed):
-    by_id = {r.data.tags["trial_id"]: r for r in _search_runs(killed)}
-    cut = [tid for tid, (status, epochs) in killed["before"].items()
-           if status == "RUNNING" and epochs and len(epochs) < MAX_T]
+@pytest.mark.parametrize("stop", ["interrupted", "killed"])
+def test_trials_cut_by_a_stop_continue_from_their_checkpoint(stopped, stop):
+    """A trial that had logged epochs when its driver was stopped (Ctrl-C or SIGKILL) goes on
+    from a checkpoint at least that far, not from epoch 0."""
+    by_id = {r.data.tags["trial_id"]: r for r in trial_runs(stopped["uri"], stopped["name"])}
+    cut = [tid for tid, (status, epochs) in stopped[stop].items()
+           if status in ("RUNNING", "KILLED") and epochs and len(epochs) < MAX_T]
     assert cut
     for tid in cut:
         resumed = by_id[tid].data.metrics.get("resumed_from_epoch")
-        assert resumed is not None and resumed >= max(killed["before"][tid][1]), tid
+        assert resumed is not None and resumed >= max(stopped[stop][tid][1]), tid
 
 
-def test_optuna_agrees_with_mlflow_after_the_kill(killed):
-    trials = _optuna_trials(killed)
+def test_optuna_agrees_with_mlflow_after_the_stops(stopped):
+    trials = _optuna_trials(stopped)
     states = [t.state for t in trials]
     assert optuna.trial.TrialState.RUNNING not in states
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert len(complete) == TRIALS  # orphans asked by the dead driver, if any, are FAIL
-    search = _search_runs(killed)
+    assert len(complete) == TRIALS  # orphans asked by a dead driver, if any, are FAIL
+    search = _search_runs(stopped)
     for trial in complete:
         matches = [r for r in search
                    if float(r.data.params["lr"]) == pytest.approx(trial.params["lr"])
@@ -157,41 +176,31 @@ def test_optuna_agrees_with_mlflow_after_the_kill(killed):
         assert matches[0].data.metrics["val_auroc"] == pytest.approx(trial.value)
 
 
-def test_ctrl_c_ends_runs_killed_then_resumes(interrupted):
-    assert interrupted["first_rc"] == 130
-    assert "--resume" in interrupted["log"].read_text()
-    statuses = {r.data.tags.get("level", "trial"): r.info.status
-                for r in interrupted["runs_before"]}
-    assert statuses["study"] == "KILLED" and statuses["arm"] == "KILLED"
-    assert "RUNNING" not in {r.info.status for r in interrupted["runs_before"]}
-    assert "KILLED" in {status for status, _ in interrupted["before"].values()}
-    _assert_complete_and_exact(interrupted)
-
-
 NEW_TASK = "eva_x_demo-nih-1-s0"  # EVA-X B's module tree at the demo's size
 
 
 @pytest.fixture(scope="module")
-def grown(killed):
+def grown(stopped):
     """The resumed study grown in one go: a new foundation in the study file (EVA-X's
     architecture, its checkpoint in EVA-X's layout), and one more trial for the arm (in both
     tasks). The study then mixes two foundations through the real stack."""
-    end_times = {r.info.run_id: r.info.end_time for r in trial_runs(killed["uri"], "killed")}
-    checkpoint = killed["folder"] / "eva_x_demo_mim.pt"
+    end_times = {r.info.run_id: r.info.end_time
+                 for r in trial_runs(stopped["uri"], stopped["name"])}
+    checkpoint = stopped["folder"] / "eva_x_demo_mim.pt"
     eva_x_file(checkpoint, BACKBONES["eva_x_demo"])
-    text = killed["study"].read_text().replace(
+    text = stopped["study"].read_text().replace(
         'foundations = [{ name = "demo" }]',
         f'foundations = [{{ name = "demo" }}, {{ name = "eva_x_demo", checkpoint = '
         f'"{checkpoint}" }}]')
-    killed["study"].write_text(text)
-    rc = run_cli("run", str(killed["study"]), "--add-trials", "1", "--arm", "lora",
-                 "--no-report", log=killed["log"])
-    return {**killed, "end_times": end_times, "grown_rc": rc}
+    stopped["study"].write_text(text)
+    rc = run_cli("run", str(stopped["study"]), "--add-trials", "1", "--arm", "lora",
+                 "--no-report", log=stopped["log"])
+    return {**stopped, "end_times": end_times, "grown_rc": rc}
 
 
 def test_grown_study_reuses_everything_done(grown):
     assert grown["grown_rc"] == 0, grown["log"].read_text()[-3000:]
-    runs = trial_runs(grown["uri"], "killed")
+    runs = trial_runs(grown["uri"], grown["name"])
     after = {r.info.run_id: r.info.end_time for r in runs}
     for run_id, end in grown["end_times"].items():  # nothing done before was run again
         assert after[run_id] == end
@@ -203,15 +212,15 @@ def test_grown_study_reuses_everything_done(grown):
         complete = [t for t in _optuna_trials(grown, task)
                     if t.state == optuna.trial.TrialState.COMPLETE]
         assert len(complete) == TRIALS + 1
-    assert all(r.info.status == "FINISHED" for r in _all_runs(grown["uri"], "killed"))
+    assert all(r.info.status == "FINISHED" for r in _all_runs(grown["uri"], grown["name"]))
 
 
 def test_grown_study_keeps_one_current_final_per_arm(grown):
     from analysis.runs import load_runs
-    runs = load_runs(grown["uri"], "killed")
+    runs = load_runs(grown["uri"], grown["name"])
     finals = runs[runs["tag.phase"] == "final"]
     assert sorted(finals["tag.task"]) == sorted(["demo-nih-1-s0", NEW_TASK])
-    everything = load_runs(grown["uri"], "killed", include_superseded=True)
+    everything = load_runs(grown["uri"], grown["name"], include_superseded=True)
     if "tag.superseded" in everything:  # only when a grown search found a better config
         old = everything[everything["tag.superseded"] == "true"]
         assert set(old["tag.final_config"]).isdisjoint(set(finals["tag.final_config"]))
@@ -230,7 +239,7 @@ def test_the_new_foundations_trials_trained_its_architecture(grown):
     from trainables.methods import apply_method
     from trainables.models import build_backbone
 
-    mine = [r for r in trial_runs(grown["uri"], "killed") if r.data.tags["task"] == NEW_TASK]
+    mine = [r for r in trial_runs(grown["uri"], grown["name"]) if r.data.tags["task"] == NEW_TASK]
     assert mine
     for run in mine:
         params = run.data.params
@@ -242,5 +251,5 @@ def test_the_new_foundations_trials_trained_its_architecture(grown):
             model = apply_method(build_backbone("eva_x_demo", int(params["num_classes"])),
                                  "lora", spec)
         assert run.data.metrics["trainable_params"] == count_parameters(model)[0]
-    table = summary_table(grown["uri"], "killed")
+    table = summary_table(grown["uri"], grown["name"])
     assert sorted(table["task"]) == sorted(["demo-nih-1-s0", NEW_TASK])
