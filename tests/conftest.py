@@ -18,6 +18,14 @@ SMALL = PhantomLayout(train_patients=60, val_patients=30, test_patients=30)
 IMG_SIZE = 48  # vit_demo's input size
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files with end-to-end (slow) tests first: the two pytest workers (`make test`) take
+    whole files in this order, so the long ones start at once and the short ones fill in
+    around them instead of one long file running alone at the end."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: file order kept
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _single_thread() -> Iterator[None]:
     """Tiny models run fastest on one thread, and stay fast on a busy shared machine (two
