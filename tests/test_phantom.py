@@ -41,7 +41,8 @@ def test_deterministic_in_seed(tmp_path):
 
 def test_findings_do_not_change_overall_brightness():
     """A finding is a position, not an intensity: image mean must not predict any label."""
-    images, labels = make_corpus(2000, seed=5, size=48)
+    corpus = make_corpus(2000, seed=5, size=48)
+    images, labels = corpus.images, corpus.labels
     means = images.reshape(len(images), -1).mean(axis=1)
     aucs = [roc_auc_score(labels[:, k], means) for k in range(labels.shape[1])]
     assert max(abs(a - 0.5) for a in aucs) < 0.06, aucs

@@ -70,9 +70,27 @@ def _stamp(shape: str, yy, xx, cy, cx) -> np.ndarray:
     return 0.41 * ((np.abs(xx - cx) <= 1.0) & (np.abs(yy - cy) <= 4.0))
 
 
+def _lesion_centres(anatomy: Anatomy, zones: dict[str, str],
+                    rng: np.random.Generator) -> dict[str, tuple[float, float]]:
+    """Where each shape sits, (y, x) on the 64x64 canvas: its zone's centre, jittered."""
+    cy, cx = 33.0 + anatomy.body_dy, 32.0 + anatomy.body_dx
+    centres = {}
+    for shape, zone in zones.items():
+        side = -1 if zone.startswith("left") else 1
+        dy = -0.45 if zone.endswith("upper") else 0.45
+        centres[shape] = (cy - 3.0 + dy * anatomy.lung_ry + rng.uniform(-2.0, 2.0),
+                          cx + side * anatomy.lung_gap + rng.uniform(-2.0, 2.0))
+    return centres
+
+
 def render(anatomy: Anatomy, zones: dict[str, str], rng: np.random.Generator,
            size: int = 64) -> np.ndarray:
     """Render one 64x64 phantom (then resized to `size`) as uint8; `zones` maps shape -> zone."""
+    return _render(anatomy, _lesion_centres(anatomy, zones, rng), rng, size)
+
+
+def _render(anatomy: Anatomy, centres: dict[str, tuple[float, float]],
+            rng: np.random.Generator, size: int) -> np.ndarray:
     yy, xx = np.mgrid[0:64, 0:64].astype(np.float32)
     cy, cx = 33.0 + anatomy.body_dy, 32.0 + anatomy.body_dx
     img = 0.12 + 0.38 * _ellipse(yy, xx, cy, cx, 30.0, 27.0)
@@ -84,11 +102,7 @@ def render(anatomy: Anatomy, zones: dict[str, str], rng: np.random.Generator,
         img = np.where(lung, 0.2 + ribs, img)
     img = img + 0.12 * (np.abs(xx - cx) <= 2.5) * (yy > cy - 26)
     img = img + 0.1 * _ellipse(yy, xx, cy + 9.0, cx + 3.0, 7.0, 8.0)
-    for shape, zone in zones.items():
-        side = -1 if zone.startswith("left") else 1
-        dy = -0.45 if zone.endswith("upper") else 0.45
-        zy = lung_cy + dy * anatomy.lung_ry + rng.uniform(-2.0, 2.0)
-        zx = cx + side * anatomy.lung_gap + rng.uniform(-2.0, 2.0)
+    for shape, (zy, zx) in centres.items():
         img = img + _stamp(shape, yy, xx, zy, zx)
     img = img * rng.uniform(0.85, 1.15) + rng.uniform(-0.05, 0.05)
     img = img + rng.normal(0.0, 0.04, img.shape)
@@ -106,19 +120,45 @@ def _labels(zones: dict[str, str], pairs: tuple[tuple[str, str], ...]) -> np.nda
     return np.array([zones[s] == z for s, z in pairs], dtype=np.float32)
 
 
-def make_corpus(n_images: int, seed: int, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """An in-memory pretraining corpus (uint8 images, 16 shape-zone labels), new patients."""
+@dataclass(frozen=True)
+class Corpus:
+    """An in-memory pretraining corpus of new patients: uint8 images, the 16 shape-zone labels,
+    and where each shape sits: `centres[i, k]` is shape k's (y, x) in image i, in pixels of
+    the `size`-pixel image."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    centres: np.ndarray
+
+    def finding_maps(self, patch: int) -> np.ndarray:
+        """Per patch of a `patch`-pixel grid, the findings (shape, zone) whose shape has its
+        centre in it: float32 (images, patches in row order, CORPUS_PAIRS)."""
+        grid = self.images.shape[1] // patch
+        cells = np.clip((self.centres // patch).astype(np.int64), 0, grid - 1)
+        where = cells[..., 0] * grid + cells[..., 1]  # (images, shapes): the patch
+        # (images, shapes): the finding, i.e. the pair of that shape and the zone it is in
+        finding = self.labels.reshape(len(self.images), len(SHAPES), len(ZONES)).argmax(-1) + (
+            np.arange(len(SHAPES)) * len(ZONES))
+        maps = np.zeros((len(self.images), grid * grid, len(CORPUS_PAIRS)), dtype=np.float32)
+        maps[np.arange(len(self.images))[:, None], where, finding] = 1.0
+        return maps
+
+
+def make_corpus(n_images: int, seed: int, size: int) -> Corpus:
     rng = np.random.default_rng(seed)
     images = np.empty((n_images, size, size), dtype=np.uint8)
     labels = np.empty((n_images, len(CORPUS_PAIRS)), dtype=np.float32)
+    centres = np.empty((n_images, len(SHAPES), 2), dtype=np.float32)
     anatomy = _patient_anatomy(rng)
     for i in range(n_images):
         if i % 3 == 0:
             anatomy = _patient_anatomy(rng)
         zones = _draw_zones(rng)
-        images[i] = render(anatomy, zones, rng, size)
+        where = _lesion_centres(anatomy, zones, rng)
+        images[i] = _render(anatomy, where, rng, size)
         labels[i] = _labels(zones, CORPUS_PAIRS)
-    return images, labels
+        centres[i] = [(y * size / 64.0, x * size / 64.0) for y, x in (where[s] for s in SHAPES)]
+    return Corpus(images, labels, centres)
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,17 @@ in-memory corpus of new phantom patients, labelled with the full 4 x 4 shape-by-
 (the downstream task uses 14 of those 16 findings). We measured that a tiny masked-autoencoder run
 that fits the demo's time budget gives no gain over random init on these phantoms, so the demo
 uses supervised multi-label pretraining instead; the checkpoint is written in the MAE format
-(weights under `model`, the pretraining head dropped) so it loads exactly like MRM.pth.
+(weights under `model`, the pretraining heads dropped) so it loads exactly like MRM.pth.
+
+Why a second, per-patch target: on the image labels alone the loss sits for epochs at the
+label-frequency loss (every image has all four shapes; only binding a shape to its zone helps,
+a second-order signal), and when it leaves that plateau depended on how the CPU's kernels
+summed floats: on one CPU it never left it in the recipe's epochs. So each patch token also
+predicts the findings whose shape has its centre in that patch (a linear head on the patch
+tokens, dropped with the label head). That target is per token: a token learns to bind shape
+to position directly, and the pooled tokens then carry the labels; the labels' loss leaves the
+plateau in the first epochs on every CPU setting measured
+(benchmarks/phantom_margins.py --cpu-settings).
 """
 
 from __future__ import annotations
@@ -16,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from trainables.config import TrainSpec
 from trainables.fit import (
@@ -39,40 +51,63 @@ class PretrainSpec:
     seed: int = 1234
 
 
+# A module of the pretraining model that is not part of the foundation (dropped on saving, with
+# the label head `head`).
+MAPS_HEAD = "maps_head"
+
+
+def label_frequency_loss(labels: torch.Tensor) -> float:
+    """The labels' BCE when predicting each label's frequency: the plateau's height."""
+    p = labels.mean(0).clamp(1e-6, 1 - 1e-6)
+    return float(-(p * p.log() + (1 - p) * (1 - p).log()).mean())
+
+
 def pretrain_demo_foundation(out: Path, spec: PretrainSpec = PretrainSpec(),
-                             log=print) -> Path:
-    """Train, then write `{'model': weights, 'epoch': n}` to `out` atomically."""
+                             log=print) -> list[float]:
+    """Train, then write `{'model': weights, 'epoch': n}` to `out` atomically. Returns the
+    labels' mean loss per epoch."""
     seed_everything(spec.seed)
     foundation = get_foundation("demo")
-    size = get_backbone(foundation.backbone).img_size
-    images, labels = make_corpus(spec.corpus_images, spec.seed, size)
+    backbone = get_backbone(foundation.backbone)
+    corpus = make_corpus(spec.corpus_images, spec.seed, backbone.img_size)
     model = build_backbone(foundation.backbone, len(CORPUS_PAIRS))
+    model.add_module(MAPS_HEAD, nn.Linear(backbone.embed_dim, len(CORPUS_PAIRS)))
     train = TrainSpec(optimizer="adamw", lr=spec.lr, weight_decay=0.05, epochs=spec.epochs,
                       warmup_epochs=1, batch_size=spec.batch_size, seed=spec.seed)
-    steps = (len(images) + spec.batch_size - 1) // spec.batch_size
+    n = len(corpus.images)
+    steps = (n + spec.batch_size - 1) // spec.batch_size
     optimizer = build_optimizer(model, train)
     scheduler = build_scheduler(optimizer, train, steps)
-    x_all, y_all = torch.from_numpy(images)[:, None], torch.from_numpy(labels)
+    x_all, y_all = torch.from_numpy(corpus.images)[:, None], torch.from_numpy(corpus.labels)
+    maps_all = torch.from_numpy(corpus.finding_maps(backbone.patch_size))
+    log(f"  the labels' loss at their frequencies (the plateau): "
+        f"{label_frequency_loss(y_all):.4f}")
     start = time.perf_counter()
+    losses = []
     model.train()
     for epoch in range(spec.epochs):
-        order = torch.randperm(len(images))
-        total = 0.0
+        order = torch.randperm(n)
+        total = total_maps = 0.0
         for step in range(steps):
             idx = order[step * spec.batch_size:(step + 1) * spec.batch_size]
             scheduler.step_update(epoch * steps + step)
-            loss = masked_bce(model(to_model_input(x_all[idx], foundation.mean, foundation.std)),
-                              y_all[idx])
+            tokens = model.forward_features(
+                to_model_input(x_all[idx], foundation.mean, foundation.std))
+            label_loss = masked_bce(model.forward_head(tokens), y_all[idx])
+            maps_loss = F.binary_cross_entropy_with_logits(
+                getattr(model, MAPS_HEAD)(tokens[:, model.num_prefix_tokens:]), maps_all[idx])
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (label_loss + maps_loss).backward()
             optimizer.step()
-            total += loss.item()
-        log(f"  pretraining epoch {epoch + 1}/{spec.epochs}: loss {total / steps:.4f} "
-            f"({time.perf_counter() - start:.0f}s)")
+            total += label_loss.item()
+            total_maps += maps_loss.item()
+        losses.append(total / steps)
+        log(f"  pretraining epoch {epoch + 1}/{spec.epochs}: labels' loss {losses[-1]:.4f}, "
+            f"finding maps' loss {total_maps / steps:.4f} ({time.perf_counter() - start:.0f}s)")
     weights = {k: v.detach().clone() for k, v in model.state_dict().items()
-               if not k.startswith("head.")}
+               if not k.startswith(("head.", f"{MAPS_HEAD}."))}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(f".tmp{os.getpid()}")
     torch.save({"model": weights, "epoch": spec.epochs}, tmp)
     os.replace(tmp, out)
-    return out
+    return losses
