@@ -16,9 +16,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
 
+from contract.config import METHOD_SPECS, DoraSpec, LoraSpec, PartialSpec, TrainSpec, VeraSpec
+from contract.errors import ConfigError
 from tests.foundation_fixtures import register_tiny
-from trainables.config import METHOD_SPECS, DoraSpec, LoraSpec, PartialSpec, TrainSpec, VeraSpec
-from trainables.errors import ConfigError
 from trainables.lora import count_parameters, is_lora_param, trainable_state_dict
 from trainables.methods import METHODS, apply_method
 from trainables.models import BACKBONES, build_backbone, get_backbone

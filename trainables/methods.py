@@ -1,6 +1,6 @@
 """Fine-tuning methods: how each changes a timm ViT and exactly which parameters then train.
 
-An entry takes the built model and the method's own spec (`trainables.config.METHOD_SPECS`),
+An entry takes the built model and the method's own spec (`contract.config.METHOD_SPECS`),
 changes the model in place, and states its trainable parameters as a predicate on parameter
 names; `apply_method` then asserts that exactly those train (a bias that silently stays frozen,
 or a backbone weight that silently trains, would turn the arm into another method). What trains
@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from trainables.config import FLAT_KINDS, METHOD_SPECS, DoraSpec, LoraSpec, PartialSpec, VeraSpec
-from trainables.errors import ConfigError
+from contract.config import FLAT_KINDS, METHOD_SPECS, DoraSpec, LoraSpec, PartialSpec, VeraSpec
+from contract.errors import ConfigError
 from trainables.lora import ALWAYS_TRAINABLE_PREFIXES, apply_lora, count_parameters, split_qkv
 from trainables.models import build_backbone, targets_of
 
@@ -209,7 +209,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("ia3", "peft (IA)3 output scales on q and v, head and fc_norm", _ia3,
            counted_as="q+v"),
 )}
-assert set(METHODS) == set(METHOD_SPECS), "trainables.config.METHOD_SPECS and METHODS differ"
+assert set(METHODS) == set(METHOD_SPECS), "contract.config.METHOD_SPECS and METHODS differ"
 
 
 def get_method(name: str) -> Method:

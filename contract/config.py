@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainables.errors import DIVERGED, ConfigError
+from contract.errors import DIVERGED, ConfigError
 
 OPTIMIZERS = ("sgd", "adamw")
 AUGMENTATIONS = ("none", "crop_flip", "crop_flip_erase")
