@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.study_data import TASK_ARM, StudyData
-from study.schema import Metric, Param, Tag
+from contract.schema import Metric, Param, Tag
 
 
 def compute_table(data: StudyData) -> pd.DataFrame:

@@ -15,8 +15,8 @@ import pandas as pd
 
 from analysis.stats import Predictions, holm, paired_bootstrap_draws
 from analysis.study_data import StudyData
-from study.schema import Metric, Param, Tag
-from trainables.errors import ConfigError
+from contract.errors import ConfigError
+from contract.schema import Metric, Param, Tag
 
 # Published macro AUROC (paper_presets.md): MRM full fine-tuning as reported by the MRM/MaCo
 # line of work, and the paper's LoRA headline number. Keyed by (foundation, dataset, fraction).

@@ -11,7 +11,7 @@ import pandas as pd
 from analysis.runs import best_configs
 from analysis.stats import Predictions, expected_calibration_error, macro_auroc
 from analysis.study_data import TASK_ARM, StudyData
-from study.schema import Metric, Param, Tag
+from contract.schema import Metric, Param, Tag
 
 
 def calibration_table(data: StudyData, bins: int = 15) -> pd.DataFrame:

@@ -25,8 +25,8 @@ from optuna.distributions import (
 from optuna.importance import FanovaImportanceEvaluator, get_param_importances
 
 from analysis.study_data import TASK_ARM
-from study.schema import Metric, Param, Tag
-from trainables.config import METHOD_KEYS, TRAIN_KEYS
+from contract.config import METHOD_KEYS, TRAIN_KEYS
+from contract.schema import Metric, Param, Tag
 
 # Candidates when an arm's space is not in the registry (a study from an older version): every
 # adapter and training param a search could vary but the optimiser, budget and seed (those that
@@ -37,8 +37,8 @@ HYPERPARAMS = (*METHOD_KEYS, *(k for k in TRAIN_KEYS
 
 def space_distributions(space: str | None, optimizer: str) -> dict[str, BaseDistribution]:
     """The parameters a registered search space samples, with their distributions."""
+    from contract.errors import ConfigError
     from search_spaces import get_space
-    from trainables.errors import ConfigError
     try:
         fn = get_space(str(space)).fn
     except ConfigError:

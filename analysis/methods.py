@@ -19,8 +19,8 @@ from analysis.comparison import CELL_FACTORS, arm_cell_stats, paired_cell
 from analysis.plots import pareto_front
 from analysis.stats import holm
 from analysis.study_data import StudyData
-from study.schema import Metric, Param, Tag
-from trainables.errors import ConfigError
+from contract.errors import ConfigError
+from contract.schema import Metric, Param, Tag
 
 REFERENCE_KIND = "fft"  # the default reference: the study's one full fine-tuning arm
 

@@ -19,7 +19,7 @@ from sklearn.metrics import roc_curve
 
 from analysis.stats import Predictions, class_aurocs
 from analysis.study_data import TASK_ARM, StudyData
-from study.schema import Metric, Param, Phase, Tag
+from contract.schema import Metric, Param, Phase, Tag
 
 ARM_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
 

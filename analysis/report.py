@@ -43,8 +43,8 @@ from analysis.tables import (
     to_markdown,
     val_test_gap,
 )
-from study.schema import Metric, StudyParams, Tag, tag
-from trainables.errors import ConfigError
+from contract.errors import ConfigError
+from contract.schema import Metric, StudyParams, Tag, tag
 
 
 @dataclass

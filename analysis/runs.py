@@ -1,8 +1,8 @@
 """MLflow runs as typed pandas DataFrames.
 
 MLflow hands params back as strings; this is the one place that types them (by the types
-`study.schema` declares), so analysis code compares numbers with numbers and never parses run
-names. Every tag, param and metric name comes from `study.schema`.
+`contract.schema` declares), so analysis code compares numbers with numbers and never parses run
+names. Every tag, param and metric name comes from `contract.schema`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,10 @@ from typing import Any
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from study.schema import (
+from contract.config import KINDS, METHOD_KEYS
+from contract.errors import ConfigError
+from contract.paths import tracking_store
+from contract.schema import (
     PARAM_KINDS,
     PARENT,
     TRUE,
@@ -25,9 +28,6 @@ from study.schema import (
     read_param,
     tag,
 )
-from trainables.config import KINDS, METHOD_KEYS
-from trainables.errors import ConfigError
-from trainables.paths import tracking_store
 
 # Params held as integers: a column of them is pandas' nullable "Int64", so runs without one
 # (a full fine-tune has no rank) keep a real integer dtype.

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from trainables.errors import DataError
+from contract.errors import DataError
 
 
 @dataclass(frozen=True)

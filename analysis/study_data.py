@@ -25,7 +25,8 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from analysis.runs import known_kind, legacy_kind, load_runs, metric_histories
-from study.schema import (
+from contract.errors import ConfigError
+from contract.schema import (
     FALSE,
     PARAM_KINDS,
     PARENT,
@@ -40,7 +41,6 @@ from study.schema import (
     metric,
     tag,
 )
-from trainables.errors import ConfigError
 
 CACHE_VERSION = 2
 # Per-epoch series worth a learning curve; per-class validation series stay in MLflow.

@@ -14,7 +14,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from benchmarks._table import print_rows
-from study.schema import PARENT, Metric, Tag
+from contract.schema import PARENT, Metric, Tag
 
 REPORT_LIMIT_S = 60.0
 

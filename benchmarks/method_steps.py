@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _table import print_rows  # noqa: E402
 from train_step import _interleaved, device_arguments, make_batch, project_step  # noqa: E402
 
-from study.schema import task_key  # noqa: E402
-from trainables.config import TaskFactors, TrainSpec, TrialSpec  # noqa: E402
+from contract.config import TaskFactors, TrainSpec, TrialSpec  # noqa: E402
+from contract.schema import task_key  # noqa: E402
 from trainables.fit import build_model  # noqa: E402
 from trainables.foundation import FOUNDATIONS, get_foundation  # noqa: E402
 from trainables.lora import count_parameters  # noqa: E402

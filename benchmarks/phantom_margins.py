@@ -32,12 +32,12 @@ from sklearn.linear_model import LogisticRegression
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._scratch import scratch  # noqa: E402
+from contract.config import RunSettings, TrialSpec, flatten  # noqa: E402
 from study.config import load_study  # noqa: E402
 from study.demo import prepare_demo_dir  # noqa: E402
 from study.preflight import prepare_task_data  # noqa: E402
 from study.trials import task_factors  # noqa: E402
 from trainables.cache import label_names, open_split  # noqa: E402
-from trainables.config import RunSettings, TrialSpec, flatten  # noqa: E402
 from trainables.fit import build_model, fit, to_model_input  # noqa: E402
 from trainables.foundation import get_foundation  # noqa: E402
 from trainables.metrics import classification_metrics  # noqa: E402

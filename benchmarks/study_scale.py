@@ -42,7 +42,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from benchmarks._scratch import scratch  # noqa: E402
 from benchmarks._study_scale_report import bench_report, print_report  # noqa: E402
 from benchmarks._table import print_rows  # noqa: E402
-from study.schema import PARENT, Level, Metric, Param, Phase, Tag  # noqa: E402
+from contract.schema import PARENT, Level, Metric, Param, Phase, Tag  # noqa: E402
 
 # --- (a) the driver -----------------------------------------------------------------------
 

@@ -52,8 +52,8 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _table import print_rows  # noqa: E402
 
-from study.schema import task_key  # noqa: E402
-from trainables.config import RunSettings, TrialSpec  # noqa: E402
+from contract.config import RunSettings, TrialSpec  # noqa: E402
+from contract.schema import task_key  # noqa: E402
 from trainables.fit import (  # noqa: E402
     build_model,
     build_optimizer,

@@ -34,10 +34,10 @@ import torch  # noqa: E402
 from ray import tune  # noqa: E402
 
 from benchmarks._table import print_rows  # noqa: E402
+from contract.config import RunSettings, TrialSpec  # noqa: E402
+from contract.schema import task_key  # noqa: E402
 from study.cluster import init_ray  # noqa: E402
-from study.schema import task_key  # noqa: E402
 from trainables.cache import build_cache  # noqa: E402
-from trainables.config import RunSettings, TrialSpec  # noqa: E402
 from trainables.datasets import DataSpec, load_splits  # noqa: E402
 from trainables.fit import fit  # noqa: E402
 from trainables.phantom import PhantomLayout, write_nih_phantom  # noqa: E402

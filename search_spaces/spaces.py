@@ -14,9 +14,9 @@ from typing import Any
 
 import optuna
 
+from contract.errors import ConfigError
+from contract.schema import Param
 from search_spaces.presets import Recipe
-from study.schema import Param
-from trainables.errors import ConfigError
 
 RANKS = (1, 2, 4, 8, 16, 32, 64)
 ALPHA_RATIOS = (0.5, 1.0, 2.0, 4.0, 8.0)
@@ -111,7 +111,7 @@ def vera(trial: optuna.Trial, optimizer: str, recipe: Recipe | None) -> dict[str
 @dataclass(frozen=True)
 class Space:
     name: str
-    kind: str  # the method the arm fine-tunes with (trainables.config.METHOD_SPECS)
+    kind: str  # the method the arm fine-tunes with (contract.config.METHOD_SPECS)
     fn: SpaceFn
 
 

@@ -10,9 +10,9 @@ import ray
 from ray.tune import Callback
 from ray.util.placement_group import PlacementGroup, remove_placement_group
 
+from contract.schema import Metric
 from study.pool import SEARCH
 from study.pool_tune import phase_of, search_key
-from study.schema import Metric
 from study.summary import config_text
 from trainables.ray_train import WORKER_PG
 

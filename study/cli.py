@@ -15,12 +15,12 @@ import sys
 import warnings
 from pathlib import Path
 
-from trainables.errors import StudyError
+from contract.errors import StudyError
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from contract.paths import writable_dir
     from study.demo import run_demo
-    from trainables.paths import writable_dir
     run_demo(writable_dir(Path(args.dir), "--dir").resolve())
     return 0
 

@@ -16,8 +16,8 @@ import ray
 import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from contract.errors import ConfigError
 from study.config import ResourceSpec, StudyConfig
-from trainables.errors import ConfigError
 
 # Train polls its workers this often; Ray's default of 2 s adds up to 2 s to every report
 # of a multi-worker trial.

@@ -16,10 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from search_spaces import get_space
-from search_spaces.define_by_run import SAMPLERS
-from study.schema import SEARCH_METRIC, SEARCH_MODE, Param, task_key
-from trainables.config import (
+from contract.config import (
     FLAT_KINDS,
     METHOD_KEYS,
     TRAIN_KEYS,
@@ -28,11 +25,14 @@ from trainables.config import (
     method_keys,
     parse_targets,
 )
+from contract.errors import ConfigError
+from contract.paths import tracking_store, writable_dir
+from contract.schema import SEARCH_METRIC, SEARCH_MODE, Param, task_key
+from search_spaces import get_space
+from search_spaces.define_by_run import SAMPLERS
 from trainables.datasets import DataSpec
-from trainables.errors import ConfigError
 from trainables.foundation import get_foundation
 from trainables.models import get_backbone
-from trainables.paths import tracking_store, writable_dir
 
 DATASETS = ("nih", "chexpert", "rsna")
 
@@ -234,7 +234,7 @@ def _toml_kinds(kind: type) -> tuple[type, ...]:
     return _TOML_KINDS.get(kind, ())
 
 
-# Every key list and type below derives from the trial contract (trainables.config).
+# Every key list and type below derives from the trial contract (contract.config).
 # [train]: the recipe's fields, except lr (searched), seed (the search's, then the final's) and
 # optimizer (an arm's own: its lr range depends on it, so it is `arms.X.optimizer`).
 _TRAIN_KEYS = set(TRAIN_KEYS) - {Param.LR, Param.SEED, Param.OPTIMIZER}

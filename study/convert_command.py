@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from trainables.errors import CheckpointError
-from trainables.paths import safetensors_file
+from contract.errors import CheckpointError
+from contract.paths import safetensors_file
 
 TRUST_HINT = ("if you trust where this file came from, rerun with --trust-pickle (unpickling can "
               "run code from it)")

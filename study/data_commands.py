@@ -13,10 +13,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from contract.errors import ConfigError, DataError
+from contract.paths import writable_dir
 from study.config import DatasetRef, StudyConfig, load_study
 from trainables.datasets import DataSpec, Problem, check_dataset, load_splits
-from trainables.errors import ConfigError, DataError
-from trainables.paths import writable_dir
 
 
 def register(sub: argparse._SubParsersAction) -> None:

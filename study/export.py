@@ -17,14 +17,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from analysis.runs import run_record
-from study.schema import Tag
-from trainables.config import FLAT_KINDS, TrialSpec
-from trainables.errors import CheckpointError, ConfigError
+from contract.config import FLAT_KINDS, TrialSpec
+from contract.errors import CheckpointError, ConfigError
+from contract.paths import safetensors_file
+from contract.schema import Tag
 from trainables.fit import BEST_FILE, STATE_FILE, TRAINABLE_FILE, build_model, checkpoint_epochs
 from trainables.foundation import get_foundation
 from trainables.lora import merged_state_dict, trainable_state_dict
 from trainables.models import build_backbone
-from trainables.paths import safetensors_file
 
 TOLERANCE = 1e-4
 

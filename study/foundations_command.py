@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from trainables.config import TARGETS
+from contract.config import TARGETS
 from trainables.foundation import FOUNDATIONS, Foundation, Stat
 from trainables.methods import METHODS, count_on_meta
 from trainables.models import get_backbone

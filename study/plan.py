@@ -12,12 +12,7 @@ from dataclasses import dataclass
 
 import optuna
 
-from search_spaces.define_by_run import DefineByRun
-from search_spaces.presets import Recipe
-from study import trials
-from study.config import ArmSpec, StudyConfig, TaskSpec
-from study.schema import Param
-from trainables.config import (
+from contract.config import (
     METHOD_SPECS,
     TARGETS,
     LoraSpec,
@@ -27,7 +22,12 @@ from trainables.config import (
     parse_targets,
     unflatten,
 )
-from trainables.errors import ConfigError
+from contract.errors import ConfigError
+from contract.schema import Param
+from search_spaces.define_by_run import DefineByRun
+from search_spaces.presets import Recipe
+from study import trials
+from study.config import ArmSpec, StudyConfig, TaskSpec
 from trainables.foundation import get_foundation
 from trainables.methods import count_on_meta, get_method
 

@@ -30,10 +30,10 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from contract.config import config_digest
+from contract.schema import SEARCH_METRIC, SEARCH_MODE, Metric, Param, Phase
 from study.pool import FINAL, SEARCH, PoolPolicy, SearchPlan, Unit
 from study.pool import search_key as key_of
-from study.schema import SEARCH_METRIC, SEARCH_MODE, Metric, Param, Phase
-from trainables.config import config_digest
 
 
 def search_key(config: dict[str, Any]) -> str:

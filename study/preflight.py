@@ -9,11 +9,11 @@ from pathlib import Path
 
 import torch
 
+from contract.config import METHOD_SPECS, smallest, unflatten
+from contract.errors import ConfigError
 from study.config import ArmSpec, StudyConfig, TaskSpec
 from trainables.cache import build_cache, label_names
-from trainables.config import METHOD_SPECS, smallest, unflatten
 from trainables.datasets import DatasetSplits, load_splits
-from trainables.errors import ConfigError
 from trainables.foundation import get_foundation, load_foundation
 from trainables.methods import apply_method
 from trainables.models import build_backbone

@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from trainables.errors import ConfigError
-from trainables.paths import writable_dir
+from contract.errors import ConfigError
+from contract.paths import writable_dir
 
 
 def _cmd_report(args: argparse.Namespace) -> int:

@@ -22,6 +22,18 @@ import optuna
 from ray.tune import FailureConfig, ResultGrid, RunConfig, TuneConfig, Tuner
 from ray.tune.schedulers import ASHAScheduler
 
+from contract.config import RunSettings, config_digest
+from contract.errors import ArmFailed, ConfigError, StudyFailed, TrackingUnavailable
+from contract.schema import (
+    SEARCH_METRIC,
+    SEARCH_MODE,
+    ArmParams,
+    Metric,
+    Param,
+    StudyParams,
+    Tag,
+    checkpoint_sha_tag,
+)
 from search_spaces import get_space, preset_point
 from search_spaces.define_by_run import DefineByRun, fail_orphans, name_objective, sampler
 from study.callbacks import (
@@ -50,16 +62,6 @@ from study.pool_tune import (
     search_key,
 )
 from study.preflight import TaskData, preflight, prepare_caches
-from study.schema import (
-    SEARCH_METRIC,
-    SEARCH_MODE,
-    ArmParams,
-    Metric,
-    Param,
-    StudyParams,
-    Tag,
-    checkpoint_sha_tag,
-)
 from study.state import Pool, Segment, StudyState
 from study.tracking import (
     TRANSIENT,
@@ -82,8 +84,6 @@ from study.trials import (
     search_constants,
     study_trainable,
 )
-from trainables.config import RunSettings, config_digest
-from trainables.errors import ArmFailed, ConfigError, StudyFailed, TrackingUnavailable
 
 
 @dataclass

@@ -14,7 +14,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from trainables.errors import ConfigError
+from contract.errors import ConfigError
 
 STATE_FILE = "study_state.json"
 # 2: the study pool (one Tune experiment per driver run serves every search and final).

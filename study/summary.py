@@ -13,8 +13,8 @@ from typing import Any
 
 import pandas as pd
 
-from study.schema import Param, Tag
-from trainables.errors import StudyError
+from contract.errors import StudyError
+from contract.schema import Param, Tag
 
 
 def config_text(config: Mapping[str, Any], kind: str | None = None) -> str:

@@ -28,10 +28,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
-from study.backlog import Backlog
-from study.pool import FINAL
-from study.pool_tune import index_in_search, phase_of, search_key
-from study.schema import (
+from contract.config import RunSettings, config_digest
+from contract.errors import ConfigError, DivergenceError, TrackingUnavailable
+from contract.schema import (
     EXPERIMENT_KIND,
     FALSE,
     PARENT,
@@ -44,10 +43,10 @@ from study.schema import (
     Tag,
     params,
 )
-from study.schema import Param as ParamName
-from trainables.config import RunSettings, config_digest
-from trainables.errors import ConfigError, DivergenceError, TrackingUnavailable
-from trainables.fit import REPLAY
+from contract.schema import Param as ParamName
+from study.backlog import Backlog
+from study.pool import FINAL
+from study.pool_tune import index_in_search, phase_of, search_key
 from trainables.ray_train import WORKER_NODE
 
 CONFIG_ARTIFACT = "config.json"  # a trial run's flat config, as an artifact
@@ -342,7 +341,7 @@ class MlflowTrialTracker(Callback):
             tags[Tag.NODE] = str(result[WORKER_NODE])  # the node its rank-0 worker ran on
         now = int(time.time() * 1000)
         # A resumed trial reports its earlier epochs again: log any that were missed.
-        for past in json.loads(result.get(REPLAY) or "[]"):
+        for past in json.loads(result.get(Metric.REPLAY) or "[]"):
             self._queue({**self._start_record(trial), "kind": "metrics", "time": now,
                          "step": int(past.get(Metric.EPOCH, 0)),
                          "metrics": numeric_metrics(past)})

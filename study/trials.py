@@ -8,12 +8,12 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from contract.config import RunSettings, TaskFactors, TrainSpec, flatten
+from contract.schema import Phase
 from search_spaces import default_optimizer, fft_recipe, lora_recipe
 from search_spaces.presets import Recipe, demo_recipes
 from study.config import ArmSpec, StudyConfig, TaskSpec
 from study.preflight import TaskData
-from study.schema import Phase
-from trainables.config import RunSettings, TaskFactors, TrainSpec, flatten
 from trainables.foundation import get_foundation
 
 

@@ -27,7 +27,15 @@ from mlflow.entities import Param as MlflowParam
 from mlflow.entities import RunTag
 from mlflow.tracking import MlflowClient
 
-from study.schema import (
+from contract.config import (
+    LoraSpec,
+    PartialSpec,
+    TaskFactors,
+    TrainSpec,
+    TrialSpec,
+    parse_targets,
+)
+from contract.schema import (
     EXPERIMENT_KIND,
     FALSE,
     PARENT,
@@ -41,14 +49,6 @@ from study.schema import (
     Tag,
     params,
     task_key,
-)
-from trainables.config import (
-    LoraSpec,
-    PartialSpec,
-    TaskFactors,
-    TrainSpec,
-    TrialSpec,
-    parse_targets,
 )
 from trainables.metrics import classification_metrics
 

@@ -15,9 +15,9 @@ import pytest
 from analysis import plots, report, tables
 from analysis.stats import holm
 from analysis.study_data import load_study
+from contract.errors import ConfigError
 from study.cli import main
 from tests.synthetic_study import METHODS_WINNER, methods_study
-from trainables.errors import ConfigError
 
 # Holm over 2 tasks x 3 methods needs 6 x (the smallest bootstrap p, 2 / (n + 1)) < 0.05.
 N_BOOT = 500

@@ -1,4 +1,4 @@
-"""Analysis reads what the writer logs, by `study.schema`: declared param types, the `kind` tag,
+"""Analysis reads what the writer logs, by `contract.schema`: declared param types, the `kind` tag,
 the task factors of arm runs, and the runs `best_configs` names."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from analysis.runs import best_configs, load_runs, run_record
 from analysis.study_data import build_tables
-from study.schema import (
+from contract.schema import (
     PARAM_KINDS,
     PARENT,
     TASK_FACTORS,
@@ -204,7 +204,7 @@ def _literals(path: Path) -> list[tuple[int, str]]:
 
 
 def test_analysis_spells_no_mlflow_column_or_tag_itself():
-    """Tag, metric and parent columns are built from `study.schema`, never written out."""
+    """Tag, metric and parent columns are built from `contract.schema`, never written out."""
     files = [*sorted((ROOT / "analysis").glob("*.py")), ROOT / "tests" / "synthetic_study.py"]
     found = [f"{path.relative_to(ROOT)}:{line}: {text!r}" for path in files
              for line, text in _literals(path)

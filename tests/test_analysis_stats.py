@@ -16,7 +16,7 @@ from analysis.stats import (
     paired_bootstrap_draws,
     resample_patients,
 )
-from trainables.errors import DataError
+from contract.errors import DataError
 from trainables.metrics import classification_metrics
 
 

@@ -9,9 +9,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from analysis.study_data import default_cache_dir, load_study
-from study.schema import PARENT, Metric, Param, Phase, Tag
+from contract.errors import ConfigError
+from contract.schema import PARENT, Metric, Param, Phase, Tag
 from tests.synthetic_study import SyntheticTask, shared_study, write_synthetic_study
-from trainables.errors import ConfigError
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ import pytest
 from analysis import tables
 from analysis.plots import pareto_front
 from analysis.study_data import load_study
+from contract.errors import ConfigError
 from tests.synthetic_study import shared_study
-from trainables.errors import ConfigError
 
 
 @pytest.fixture(scope="module")

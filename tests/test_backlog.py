@@ -6,8 +6,8 @@ import pickle
 
 import pytest
 
+from contract import errors
 from study.backlog import Backlog
-from trainables import errors
 
 
 class Flaky:

@@ -383,9 +383,9 @@ CASES = [
 
 def _foreign_settings() -> list:
     """Every method's arm with one setting of every other method that has settings."""
+    from contract.config import METHOD_SPECS, method_keys
     from search_spaces import get_space
     from search_spaces.spaces import SPACES
-    from trainables.config import METHOD_SPECS, method_keys
     cases = []
     for space in SPACES:
         kind = get_space(space).kind
@@ -438,8 +438,8 @@ def test_destinations_that_can_be_written_pass_and_stay_untouched(tmp_path, monk
     was (an MLflow store is read, never extended)."""
     from mlflow.tracking import MlflowClient
 
+    from contract.paths import tracking_store, writable_dir, writable_file
     from study.config import check_destinations, load_study
-    from trainables.paths import tracking_store, writable_dir, writable_file
 
     monkeypatch.chdir(tmp_path)  # wherever MLflow puts a default artifact folder
     (tmp_path / "old").mkdir()

@@ -5,8 +5,8 @@ import pytest
 from PIL import Image
 
 import trainables.cache as cache_mod
+from contract.errors import DataError
 from trainables.cache import build_cache, label_names, open_split
-from trainables.errors import DataError
 
 
 def test_round_trip_matches_decoding_the_source(phantom_splits, phantom_cache):

@@ -42,9 +42,9 @@ def test_missing_data_root_is_a_one_line_error(capsys, tmp_path):
     study.write_text('[study]\nname="x"\n[tasks]\nfoundations=[{name="demo"}]\n'
                      'datasets=[{name="nih", root="missing", splits="lists", '
                      'list_dir="missing"}]\n[arms.lora]\nspace="lora"\ntrials=2\n')
+    from contract.errors import DataError
     from study.config import load_study
     from study.preflight import prepare_task_data
-    from trainables.errors import DataError
     with pytest.raises(DataError, match="missing"):
         prepare_task_data(load_study(study).tasks[0], tmp_path / "store")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from contract.errors import DataError
 from tests.data_fixtures import (
     gradient,
     write_dicom,
@@ -13,7 +14,6 @@ from tests.data_fixtures import (
     write_rsna,
 )
 from trainables.datasets import DataSpec, check_dataset, load_splits
-from trainables.errors import DataError
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*fewer than 50 positives")
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from contract.errors import DataError
 from tests.data_fixtures import write_chexpert, write_list
 from trainables.datasets import DataSpec, load_splits, read_image
 from trainables.datasets.chexpert import COMPETITION_LABELS
-from trainables.errors import DataError
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*fewer than 50 positives")
 

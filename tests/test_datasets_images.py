@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from contract.errors import DataError
 from tests.data_fixtures import (
     gradient,
     write_dicom,
@@ -15,7 +16,6 @@ from tests.data_fixtures import (
     write_rgba,
 )
 from trainables.datasets import read_image
-from trainables.errors import DataError
 
 
 def _expected_minmax(values: np.ndarray) -> np.ndarray:

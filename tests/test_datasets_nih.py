@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from contract.errors import DataError
 from tests.data_fixtures import NIH_LABELS, write_list, write_nih, write_nih_lists
 from trainables.datasets import DataSpec, load_splits, read_image
-from trainables.errors import DataError
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*fewer than 50 positives")
 

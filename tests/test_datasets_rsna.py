@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from contract.errors import DataError
 from tests.data_fixtures import write_list, write_rsna
 from trainables.datasets import DataSpec, load_splits, read_image
-from trainables.errors import DataError
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*fewer than 50 positives")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from contract.errors import ConfigError
 from tests.data_fixtures import write_chexpert, write_nih
 from trainables.datasets import (
     DataSpec,
@@ -14,7 +15,6 @@ from trainables.datasets import (
     write_split_lists,
 )
 from trainables.datasets.lists import confined_path
-from trainables.errors import ConfigError
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*fewer than 50 positives")
 

@@ -7,10 +7,10 @@ import itertools
 import numpy as np
 import pytest
 
+from contract.errors import DataError
 from tests.data_fixtures import NIH_RATES, write_list, write_nih
 from trainables.datasets import DataSpec, load_splits
 from trainables.datasets.stratify import stratified_order
-from trainables.errors import DataError
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*fewer than 50 positives")
 

@@ -4,11 +4,11 @@ values are pinned, and every config it asks for is a valid trial spec."""
 import optuna
 import pytest
 
+from contract.config import TrialSpec, flatten
 from search_spaces import SPACES
 from search_spaces.define_by_run import DefineByRun, fail_orphans, name_objective, sampler
 from search_spaces.presets import demo_recipes
 from tests.specs import DEMO_TASK
-from trainables.config import TrialSpec, flatten
 
 BASE = {**flatten(DEMO_TASK), "arm": "x", "phase": "search", "epochs": 4,
         "optimizer": "adamw", "weight_decay": 0.05, "layer_decay": 0.75}

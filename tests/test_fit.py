@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from contract.errors import DivergenceError
 from tests.specs import demo_spec
-from trainables.errors import DivergenceError
 from trainables.fit import fit
 
 

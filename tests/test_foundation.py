@@ -14,7 +14,7 @@ import torch
 from timm.layers import resample_abs_pos_embed
 from torch import Tensor
 
-from trainables.errors import CheckpointError, ConfigError
+from contract.errors import CheckpointError, ConfigError
 from trainables.foundation import (
     FOUNDATIONS,
     Foundation,

@@ -11,6 +11,8 @@ import dataclasses
 import pytest
 import torch
 
+from contract.config import TARGETS, LoraSpec
+from contract.errors import CheckpointError
 from study.cli import main
 from tests.foundation_fixtures import (
     TINY_DINOV2,
@@ -21,8 +23,6 @@ from tests.foundation_fixtures import (
     open_clip_file,
     register_tiny,
 )
-from trainables.config import TARGETS, LoraSpec
-from trainables.errors import CheckpointError
 from trainables.fit import to_model_input
 from trainables.foundation import CLIP_MEAN, CLIP_STD, get_foundation, load_foundation
 from trainables.layouts import HF_DINOV2

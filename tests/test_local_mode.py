@@ -10,9 +10,9 @@ import optuna
 import pytest
 import torch
 
+from contract.errors import ConfigError
 from study.config import parse_study
 from study.summary import config_text
-from trainables.errors import ConfigError
 from trainables.fit import TrainState
 from trainables.ray_train import CheckpointFolder, runs_locally, trial_resources
 
@@ -109,8 +109,8 @@ def test_every_warning_is_one_line_printed_once(capsys):
 
 
 def test_the_optuna_study_names_its_objective(tmp_path):
+    from contract.schema import SEARCH_METRIC, SEARCH_MODE
     from search_spaces.define_by_run import name_objective
-    from study.schema import SEARCH_METRIC, SEARCH_MODE
     storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'optuna.db'}")
     name_objective(storage, "s/task/lora", SEARCH_METRIC, SEARCH_MODE)
     name_objective(storage, "s/task/lora", SEARCH_METRIC, SEARCH_MODE)  # found named on resume
@@ -122,7 +122,7 @@ def test_the_optuna_study_names_its_objective(tmp_path):
 def test_study_experiments_open_on_their_runs_in_the_mlflow_ui(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from study.schema import EXPERIMENT_KIND
+    from contract.schema import EXPERIMENT_KIND
     from study.tracking import connect
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     _, exp_id = connect(uri, "fresh", tmp_path)

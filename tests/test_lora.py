@@ -12,7 +12,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from trainables.errors import CheckpointError, ConfigError
+from contract.errors import CheckpointError, ConfigError
 from trainables.lora import (
     REFERENCE_ENABLE_LORA,
     TARGETS,

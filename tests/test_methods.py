@@ -16,9 +16,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
 
+from contract.config import METHOD_SPECS, DoraSpec, LoraSpec, PartialSpec, TrainSpec, VeraSpec
+from contract.errors import ConfigError
 from tests.foundation_fixtures import register_tiny
-from trainables.config import METHOD_SPECS, DoraSpec, LoraSpec, PartialSpec, TrainSpec, VeraSpec
-from trainables.errors import ConfigError
 from trainables.lora import count_parameters, is_lora_param, trainable_state_dict
 from trainables.methods import METHODS, apply_method
 from trainables.models import BACKBONES, build_backbone, get_backbone
@@ -38,6 +38,7 @@ def _declared(name: str, param: str, depth: int) -> bool:
     """The parameters each method says it trains, written out independently of its code."""
     head = param.startswith(("head.", "fc_norm."))
     qv = re.match(r"blocks\.\d+\.attn\.(qkv\.[qv]|[qv]_proj)\.", param) is not None
+    kv_fc2 = re.match(r"blocks\.\d+\.(attn\.(qkv\.[kv]|[kv]_proj)|mlp\.fc2)\.", param) is not None
     norm = ".norm" in param and param.startswith("blocks.") or param.startswith("norm.")
     return {"fft": True, "lora": head or is_lora_param(param), "linear_probe": head,
             "bitfit": head or param.endswith(".bias"),
@@ -45,7 +46,7 @@ def _declared(name: str, param: str, depth: int) -> bool:
             "partial": head or param.startswith(f"blocks.{depth - 1}."),
             "dora": head or qv and re.search(r"\.lora_(A|B|magnitude_vector)\.", param),
             "vera": head or qv and re.search(r"\.vera_lambda_[bd]\.", param),
-            "ia3": head or qv and ".ia3_l." in param}[name]
+            "ia3": head or kv_fc2 and ".ia3_l." in param}[name]
 
 
 # Each architecture's module tree at test size: the MAE ViT, EVA-X B (separate q, k, v;
@@ -89,7 +90,7 @@ FORMULAS = {
     "fft": 85_798_656 + D * C + C,
     "dora": HEAD + L * 2 * (4 * D + D * 4 + D),  # r4 A, B and a magnitude per output, q and v
     "vera": HEAD + L * 2 * (256 + D),  # lambda_d (rank 256) and lambda_b (width) on q and v
-    "ia3": HEAD + L * 2 * D,  # one output scale per feature of q and v
+    "ia3": HEAD + L * (2 * D + M),  # a scale per output of k and v, per input of fc2
 }
 
 
@@ -99,7 +100,7 @@ def test_trainable_count_at_vit_b16_is_the_formula(name):
         model = _model(name, "vit_base_patch16", C)
     assert count_parameters(model)[0] == FORMULAS[name]
     assert FORMULAS["linear_probe"] == 12_302 and FORMULAS["lora"] == 159_758
-    assert (FORMULAS["dora"], FORMULAS["vera"], FORMULAS["ia3"]) == (178_190, 36_878, 30_734)
+    assert (FORMULAS["dora"], FORMULAS["vera"], FORMULAS["ia3"]) == (178_190, 36_878, 67_598)
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))

@@ -8,7 +8,7 @@ from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from trainables.errors import ConfigError
+from contract.errors import ConfigError
 from trainables.models import (
     BACKBONES,
     EVA_POOLING,

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 
+from contract.config import TARGETS
 from search_spaces import spaces
 from search_spaces.presets import Recipe
 from study import plan, trials
 from study.config import parse_study
 from study.plan import arm_plan, plan_text
-from trainables.config import TARGETS
 
 
 def _study(tmp_path, foundation: str = "mrm", **arms):

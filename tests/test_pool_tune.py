@@ -11,9 +11,9 @@ import pytest
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import Searcher
 
+from contract.schema import SEARCH_METRIC, SEARCH_MODE, Metric
 from study.pool import SearchPlan
 from study.pool_tune import PoolScheduler, PoolSearcher, ResumableOptunaSearch, index_in_search
-from study.schema import SEARCH_METRIC, SEARCH_MODE, Metric
 
 KEYS = ("t/lora", "t/fft")
 
@@ -76,7 +76,7 @@ def test_a_best_config_already_retrained_is_not_retrained_again():
     searcher = _searcher(trials=1, finals=2)
     searcher.done_finals = {}
     a, b = _step(searcher, "a"), _step(searcher, "b")
-    from trainables.config import config_digest
+    from contract.config import config_digest
     searcher.done_finals = {"t/lora": config_digest(a)}
     searcher.on_trial_complete("a", _result(0.5))
     searcher.on_trial_complete("b", _result(0.5))

@@ -1,11 +1,11 @@
-"""MLflow tag names are written once, in `study/schema.py`: no other module spells one out."""
+"""MLflow tag names are written once, in `contract/schema.py`: no other module spells one out."""
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
-from study.schema import PARENT, Tag
+from contract.schema import PARENT, Tag
 
 ROOT = Path(__file__).resolve().parents[1]
 # Tag names that are also ordinary words or other libraries' keys (Tune's results carry
@@ -22,7 +22,7 @@ def _strings(path: Path) -> list[tuple[int, str]]:
 
 def test_no_module_but_the_schema_spells_a_tag_name():
     names = {v for k, v in vars(Tag).items() if not k.startswith("_")} - ORDINARY | {PARENT}
-    files = [p for folder in ("study", "trainables", "search_spaces", "analysis")
+    files = [p for folder in ("contract", "study", "trainables", "search_spaces", "analysis")
              for p in sorted((ROOT / folder).rglob("*.py")) if p.name != "schema.py"]
     found = [f"{p.relative_to(ROOT)}:{line}: {text!r}" for p in files
              for line, text in _strings(p) if text in names]

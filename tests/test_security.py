@@ -46,7 +46,7 @@ def test_every_torch_load_is_weights_only():
 def test_the_only_full_unpickling_needs_trust_pickle(tmp_path):
     import torch
 
-    from trainables.errors import CheckpointError
+    from contract.errors import CheckpointError
     from trainables.foundation import convert_to_safetensors
 
     src = tmp_path / "evil.pth"

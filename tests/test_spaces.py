@@ -3,11 +3,11 @@
 import optuna
 import pytest
 
+from contract.config import TrialSpec, flatten
+from contract.errors import ConfigError
 from search_spaces import SPACES, fft_recipe, get_space, lora_recipe, preset_point
 from search_spaces.presets import demo_recipes, scaled_lr
 from tests.specs import DEMO_TASK
-from trainables.config import TrialSpec, flatten
-from trainables.errors import ConfigError
 
 BASE = {**flatten(DEMO_TASK), "arm": "x", "epochs": 4, "optimizer": "adamw"}
 

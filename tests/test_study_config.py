@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from contract.config import FLAT_KINDS, LORA_KEYS, METHOD_KEYS, TRAIN_KEYS, TrainSpec
+from contract.errors import ConfigError
+from contract.schema import task_key
 from search_spaces import define_by_run
 from study import config
 from study.config import SearchSpec, load_study, parse_study
-from study.schema import task_key
-from trainables.config import FLAT_KINDS, LORA_KEYS, METHOD_KEYS, TRAIN_KEYS, TrainSpec
-from trainables.errors import ConfigError
 
 GOOD = {
     "study": {"name": "s"},
@@ -120,7 +120,7 @@ def test_the_demo_study_has_one_source():
     assert demos == ["study/demo.toml"]
 
 
-# --- the key lists come from the trial contract (trainables.config) ---------------------------
+# --- the key lists come from the trial contract (contract.config) ---------------------------
 
 def _train_defaults(*drop: str) -> dict:
     return {k: v for k, v in dataclasses.asdict(TrainSpec()).items() if k not in drop}

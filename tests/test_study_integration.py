@@ -217,8 +217,8 @@ def test_the_trial_contract_is_what_mlflow_holds(small_study):
     """Every trial run's params are its TrialSpec's flat form, key for key; the arm's kind is
     explicit on arm and trial runs; arm runs carry their task's factors; no path or resource
     rides in a trial's params."""
-    from study.schema import Param, Tag, read_param, tag
-    from trainables.config import FLAT_KINDS, RunSettings, TrialSpec
+    from contract.config import FLAT_KINDS, RunSettings, TrialSpec
+    from contract.schema import Param, Tag, read_param, tag
     runs = small_study["runs"]
     trials = runs[runs[tag(Tag.TRIAL_ID)].notna()]
     settings = {f for f in RunSettings.__dataclass_fields__}

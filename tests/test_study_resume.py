@@ -233,8 +233,8 @@ def test_the_new_foundations_trials_trained_its_architecture(grown):
     row per foundation."""
     import torch
 
+    from contract.config import LoraSpec
     from study.summary import summary_table
-    from trainables.config import LoraSpec
     from trainables.lora import count_parameters
     from trainables.methods import apply_method
     from trainables.models import build_backbone

@@ -14,13 +14,13 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from contract.config import config_digest
+from contract.errors import ConfigError, TrackingUnavailable
 from search_spaces.define_by_run import fail_orphans
 from study.callbacks import _UNFINISHED, InterruptWatch
 from study.cluster import check_shared_storage
 from study.state import STATE_FILE, Pool, Segment, StudyState
 from study.tracking import MlflowTrialTracker, end_open_runs, start_run, supersede_finals
-from trainables.config import config_digest
-from trainables.errors import ConfigError, TrackingUnavailable
 from trainables.fit import TrainState
 from trainables.ray_train import usable_checkpoint
 
@@ -252,7 +252,7 @@ def test_superseded_final_runs_drop_out_of_the_analysis(store):
 def test_a_divergence_is_named_by_its_marker_not_by_the_traceback(store, tmp_path):
     """The trial leaves its reason in a marker file; the driver reads that, whatever Ray's
     error file says around it."""
-    from trainables.config import RunSettings
+    from contract.config import RunSettings
     client, exp, parent, backlog = store
     run = RunSettings("", storage_path=str(tmp_path / "train"))
     tracker = MlflowTrialTracker(client, exp, parent, {"arm": "lora", "phase": "search"}, 3,

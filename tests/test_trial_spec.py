@@ -7,9 +7,7 @@ import dataclasses
 
 import pytest
 
-from study.schema import PARAM_KINDS, ArmParams, Param, StudyParams, read_param
-from tests.specs import DEMO_TASK, demo_spec
-from trainables.config import (
+from contract.config import (
     FLAT_KINDS,
     LORA_KEYS,
     TRAIN_KEYS,
@@ -19,7 +17,9 @@ from trainables.config import (
     TrialSpec,
     flatten,
 )
-from trainables.errors import ConfigError
+from contract.errors import ConfigError
+from contract.schema import PARAM_KINDS, ArmParams, Param, StudyParams, read_param
+from tests.specs import DEMO_TASK, demo_spec
 
 
 @pytest.mark.parametrize("kind", ["lora", "fft"])

@@ -29,8 +29,8 @@ import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
+from contract.errors import DataError
 from trainables.datasets import DatasetSplits, SplitTable, read_image
-from trainables.errors import DataError
 
 CACHE_VERSION = 2
 META_COLUMNS = ("sex", "age", "view", "projection")  # kept for subgroup analysis

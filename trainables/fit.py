@@ -34,9 +34,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import v2
 
+from contract.config import TrainSpec, TrialSpec
+from contract.errors import DataError, DivergenceError
+from contract.schema import Metric
 from trainables.cache import CachedSplit, label_names, open_split
-from trainables.config import TrainSpec, TrialSpec
-from trainables.errors import DataError, DivergenceError
 from trainables.foundation import Stat, get_foundation, load_foundation
 from trainables.lora import count_parameters, trainable_state_dict
 from trainables.methods import apply_method
@@ -45,7 +46,6 @@ from trainables.models import build_backbone
 
 # Reported once, with the first epoch after a resume: the epoch it resumed from, and every
 # earlier epoch's metrics (so a tracker can log what it missed).
-RESUMED_FROM, REPLAY = "resumed_from_epoch", "replay"
 # A checkpoint folder: the trainable tensors of its epoch, the best-validation copy of them
 # (final runs only), and progress plus optimiser state.
 TRAINABLE_FILE, BEST_FILE, STATE_FILE = "trainable.safetensors", "best.safetensors", "state.pt"
@@ -308,7 +308,8 @@ def fit(cfg: TrialSpec, reporter: Reporter,
         state = TrainState.load(model, optimizer, restored)
         # Reported once, with the next epoch: where it resumed and what came before.
         # (JSON text: Tune's loggers would warn about a list of dicts.)
-        resumed = {RESUMED_FROM: state.epoch, REPLAY: json.dumps(state.epoch_metrics)}
+        resumed = {Metric.RESUMED_FROM_EPOCH: state.epoch,
+                   Metric.REPLAY: json.dumps(state.epoch_metrics)}
     if resumed and state.epoch >= cfg.train.epochs and state.epoch_metrics:
         # Every epoch was done before the stop, but the last report may never have reached
         # the driver: say it again (trackers log each epoch once).
@@ -348,11 +349,11 @@ def fit(cfg: TrialSpec, reporter: Reporter,
             state.best_val, state.best_epoch = val_metrics.macro_auroc, epoch + 1
             if cfg.phase == "final":
                 state.best_weights = trainable_state_dict(_unwrap(model))
-        metrics = {"epoch": epoch + 1, "train_loss": loss_sum / max(batches, 1),
-                   "lr": optimizer.param_groups[0]["lr"] / optimizer.param_groups[0].get(
+        metrics = {Metric.EPOCH: epoch + 1, Metric.TRAIN_LOSS: loss_sum / max(batches, 1),
+                   Metric.LR: optimizer.param_groups[0]["lr"] / optimizer.param_groups[0].get(
                        "lr_scale", 1.0),
-                   "best_val_auroc": state.best_val, "trainable_params": trainable,
-                   "total_params": total, **val_metrics.flat("val")}
+                   Metric.BEST_VAL_AUROC: state.best_val, Metric.TRAINABLE_PARAMS: trainable,
+                   Metric.TOTAL_PARAMS: total, **val_metrics.flat("val")}
         last = epoch + 1 == cfg.train.epochs
         if last and cfg.phase == "final":
             metrics.update(_final_test(model, state, cache, names, mean, std, cfg, rank))
@@ -384,7 +385,7 @@ def _final_test(model: nn.Module, state: TrainState, cache: Path, names: tuple[s
         path = Path(cfg.run.predictions_path.format(seed=cfg.train.seed))
         write_predictions(path, test, probs, names,
                           cfg.run.patient_salt)
-    return {**result.flat("test"), "best_epoch": state.best_epoch}
+    return {**result.flat("test"), Metric.BEST_EPOCH: state.best_epoch}
 
 
 def write_predictions(path: Path, split: CachedSplit, probs: np.ndarray,

@@ -28,7 +28,7 @@ import torch
 from timm.layers import resample_abs_pos_embed
 from torch import Tensor, nn
 
-from trainables.errors import CheckpointError, ConfigError
+from contract.errors import CheckpointError, ConfigError
 from trainables.layouts import DINOV2, EVA_X, HF_DINOV2, MAE, OPEN_CLIP, Layout
 from trainables.models import BACKBONES
 

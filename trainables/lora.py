@@ -21,8 +21,8 @@ import loralib
 import torch
 from torch import Tensor, nn
 
-from trainables.config import TARGETS, LoraSpec  # noqa: F401 - TARGETS: part of the LoRA API
-from trainables.errors import CheckpointError, ConfigError
+from contract.config import TARGETS, LoraSpec  # noqa: F401 - TARGETS: part of the LoRA API
+from contract.errors import CheckpointError, ConfigError
 from trainables.models import targets_of
 
 QKV_TARGETS: tuple[str, ...] = ("q", "k", "v")

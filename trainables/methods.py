@@ -1,6 +1,6 @@
 """Fine-tuning methods: how each changes a timm ViT and exactly which parameters then train.
 
-An entry takes the built model and the method's own spec (`trainables.config.METHOD_SPECS`),
+An entry takes the built model and the method's own spec (`contract.config.METHOD_SPECS`),
 changes the model in place, and states its trainable parameters as a predicate on parameter
 names; `apply_method` then asserts that exactly those train (a bias that silently stays frozen,
 or a backbone weight that silently trains, would turn the arm into another method). What trains
@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from trainables.config import FLAT_KINDS, METHOD_SPECS, DoraSpec, LoraSpec, PartialSpec, VeraSpec
-from trainables.errors import ConfigError
+from contract.config import FLAT_KINDS, METHOD_SPECS, DoraSpec, LoraSpec, PartialSpec, VeraSpec
+from contract.errors import ConfigError
 from trainables.lora import ALWAYS_TRAINABLE_PREFIXES, apply_lora, count_parameters, split_qkv
 from trainables.models import build_backbone, targets_of
 
@@ -109,9 +109,7 @@ VERA_PROJECTION_SEED = 0
 
 def _peft_targets(model: nn.Module) -> str:
     """peft's `target_modules` as a regex (peft full-matches it against module names)."""
-    where = targets_of(model)
-    names = [re.escape(m) for t in PEFT_TARGETS for m in where.modules(t)]
-    return r".*\.(?:" + "|".join(names) + ")"
+    return _module_regex(model, PEFT_TARGETS)
 
 
 def _inject(model: nn.Module, tuner: type, config: object, params: tuple[str, ...]) -> Trains:
@@ -175,13 +173,26 @@ def _exclude_from_weight_decay(model: nn.Module, patterns: Iterable[str]) -> Non
     model.no_weight_decay = functools.partial(_no_decay, frozenset(own), frozenset(patterns))
 
 
+# (IA)3 as published (Liu et al. 2022, "Few-Shot Parameter-Efficient Fine-Tuning is Better and
+# Cheaper than In-Context Learning", section 3.3): learned vectors rescale the attention's keys
+# and values and the feed-forward's inner activation (the input of its second Linear).
+IA3_SCALED, IA3_FEEDFORWARD = ("k", "v", "fc2"), "fc2"
+
+
+def _module_regex(model: nn.Module, targets: Iterable[str]) -> str:
+    """A regex that peft full-matches against the module names of `targets` in `model`."""
+    where = targets_of(model)
+    return r".*\.(?:" + "|".join(re.escape(m) for t in targets for m in where.modules(t)) + ")"
+
+
 def _ia3(model: nn.Module, spec: object) -> Trains:
     from peft import IA3Config, IA3Model
 
-    # q and v are attention projections, not feed-forward layers: (IA)3 scales their outputs.
-    config = IA3Config(target_modules=_peft_targets(model), feedforward_modules=[])
+    config = IA3Config(target_modules=_module_regex(split_qkv(model), IA3_SCALED),
+                       feedforward_modules=_module_regex(model, (IA3_FEEDFORWARD,)))
     trains = _inject(model, IA3Model, config, ("ia3_l",))
-    # The scales start at 1 and are (out, 1) tensors, which timm's 1-d rule would decay to 0.
+    # The scales start at 1 and are (out, 1) or (1, in) tensors, which timm's 1-d rule would
+    # decay to 0.
     _exclude_from_weight_decay(model, (f"*.ia3_l.{PEFT_ADAPTER}",))
     return trains
 
@@ -206,10 +217,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     # counted at peft's default rank
     Method("vera", "peft VeRA scaling vectors on q and v, head and fc_norm", _vera,
            shown=("vera_rank", "lr"), counted_at=VeraSpec(256), counted_as="r256 on q+v"),
-    Method("ia3", "peft (IA)3 output scales on q and v, head and fc_norm", _ia3,
-           counted_as="q+v"),
+    Method("ia3", "peft (IA)3 as published: scales on k, v and the MLP's inner activation, "
+           "head and fc_norm", _ia3, counted_as="k+v+fc2 input"),
 )}
-assert set(METHODS) == set(METHOD_SPECS), "trainables.config.METHOD_SPECS and METHODS differ"
+assert set(METHODS) == set(METHOD_SPECS), "contract.config.METHOD_SPECS and METHODS differ"
 
 
 def get_method(name: str) -> Method:

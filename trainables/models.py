@@ -19,8 +19,8 @@ from typing import Any
 import timm
 from torch import nn
 
-from trainables.config import TARGETS
-from trainables.errors import ConfigError
+from contract.config import TARGETS
+from contract.errors import ConfigError
 
 # MAE fine-tuning convention: a near-zero head so the first updates are driven by the labels,
 # not by a random projection of the pretrained features.

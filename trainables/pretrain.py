@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainables.config import TrainSpec
+from contract.config import TrainSpec
 from trainables.fit import (
     build_optimizer,
     build_scheduler,

@@ -43,9 +43,9 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from torch import nn
 from torch.utils.data import DataLoader
 
-from study.schema import Tag
-from trainables.config import RunSettings, TrialSpec
-from trainables.errors import DivergenceError
+from contract.config import RunSettings, TrialSpec
+from contract.errors import DivergenceError
+from contract.schema import Tag
 from trainables.fit import checkpoint_problem, fit
 
 # Keys of a trial's first report besides its metrics: the Ray node it ran on and, for a worker

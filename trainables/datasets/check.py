@@ -12,11 +12,11 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from contract.errors import DataError
 from trainables.datasets.images import read_image
 from trainables.datasets.load import build_splits
 from trainables.datasets.problems import Problem, Problems, StopReading
 from trainables.datasets.spec import DatasetSplits, DataSpec
-from trainables.errors import DataError
 
 
 def check_dataset(spec: DataSpec, workers: int | None = None) -> list[Problem]:

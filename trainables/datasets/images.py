@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from trainables.errors import DataError
+from contract.errors import DataError
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, KeyError, TypeError,

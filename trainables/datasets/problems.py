@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from trainables.errors import DataError
+from contract.errors import DataError
 
 MAX_EXAMPLES = 3
 

@@ -16,10 +16,10 @@ from typing import ClassVar
 
 import numpy as np
 
+from contract.errors import ConfigError
 from trainables.datasets.lists import ListEntries
 from trainables.datasets.problems import Problems
 from trainables.datasets.spec import DataSpec, SplitTable
-from trainables.errors import ConfigError
 
 MEDPEFT_DIR = Path(__file__).resolve().parent / "medpeft"
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from trainables.errors import ConfigError
+from contract.errors import ConfigError
 
 SPLIT_PROTOCOLS = ("medpeft", "lists", "patient")
 UNCERTAINTY_POLICIES = ("ones", "zeros", "ignore")

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainables.errors import DIVERGED, ConfigError
+from contract.errors import DIVERGED, ConfigError
 
 OPTIMIZERS = ("sgd", "adamw")
 AUGMENTATIONS = ("none", "crop_flip", "crop_flip_erase")
@@ -203,7 +203,7 @@ METHOD_SPECS: dict[str, type | None] = {
     "partial": PartialSpec,  # the last k blocks, head and fc_norm
     "dora": DoraSpec,  # peft DoRA on q and v, head and fc_norm
     "vera": VeraSpec,  # peft VeRA on q and v, head and fc_norm
-    "ia3": None,  # peft (IA)3 scaling vectors on q and v, head and fc_norm
+    "ia3": None,  # peft (IA)3 scales on k, v and the MLP inner activation, head and fc_norm
 }
 KINDS = tuple(METHOD_SPECS)
 _SPECS = tuple(dict.fromkeys(c for c in METHOD_SPECS.values() if c is not None))

@@ -14,7 +14,7 @@ import sqlite3
 import tempfile
 from pathlib import Path
 
-from trainables.errors import ConfigError
+from contract.errors import ConfigError
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 # Tables every MLflow store has. An sqlite file without them is another program's database

@@ -5,7 +5,7 @@ A study is a parent run (level `study`), a child run per task x arm (level `arm`
 `search`), and a grandchild run per search trial (phase `search`) and per final seed (phase
 `final`), each trial run tagged with its Tune `trial_id`. The writer (`study/tracking.py` and the
 runner through it), every reader in `analysis/` and the tests' synthetic store import the names
-from here. Trial params are the flat form of `trainables.config.TrialSpec`, key for key.
+from here. Trial params are the flat form of `contract.config.TrialSpec`, key for key.
 
 No Ray, no MLflow, no torch: analysis imports this cheaply.
 """
@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from trainables.config import FLAT_KINDS, KINDS, cast, kind_of
+from contract.config import FLAT_KINDS, KINDS, cast, kind_of
 
 PARENT = "mlflow.parentRunId"
 # MLflow 3's UI opens an experiment without this tag in its GenAI view ("0 traces"); a study's
@@ -86,6 +86,10 @@ class Metric:
     TRIALS_STOPPED_EARLY = "trials_stopped_early"
     TRIALS_FAILED = "trials_failed"
     WALL_S = "wall_s"
+    # Reported once by a trial that continued from a checkpoint: the epoch it resumed from,
+    # and (JSON text, not a metric) the epochs' metrics before it, for trackers to replay.
+    RESUMED_FROM_EPOCH = "resumed_from_epoch"
+    REPLAY = "replay"
 
 
 # The search maximises this validation metric (Optuna, ASHA and the choice of each arm's best).
