@@ -17,7 +17,12 @@ from study.config import StudyConfig, load_study
 from study.runner import run_study
 from study.summary import finish, look_further
 from trainables.phantom import write_nih_phantom
-from trainables.pretrain import pretrain_demo_foundation
+from trainables.pretrain import (
+    PretrainSpec,
+    pretrain_demo_foundation,
+    pretrained_recipe,
+    recipe,
+)
 
 DEMO_SEED = 0
 
@@ -32,6 +37,10 @@ def prepare_demo_dir(directory: Path, emit: Callable[[str], None] = print) -> Pa
         write_nih_phantom(data, DEMO_SEED)
         (data / ".complete").write_text("ok\n")
     checkpoint = directory / "foundation" / "demo_mae.pth"
+    if checkpoint.exists() and pretrained_recipe(checkpoint) != recipe(PretrainSpec()):
+        emit("the demo foundation in this folder was pretrained by an older recipe: "
+             "pretraining it again")
+        checkpoint.unlink()
     if not checkpoint.exists():
         emit("pretraining the demo foundation model on a separate phantom corpus")
         pretrain_demo_foundation(checkpoint, log=emit)

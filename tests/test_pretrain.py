@@ -14,10 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from study import demo
 from trainables.phantom import CORPUS_PAIRS, SHAPES, make_corpus
-
-pytestmark = pytest.mark.slow
+from trainables.pretrain import PretrainSpec, recipe
 
 MARGIN = 0.03  # "well below": the plateau itself moves by about 0.001 between settings
 
@@ -35,6 +36,7 @@ print(json.dumps({"lines": lines, "losses": losses}))
 """
 
 
+@pytest.mark.slow
 def test_pretraining_leaves_the_plateau_on_portable_kernels_and_one_thread(tmp_path):
     env = dict(os.environ, ATEN_CPU_CAPABILITY="default", OMP_NUM_THREADS="1")
     out = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path / "f.pth")], env=env,
@@ -59,3 +61,30 @@ def test_finding_maps_mark_each_shape_once_in_its_zones_half_of_the_image():
         row, col = divmod(int(patch), 6)
         assert (row < 3) == zone.endswith("upper"), (image, patch, zone)
         assert (col < 3) == zone.startswith("left"), (image, patch, zone)
+
+
+def test_a_demo_foundation_from_an_older_recipe_is_pretrained_again(tmp_path, monkeypatch):
+    """The demo folder caches its foundation; one made by another recipe (or by one that did
+    not record itself) is not reused."""
+    (tmp_path / "data" / "nih").mkdir(parents=True)
+    (tmp_path / "data" / "nih" / ".complete").write_text("ok\n")
+    checkpoint = tmp_path / "foundation" / "demo_mae.pth"
+    checkpoint.parent.mkdir()
+    torch.save({"model": {}, "epoch": 6}, checkpoint)  # the recipe before it was recorded
+    made = []
+
+    def pretrain(out, spec=PretrainSpec(), log=print):
+        made.append(out)
+        torch.save({"model": {}, "epoch": spec.epochs, "recipe": recipe(spec)}, out)
+        return []
+
+    monkeypatch.setattr(demo, "pretrain_demo_foundation", pretrain)
+    lines: list[str] = []
+    demo.prepare_demo_dir(tmp_path, emit=lines.append)
+    assert made == [checkpoint] and "older recipe" in lines[0], lines
+    demo.prepare_demo_dir(tmp_path, emit=lines.append)  # made by today's recipe: kept
+    assert made == [checkpoint]
+    other = dict(json.loads(recipe(PretrainSpec())), lr=1.0)
+    torch.save({"model": {}, "recipe": json.dumps(other, sort_keys=True)}, checkpoint)
+    demo.prepare_demo_dir(tmp_path, emit=lines.append)
+    assert made == [checkpoint, checkpoint]

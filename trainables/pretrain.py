@@ -20,6 +20,8 @@ plateau in the first epochs on every CPU setting measured
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import time
 from dataclasses import dataclass
@@ -49,6 +51,23 @@ class PretrainSpec:
     lr: float = 3e-3
     batch_size: int = 128
     seed: int = 1234
+
+
+# Bumped when what pretraining does changes beyond PretrainSpec's fields (version 2: the
+# per-patch finding maps), so a checkpoint cached by an older recipe is made again.
+RECIPE_VERSION = 2
+
+
+def recipe(spec: PretrainSpec) -> str:
+    """What a checkpoint records of how it was pretrained."""
+    return json.dumps({"version": RECIPE_VERSION, **dataclasses.asdict(spec)}, sort_keys=True)
+
+
+def pretrained_recipe(path: Path) -> str | None:
+    """The recipe a demo foundation checkpoint was pretrained with (None: an older one that
+    did not record it)."""
+    found = torch.load(path, map_location="cpu", weights_only=True).get("recipe")
+    return found if isinstance(found, str) else None
 
 
 # A module of the pretraining model that is not part of the foundation (dropped on saving, with
@@ -108,6 +127,6 @@ def pretrain_demo_foundation(out: Path, spec: PretrainSpec = PretrainSpec(),
                if not k.startswith(("head.", f"{MAPS_HEAD}."))}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(f".tmp{os.getpid()}")
-    torch.save({"model": weights, "epoch": spec.epochs}, tmp)
+    torch.save({"model": weights, "epoch": spec.epochs, "recipe": recipe(spec)}, tmp)
     os.replace(tmp, out)
     return losses
