@@ -88,3 +88,6 @@ def test_a_demo_foundation_from_an_older_recipe_is_pretrained_again(tmp_path, mo
     torch.save({"model": {}, "recipe": json.dumps(other, sort_keys=True)}, checkpoint)
     demo.prepare_demo_dir(tmp_path, emit=lines.append)
     assert made == [checkpoint, checkpoint]
+    checkpoint.write_bytes(b"not a checkpoint")  # e.g. cut short by a full disk
+    demo.prepare_demo_dir(tmp_path, emit=lines.append)
+    assert made == [checkpoint] * 3

@@ -65,9 +65,13 @@ def recipe(spec: PretrainSpec) -> str:
 
 def pretrained_recipe(path: Path) -> str | None:
     """The recipe a demo foundation checkpoint was pretrained with (None: an older one that
-    did not record it)."""
-    found = torch.load(path, map_location="cpu", weights_only=True).get("recipe")
-    return found if isinstance(found, str) else None
+    did not record it, or a file that is not a readable checkpoint: it is made again)."""
+    try:
+        found = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - unreadable for any reason: pretrain again
+        return None
+    recorded = found.get("recipe") if isinstance(found, dict) else None
+    return recorded if isinstance(recorded, str) else None
 
 
 # A module of the pretraining model that is not part of the foundation (dropped on saving, with
