@@ -45,6 +45,16 @@ class Anatomy:
     lung_gap: float
     rib_phase: float
 
+    @property
+    def centre(self) -> tuple[float, float]:
+        """The body's centre (y, x) on the 64x64 canvas."""
+        return 33.0 + self.body_dy, 32.0 + self.body_dx
+
+    @property
+    def lung_cy(self) -> float:
+        """The lungs' vertical centre on the 64x64 canvas."""
+        return self.centre[0] - 3.0
+
 
 def _patient_anatomy(rng: np.random.Generator) -> Anatomy:
     return Anatomy(
@@ -73,12 +83,12 @@ def _stamp(shape: str, yy, xx, cy, cx) -> np.ndarray:
 def _lesion_centres(anatomy: Anatomy, zones: dict[str, str],
                     rng: np.random.Generator) -> dict[str, tuple[float, float]]:
     """Where each shape sits, (y, x) on the 64x64 canvas: its zone's centre, jittered."""
-    cy, cx = 33.0 + anatomy.body_dy, 32.0 + anatomy.body_dx
+    cx = anatomy.centre[1]
     centres = {}
     for shape, zone in zones.items():
         side = -1 if zone.startswith("left") else 1
         dy = -0.45 if zone.endswith("upper") else 0.45
-        centres[shape] = (cy - 3.0 + dy * anatomy.lung_ry + rng.uniform(-2.0, 2.0),
+        centres[shape] = (anatomy.lung_cy + dy * anatomy.lung_ry + rng.uniform(-2.0, 2.0),
                           cx + side * anatomy.lung_gap + rng.uniform(-2.0, 2.0))
     return centres
 
@@ -92,11 +102,10 @@ def render(anatomy: Anatomy, zones: dict[str, str], rng: np.random.Generator,
 def _render(anatomy: Anatomy, centres: dict[str, tuple[float, float]],
             rng: np.random.Generator, size: int) -> np.ndarray:
     yy, xx = np.mgrid[0:64, 0:64].astype(np.float32)
-    cy, cx = 33.0 + anatomy.body_dy, 32.0 + anatomy.body_dx
+    cy, cx = anatomy.centre
     img = 0.12 + 0.38 * _ellipse(yy, xx, cy, cx, 30.0, 27.0)
-    lung_cy = cy - 3.0
     for side in (-1, 1):
-        lung = _ellipse(yy, xx, lung_cy, cx + side * anatomy.lung_gap, anatomy.lung_ry,
+        lung = _ellipse(yy, xx, anatomy.lung_cy, cx + side * anatomy.lung_gap, anatomy.lung_ry,
                         anatomy.lung_rx)
         ribs = 0.05 * np.sin(0.9 * yy + anatomy.rib_phase + 0.15 * side * xx)
         img = np.where(lung, 0.2 + ribs, img)

@@ -87,8 +87,8 @@ def label_frequency_loss(labels: torch.Tensor) -> float:
 
 def pretrain_demo_foundation(out: Path, spec: PretrainSpec = PretrainSpec(),
                              log=print) -> list[float]:
-    """Train, then write `{'model': weights, 'epoch': n}` to `out` atomically. Returns the
-    labels' mean loss per epoch."""
+    """Train, then write `{'model': weights, 'epoch': n, 'recipe': recipe(spec)}` to `out`
+    atomically. Returns the labels' mean loss per epoch."""
     seed_everything(spec.seed)
     foundation = get_foundation("demo")
     backbone = get_backbone(foundation.backbone)
