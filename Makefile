@@ -35,7 +35,7 @@ test-fast: venv
 	$(PYTEST) -m "not slow"
 
 lint: venv
-	$(BIN)/ruff check contract study trainables search_spaces analysis tests benchmarks
+	$(BIN)/ruff check contract methods study trainables search_spaces analysis tests benchmarks
 
 bench: venv
 	@for script in benchmarks/*.py; do echo "== $$script"; $(BIN)/python $$script --quick || exit 1; done

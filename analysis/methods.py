@@ -47,7 +47,8 @@ def pick_reference(data: StudyData, reference_arm: str | None = None) -> str:
     return of_kind[0]
 
 
-def _finished_finals(data: StudyData) -> pd.DataFrame:
+def finished_finals(data: StudyData) -> pd.DataFrame:
+    """The finished final runs (none before any test AUROC is logged), each with a split seed."""
     finals = data.finals
     if finals.empty or Metric.TEST_AUROC not in finals:
         return finals.iloc[0:0]
@@ -68,7 +69,7 @@ def compare_methods(data: StudyData, reference_arm: str | None = None, n_boot: i
     """
     reference = pick_reference(data, reference_arm)
     kinds = arm_kinds(data)
-    finals = _finished_finals(data)
+    finals = finished_finals(data)
     rows = []
     for cell, group in finals.groupby(CELL_FACTORS, sort=True):
         ref = {f"ref_{k}": v for k, v in arm_cell_stats(group, reference).items()}
@@ -107,7 +108,7 @@ def method_points(data: StudyData) -> pd.DataFrame:
     the cell beats with fewer trainable parameters and a higher test AUROC."""
     columns = [*CELL_FACTORS, Tag.ARM, Tag.KIND, Metric.TEST_AUROC, Metric.TRAINABLE_PARAMS,
                "trainable_pct", "pareto"]
-    finals = _finished_finals(data)
+    finals = finished_finals(data)
     if finals.empty:
         return pd.DataFrame(columns=columns)
     kinds = arm_kinds(data)

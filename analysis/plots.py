@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -20,6 +21,9 @@ from sklearn.metrics import roc_curve
 from analysis.stats import Predictions, class_aurocs
 from analysis.study_data import TASK_ARM, StudyData
 from contract.schema import Metric, Param, Phase, Tag
+
+if TYPE_CHECKING:  # analysis.ranks imports this module (through analysis.methods)
+    from analysis.ranks import MethodRanks
 
 ARM_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
 
@@ -174,6 +178,30 @@ def methods_pareto(points: pd.DataFrame) -> Figure:
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7, loc="best")
     fig.suptitle("Test AUROC vs trainable parameters per method")
+    return fig
+
+
+def critical_difference(ranks: MethodRanks) -> Figure:
+    """The critical difference diagram of `analysis.ranks`: each arm at its mean rank over
+    the blocks (1 = best, left) and a bar joining the arms whose pairwise Nemenyi p is at
+    least alpha. The critical difference is named in the title: the library would draw it
+    over the rank axis's tick labels."""
+    mean_ranks = ranks.mean_ranks
+    fig = _figure(7.5, 1.6 + 0.3 * max(1, len(mean_ranks)))
+    ax = fig.subplots()
+    if not ranks.enough:
+        _say(ax, "not enough tasks or arms to rank")
+        return fig
+    import scikit_posthocs  # heavy (statsmodels, seaborn): only when a diagram is drawn
+
+    scikit_posthocs.critical_difference_diagram(
+        mean_ranks, ranks.pairwise, ax=ax, alpha=ranks.alpha,
+        color_palette=arm_colors(mean_ranks.index), label_fmt_left="{label} ({rank:.2f})",
+        label_fmt_right="({rank:.2f}) {label}", label_props={"fontsize": 9})
+    ax.set_xlim(0.95, len(mean_ranks) + 0.05)  # the whole range of ranks, 1 to the arms
+    ax.set_title(f"Mean rank over {ranks.blocks} blocks (1 = best); bars join the arms Nemenyi "
+                 f"does not tell apart (α = {ranks.alpha:g}, "
+                 f"CD = {ranks.critical_difference:.2f})", fontsize=9, pad=14)
     return fig
 
 

@@ -24,6 +24,7 @@ from analysis.methods import (
     methods_summary_line,
     pick_reference,
 )
+from analysis.ranks import method_ranks, ranks_line
 from analysis.study_data import StudyData, load_study
 from analysis.tables import (
     CELL_FACTORS,
@@ -198,6 +199,7 @@ def _methods(data: StudyData, figures: Path, n_boot: int, seed: int,
         comparison = compare_methods(data, reference_arm, n_boot=n_boot, seed=seed)
     except ConfigError as exc:  # no FFT arm, or several, and no --reference-arm
         section.text.append(f"No methods comparison: {exc}.")
+        _add_ranks(section, data, figures)  # ranks need no reference arm
         return section
     per_task, overall = methods_summary(data, comparison)
     if per_task.empty:
@@ -230,7 +232,26 @@ def _methods(data: StudyData, figures: Path, n_boot: int, seed: int,
             plots.methods_pareto(per_task), figures, "methods_pareto")),
         ("Every method vs the reference per task", _figure(
             plots.forest_plot(comparison), figures, "methods_forest"))]
+    _add_ranks(section, data, figures)
     return section
+
+
+def _add_ranks(section: Section, data: StudyData, figures: Path) -> None:
+    """Every method over every task by mean rank, with the Friedman test and the critical
+    difference diagram; one sentence alone where there are too few tasks or arms."""
+    ranks = method_ranks(data)
+    section.text.append(f"**{ranks_line(ranks)}**")
+    if not ranks.enough:
+        return
+    section.text.append(
+        "Mean ranks: within each block (task x split draw) the arms are ranked by test macro "
+        "AUROC, the mean over their final seeds (1 = best, ties share the mean rank), and the "
+        "ranks are averaged over the blocks. Pairs: the Nemenyi test, corrected for all "
+        f"pairs; two arms differ at α = {ranks.alpha:g} when their mean ranks are more than "
+        f"the critical difference apart (CD = {ranks.critical_difference:.2f}).")
+    section.tables.append(("mean ranks over tasks", ranks.table))
+    section.figures.append(("Critical difference diagram (mean rank over tasks)", _figure(
+        plots.critical_difference(ranks), figures, "methods_cd")))
 
 
 def _n_boot_for(comparisons: int, alpha: float) -> int:

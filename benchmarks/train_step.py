@@ -97,7 +97,7 @@ def build(name: str, cfg: TrialSpec) -> nn.Module:
     if name == get_foundation(cfg.task.foundation).backbone:
         return build_model(cfg)
     model = build_backbone(name, cfg.task.num_classes, drop_path=cfg.train.drop_path)
-    return apply_lora(model, cfg.lora) if cfg.lora is not None else model
+    return apply_lora(model, cfg.method) if cfg.kind == "lora" else model
 
 
 @dataclass(frozen=True)

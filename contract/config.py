@@ -1,7 +1,7 @@
 """The typed trial contract: what one trial is, in one frozen dataclass, and its flat forms.
 
 A trial is a `TrialSpec`: its task factors, its arm (name and kind), how it trains
-(`TrainSpec`), its adapter (`LoraSpec`, or None for full fine-tuning) and its run settings
+(`TrainSpec`), its method's own settings (a dataclass of `methods/`, or None) and its run settings
 (`RunSettings`: data cache, storage, resources). Ray Tune and Optuna want one flat mapping
 (every study factor its own key, so it is searched and logged as its own MLflow param):
 `to_tune`/`from_tune` convert, and every key list and param type is derived from the fields
@@ -18,193 +18,29 @@ import hashlib
 import json
 import os
 import tempfile
-import types
 import typing
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from contract.errors import DIVERGED, ConfigError
+from contract.errors import DIVERGED
+from contract.fields import (  # noqa: F401 - TARGETS and the targets' forms: the contract's API
+    TARGETS,
+    flat_fields,
+    join_targets,
+    kind_of,
+    parse_targets,
+)
+from contract.fields import require as _require
+from contract.train import AUGMENTATIONS, OPTIMIZERS, TrainSpec  # noqa: F401 - the contract's API
+from methods import REGISTRY
 
-OPTIMIZERS = ("sgd", "adamw")
-AUGMENTATIONS = ("none", "crop_flip", "crop_flip_erase")
 PHASES = ("search", "final")
-TARGETS: tuple[str, ...] = ("q", "k", "v", "proj", "fc1", "fc2")
 
-
-def _require(ok: bool, name: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"{name}: {message}")
-
-
-@dataclass(frozen=True)
-class TrainSpec:
-    """How one model is optimised. `lr` is absolute (presets given as base lr are scaled first)."""
-
-    optimizer: str = "adamw"
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    layer_decay: float = 1.0
-    epochs: int = 10
-    warmup_epochs: int = 1
-    batch_size: int = 64
-    min_lr: float = 1e-6
-    seed: int = 0
-    augmentation: str = "none"
-    drop_path: float = 0.0
-    grad_clip: float = 0.0
-    # Gradient-accumulation steps: each optimiser step still sees `batch_size` images, in this
-    # many forward/backward passes of batch_size / accumulate (a large batch on one GPU).
-    accumulate: int = 1
-
-    def __post_init__(self) -> None:
-        _require(self.optimizer in OPTIMIZERS, "optimizer", f"use one of {OPTIMIZERS}")
-        _require(self.lr > 0, "lr", "must be > 0")
-        _require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
-        _require(0 < self.layer_decay <= 1, "layer_decay", "must be in (0, 1]; 1 means none")
-        _require(self.epochs >= 1, "epochs", "must be >= 1")
-        _require(0 <= self.warmup_epochs < self.epochs, "warmup_epochs",
-                 "must be >= 0 and smaller than epochs")
-        _require(self.batch_size >= 1, "batch_size", "must be >= 1")
-        _require(0 <= self.min_lr < self.lr, "min_lr", "must be >= 0 and below lr")
-        _require(self.augmentation in AUGMENTATIONS, "augmentation", f"use one of {AUGMENTATIONS}")
-        _require(0 <= self.drop_path < 1, "drop_path", "must be in [0, 1)")
-        _require(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 disables clipping)")
-        _require(self.accumulate >= 1 and self.batch_size % self.accumulate == 0, "accumulate",
-                 f"must be >= 1 and divide batch_size ({self.batch_size})")
-
-
-def join_targets(targets: Iterable[str]) -> str:
-    """('q', 'v') -> 'q+v': targets travel as one string so they log as one param."""
-    return "+".join(targets)
-
-
-def parse_targets(text: str | tuple[str, ...]) -> tuple[str, ...]:
-    """'q+v' -> ('q', 'v')."""
-    parts = tuple(text) if isinstance(text, tuple) else tuple(p for p in str(text).split("+") if p)
-    unknown = [p for p in parts if p not in TARGETS]
-    _require(bool(parts) and not unknown, "targets",
-             f"{text!r} is not a '+'-joined subset of {TARGETS}")
-    return parts
-
-
-def _flat(name: str, encode: Callable[[Any], Any] | None = None,
-          decode: Callable[[Any], Any] | None = None, **kwargs) -> Any:
-    """A field whose flat (Tune config, MLflow param) key or form differs from its own."""
-    return field(metadata={"flat": name, "encode": encode, "decode": decode}, **kwargs)
-
-
-def _check_rank(name: str, value: object) -> None:
-    """Ranks and counts: an int >= 1 (True is not 1)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
-
-
-def _check_positive(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-        raise ConfigError(f"{name} must be a number > 0, got {value!r}")
-
-
-def _check_dropout(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
-        raise ConfigError(f"{name} must be a number in [0, 1), got {value!r}")
-
-
-@dataclass(frozen=True)
-class LoraSpec:
-    """What to adapt and how strongly; ``targets`` is stored in canonical ``TARGETS`` order.
-
-    `alpha_ratio` records how a search chose alpha (alpha / rank): logged, not used."""
-
-    rank: int
-    alpha: float
-    dropout: float = _flat("lora_dropout", default=0.0)
-    targets: tuple[str, ...] = _flat("targets", join_targets, parse_targets, default=("q", "v"))
-    alpha_ratio: float | None = None
-
-    def __post_init__(self) -> None:
-        _check_rank("lora rank", self.rank)
-        _check_positive("lora alpha", self.alpha)
-        _check_dropout("lora dropout", self.dropout)
-        object.__setattr__(self, "targets", _canonical_targets(self.targets))
-
-    @property
-    def scaling(self) -> float:
-        """loralib's scaling of the low-rank update: alpha / rank."""
-        return self.alpha / self.rank
-
-
-def _canonical_targets(targets: Iterable[str]) -> tuple[str, ...]:
-    """Validate targets and sort them into ``TARGETS`` order, so equal specs compare equal."""
-    if isinstance(targets, str) or not isinstance(targets, Iterable):
-        raise ConfigError(
-            f"lora targets must be a list of names from {list(TARGETS)}, got {targets!r}"
-        )
-    targets = tuple(targets)
-    if not targets:
-        raise ConfigError(f"lora targets must not be empty; choose from {list(TARGETS)}")
-    unknown = [t for t in targets if t not in TARGETS]
-    if unknown:
-        raise ConfigError(f"unknown lora targets {unknown}; choose from {list(TARGETS)}")
-    duplicates = sorted({t for t in targets if targets.count(t) > 1}, key=TARGETS.index)
-    if duplicates:
-        raise ConfigError(f"lora targets list {duplicates} more than once; list each target once")
-    return tuple(t for t in TARGETS if t in targets)
-
-
-@dataclass(frozen=True)
-class PartialSpec:
-    """Partial fine-tuning: the last `blocks` transformer blocks train (with head and fc_norm)."""
-
-    blocks: int = _flat("partial_blocks")
-
-    def __post_init__(self) -> None:
-        _check_rank("partial_blocks", self.blocks)
-
-
-@dataclass(frozen=True)
-class DoraSpec:
-    """DoRA (peft's LoRA with ``use_dora``): a rank-`rank` update of each target's direction and
-    a trained magnitude per output. Targets are fixed (q and v, as the reference's LoRA), so the
-    flat names are its own: a DoRA trial never reads LoRA's `rank`. `alpha_ratio` records how a
-    search chose alpha (alpha / rank): logged, not used."""
-
-    rank: int = _flat("dora_rank")
-    alpha: float = _flat("dora_alpha")
-    dropout: float = _flat("dora_dropout", default=0.0)
-    alpha_ratio: float | None = _flat("dora_alpha_ratio", default=None)
-
-    def __post_init__(self) -> None:
-        _check_rank("dora_rank", self.rank)
-        _check_positive("dora_alpha", self.alpha)
-        _check_dropout("dora_dropout", self.dropout)
-
-
-@dataclass(frozen=True)
-class VeraSpec:
-    """VeRA (peft's ``VeraConfig``): frozen random rank-`rank` projections shared by every
-    target, and two trained scaling vectors per target (rank and output wide)."""
-
-    rank: int = _flat("vera_rank")
-
-    def __post_init__(self) -> None:
-        _check_rank("vera_rank", self.rank)
-
-
-# The methods an arm can fine-tune with, and the spec of each method's own settings (None: it
-# has none). The torch half of each entry (how it changes the model) is `trainables.methods`.
-METHOD_SPECS: dict[str, type | None] = {
-    "fft": None,  # every parameter, layer-wise lr decay
-    "lora": LoraSpec,  # loralib adapters, head and fc_norm
-    "linear_probe": None,  # head and fc_norm
-    "bitfit": None,  # biases, head and fc_norm
-    "ln_tune": None,  # LayerNorm weights and biases, head and fc_norm
-    "partial": PartialSpec,  # the last k blocks, head and fc_norm
-    "dora": DoraSpec,  # peft DoRA on q and v, head and fc_norm
-    "vera": VeraSpec,  # peft VeRA on q and v, head and fc_norm
-    "ia3": None,  # peft (IA)3 scales on k, v and the MLP inner activation, head and fc_norm
-}
+# The methods an arm can fine-tune with (one module each in `methods/`), and the spec of each
+# method's own settings (None: it has none).
+METHOD_SPECS: dict[str, type | None] = {name: m.spec for name, m in REGISTRY.items()}
 KINDS = tuple(METHOD_SPECS)
 _SPECS = tuple(dict.fromkeys(c for c in METHOD_SPECS.values() if c is not None))
 
@@ -290,11 +126,6 @@ class TrialSpec:
             self.method, wanted), "kind", f"a {self.kind!r} trial takes "
             f"{wanted.__name__ if wanted else 'no method settings'}, got {self.method!r}")
 
-    @property
-    def lora(self) -> LoraSpec | None:
-        """The LoRA settings of a LoRA trial, else None."""
-        return self.method if isinstance(self.method, LoraSpec) else None
-
     def to_tune(self) -> dict[str, Any]:
         """The flat form: one key per study factor (the MLflow params of the trial's run)."""
         return flatten(self)
@@ -309,8 +140,8 @@ class TrialSpec:
         own = unflatten(_TrialFactors, flat)
         _require(own.kind in KINDS, "kind", f"use one of {KINDS}")
         wanted = METHOD_SPECS[own.kind]
-        others = {k for spec in _SPECS if spec is not wanted for k in _flat_names(spec)}
-        given = sorted(set(flat) & others - set(_flat_names(wanted) if wanted else ()))
+        others = {k for spec in _SPECS if spec is not wanted for k in flat_fields(spec)}
+        given = sorted(set(flat) & others - set(flat_fields(wanted) if wanted else ()))
         _require(not given, "trial config", f"keys {given} belong to another method than "
                  f"the trial's {own.kind!r}")
         method = unflatten(wanted, flat) if wanted else None
@@ -346,25 +177,25 @@ def flatten(part: Any) -> dict[str, Any]:
     return out
 
 
-def _flat_names(cls) -> dict[str, dataclasses.Field]:
-    return {f.metadata.get("flat", f.name): f for f in dataclasses.fields(cls)}
-
-
 def flat_names(cls) -> tuple[str, ...]:
     """The flat keys of a spec's fields."""
-    return tuple(_flat_names(cls))
+    return tuple(flat_fields(cls))
+
+
+def flat_defaults(cls) -> dict[str, Any]:
+    """A spec's flat settings that have defaults, at them."""
+    return {name: f.metadata["encode"](f.default) if f.metadata.get("encode") and (
+        f.default is not None) else f.default
+        for name, f in flat_fields(cls).items() if f.default is not dataclasses.MISSING}
 
 
 def smallest(cls) -> dict[str, Any]:
     """A spec's flat settings at their smallest: its defaults, and 1 for each required number
     (what a method's fixed values are checked within before any training)."""
     hints = typing.get_type_hints(cls)
-    out = {}
-    for name, f in _flat_names(cls).items():
-        if f.default is not dataclasses.MISSING:
-            out[name] = f.metadata["encode"](f.default) if f.metadata.get("encode") and (
-                f.default is not None) else f.default
-        elif kind_of(hints[f.name]) in (int, float):
+    out = flat_defaults(cls)
+    for name, f in flat_fields(cls).items():
+        if name not in out and kind_of(hints[f.name]) in (int, float):
             out[name] = kind_of(hints[f.name])(1)
     return out
 
@@ -372,24 +203,17 @@ def smallest(cls) -> dict[str, Any]:
 def unflatten(cls, flat: Mapping[str, Any]):
     """One spec from the flat keys that are its fields (the others are ignored)."""
     kwargs = {}
-    for name, f in _flat_names(cls).items():
+    for name, f in flat_fields(cls).items():
         if name not in flat:
             continue
         decode = f.metadata.get("decode")
         value = flat[name]
         kwargs[f.name] = decode(value) if decode and value is not None else cast(
             FLAT_KINDS[name], value)
-    missing = [name for name, f in _flat_names(cls).items() if f.name not in kwargs and
+    missing = [name for name, f in flat_fields(cls).items() if f.name not in kwargs and
                f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     _require(not missing, "trial config", f"missing {missing} (needed by {cls.__name__})")
     return cls(**kwargs)
-
-
-def kind_of(hint: Any) -> type:
-    """The value type of a field annotation: int for `int`, float for `float | None`, ..."""
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        hint = next(a for a in typing.get_args(hint) if a is not type(None))
-    return typing.get_origin(hint) or hint
 
 
 def cast(kind: type, value: Any) -> Any:
@@ -407,7 +231,7 @@ def _kinds(*classes) -> dict[str, type]:
     out: dict[str, type] = {}
     for cls in classes:
         hints = typing.get_type_hints(cls)
-        for name, f in _flat_names(cls).items():
+        for name, f in flat_fields(cls).items():
             out[name] = str if f.metadata.get("encode") else kind_of(hints[f.name])
     return out
 
@@ -415,15 +239,14 @@ def _kinds(*classes) -> dict[str, type]:
 # Every flat key of a trial and the type of its value (the MLflow param types derive from it).
 FLAT_KINDS: dict[str, type] = _kinds(_TrialFactors, TaskFactors, TrainSpec, *_SPECS)
 TRAIN_KEYS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(TrainSpec))
-LORA_KEYS: tuple[str, ...] = tuple(_flat_names(LoraSpec))
 # The flat keys of every method's own settings (LoRA's, partial's, ...).
-METHOD_KEYS: tuple[str, ...] = tuple(k for spec in _SPECS for k in _flat_names(spec))
+METHOD_KEYS: tuple[str, ...] = tuple(k for spec in _SPECS for k in flat_fields(spec))
 
 
 def method_keys(kind: str) -> tuple[str, ...]:
     """The flat keys of one method's own settings (none for a method without settings)."""
     spec = METHOD_SPECS.get(kind)
-    return tuple(_flat_names(spec)) if spec is not None else ()
+    return tuple(flat_fields(spec)) if spec is not None else ()
 
 
 assert {f.name for f in dataclasses.fields(_TrialFactors)} == {

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from contract.config import FLAT_KINDS, KINDS, cast, kind_of
+from methods import lora
 
 PARENT = "mlflow.parentRunId"
 # MLflow 3's UI opens an experiment without this tag in its GenAI view ("0 traces"); a study's
@@ -132,7 +133,8 @@ class ArmParams:
 
 class Param:
     """Params that code names one by one (the others it handles generically). Each is a field
-    of `TrialSpec`'s flat form or of the run records above; an import-time check says so."""
+    of `TrialSpec`'s flat form or of the run records above; an import-time check says so. A
+    method's own settings are named by its module (`methods/`), from its dataclass."""
 
     ARM = "arm"
     KIND = "kind"
@@ -151,17 +153,12 @@ class Param:
     LAYER_DECAY = "layer_decay"
     SEED = "seed"
     EPOCHS = "epochs"
-    RANK = "rank"
-    ALPHA = "alpha"
-    ALPHA_RATIO = "alpha_ratio"
-    TARGETS = "targets"
-    LORA_DROPOUT = "lora_dropout"
-    PARTIAL_BLOCKS = "partial_blocks"
-    DORA_RANK = "dora_rank"
-    DORA_ALPHA = "dora_alpha"
-    DORA_ALPHA_RATIO = "dora_alpha_ratio"
-    DORA_DROPOUT = "dora_dropout"
-    VERA_RANK = "vera_rank"
+    # LoRA's settings, which the published recipes speak of (`search_spaces.presets`)
+    RANK = lora.RANK
+    ALPHA = lora.ALPHA
+    ALPHA_RATIO = lora.ALPHA_RATIO
+    TARGETS = lora.TARGETS_KEY
+    LORA_DROPOUT = lora.DROPOUT
 
 
 def params(record: StudyParams | ArmParams) -> dict[str, Any]:

@@ -12,18 +12,12 @@ from dataclasses import dataclass
 
 import optuna
 
-from contract.config import (
-    METHOD_SPECS,
-    TARGETS,
-    LoraSpec,
-    PartialSpec,
-    flat_names,
-    join_targets,
-    parse_targets,
-    unflatten,
-)
+from contract.config import METHOD_SPECS, TARGETS, flat_names, unflatten
 from contract.errors import ConfigError
+from contract.fields import join_targets, parse_targets
 from contract.schema import Param
+from methods.lora import LoraSpec
+from methods.partial import PartialSpec
 from search_spaces.define_by_run import DefineByRun
 from search_spaces.presets import Recipe
 from study import trials

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from contract.config import LoraSpec, RunSettings, TaskFactors, TrainSpec, TrialSpec
+from contract.config import RunSettings, TaskFactors, TrainSpec, TrialSpec
+from methods.lora import LoraSpec
 
 DEMO_TASK = TaskFactors(task="demo-nih-1-s0", foundation="demo", model="vit_demo",
                         dataset="nih", label_fraction=1.0, split_seed=0, num_classes=14)

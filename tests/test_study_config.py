@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from contract.config import FLAT_KINDS, LORA_KEYS, METHOD_KEYS, TRAIN_KEYS, TrainSpec
+from contract.config import FLAT_KINDS, METHOD_KEYS, TRAIN_KEYS, TrainSpec, flat_names
 from contract.errors import ConfigError
 from contract.schema import task_key
+from methods.lora import LoraSpec
 from search_spaces import define_by_run
 from study import config
 from study.config import SearchSpec, load_study, parse_study
@@ -138,8 +139,9 @@ def test_train_takes_every_recipe_field_but_lr_seed_and_optimizer(tmp_path):
 
 
 def test_fixed_takes_recipe_fields_lr_and_every_lora_key(tmp_path):
-    lora = {"rank": 4, "alpha": 8, "alpha_ratio": 2, "lora_dropout": 0, "targets": "q+v"}
-    assert set(lora) == set(LORA_KEYS)  # alpha_ratio included
+    lora = {"rank": 4, "alpha": 8, "alpha_ratio": 2, "lora_dropout": 0, "targets": "q+v",
+            "lora_scaling": "rslora", "lora_init": "pissa", "loraplus_lr_ratio": 4.0}
+    assert set(lora) == set(flat_names(LoraSpec))  # alpha_ratio included
     fixed = {**_train_defaults("seed", "optimizer"), **lora, "lr": 0.01}
     cfg = parse_study(_with("arms", lora={"space": "lora", "fixed": fixed}), tmp_path)
     assert dict(cfg.arms[0].fixed) == fixed

@@ -234,7 +234,7 @@ def test_the_new_foundations_trials_trained_its_architecture(grown):
     row per foundation."""
     import torch
 
-    from contract.config import LoraSpec
+    from methods.lora import LoraSpec
     from study.summary import summary_table
     from trainables.lora import count_parameters
     from trainables.methods import apply_method

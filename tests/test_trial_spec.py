@@ -9,17 +9,19 @@ import pytest
 
 from contract.config import (
     FLAT_KINDS,
-    LORA_KEYS,
     TRAIN_KEYS,
-    LoraSpec,
     RunSettings,
     TrainSpec,
     TrialSpec,
+    flat_names,
     flatten,
 )
 from contract.errors import ConfigError
 from contract.schema import PARAM_KINDS, ArmParams, Param, StudyParams, read_param
+from methods.lora import LoraSpec
 from tests.specs import DEMO_TASK, demo_spec
+
+LORA_KEYS = flat_names(LoraSpec)
 
 
 @pytest.mark.parametrize("kind", ["lora", "fft"])
@@ -47,7 +49,8 @@ def test_key_lists_and_types_derive_from_the_fields():
     hints = {f.name: f.type for f in dataclasses.fields(TrainSpec)}
     assert set(TRAIN_KEYS) == set(hints) and set(TRAIN_KEYS) <= set(FLAT_KINDS)
     assert FLAT_KINDS["batch_size"] is int and FLAT_KINDS["lr"] is float
-    assert set(LORA_KEYS) == {"rank", "alpha", "lora_dropout", "targets", "alpha_ratio"}
+    assert set(LORA_KEYS) == {"rank", "alpha", "lora_dropout", "targets", "alpha_ratio",
+                              "lora_scaling", "lora_init", "loraplus_lr_ratio"}
     assert FLAT_KINDS["targets"] is str  # a '+'-joined string, so it logs as one param
     assert set(flatten(DEMO_TASK)) <= set(FLAT_KINDS)
     assert set(FLAT_KINDS) <= set(PARAM_KINDS)

@@ -37,6 +37,7 @@ from torchvision.transforms import v2
 from contract.config import TrainSpec, TrialSpec
 from contract.errors import DataError, DivergenceError
 from contract.schema import Metric
+from methods import get_method
 from trainables.cache import CachedSplit, label_names, open_split
 from trainables.foundation import Stat, get_foundation, load_foundation
 from trainables.lora import count_parameters, trainable_state_dict
@@ -118,8 +119,10 @@ def build_model(cfg: TrialSpec) -> nn.Module:
     return apply_method(model, cfg.kind, cfg.method)
 
 
-def build_optimizer(model: nn.Module, spec: TrainSpec) -> torch.optim.Optimizer:
-    """Parameter groups from timm (layer decay, no-decay list from the model itself)."""
+def build_optimizer(model: nn.Module, spec: TrainSpec,
+                    lr_scale: Callable[[str], float] | None = None) -> torch.optim.Optimizer:
+    """Parameter groups from timm (layer decay, no-decay list from the model itself); a
+    method's `lr_scale` (parameter name -> multiplier, LoRA+'s) splits them further."""
     no_decay = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
     if spec.layer_decay < 1.0:
         groups = param_groups_layer_decay(model, spec.weight_decay, no_weight_decay_list=no_decay,
@@ -127,9 +130,27 @@ def build_optimizer(model: nn.Module, spec: TrainSpec) -> torch.optim.Optimizer:
     else:  # (by keyword: timm's third positional argument is weight_decay_exclude_1d)
         groups = param_groups_weight_decay(model, spec.weight_decay,
                                            no_weight_decay_list=no_decay)
+    if lr_scale is not None:
+        groups = _scaled_groups(model, groups, lr_scale)
     if spec.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=spec.lr, momentum=0.9)
     return torch.optim.AdamW(groups, lr=spec.lr)
+
+
+def _scaled_groups(model: nn.Module, groups: list[dict], lr_scale: Callable[[str], float]
+                   ) -> list[dict]:
+    """Each group split by the method's lr multiplier, carried as timm's `lr_scale` (its
+    schedulers set each group's lr to the schedule's value times it)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    out = []
+    for group in groups:
+        parts: dict[float, list[nn.Parameter]] = {}
+        for p in group["params"]:
+            parts.setdefault(lr_scale(names[id(p)]), []).append(p)
+        for scale, params in parts.items():
+            out.append({**group, "params": params,
+                        "lr_scale": group.get("lr_scale", 1.0) * scale})
+    return out
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, spec: TrainSpec,
@@ -298,7 +319,9 @@ def fit(cfg: TrialSpec, reporter: Reporter,
                                  seed=cfg.train.seed, drop_last=world > 1)
     loader = wrap_loader(DataLoader(dataset, batch_size=per_worker, sampler=sampler,
                                     num_workers=0))
-    optimizer = build_optimizer(_unwrap(model), cfg.train)
+    method = get_method(cfg.kind)
+    optimizer = build_optimizer(_unwrap(model), cfg.train,
+                                method.lr_scales(cfg.method) if method.lr_scales else None)
     updates = math.ceil(len(loader) / steps)  # optimiser steps per epoch
     scheduler = build_scheduler(optimizer, cfg.train, updates)
     state = TrainState()
@@ -336,11 +359,17 @@ def fit(cfg: TrialSpec, reporter: Reporter,
             # Each pass weighs its images' share of the step's batch, so the accumulated
             # gradient is the mean over the whole batch (the last batch may be short).
             in_step = min(per_worker * steps, len(sampler) - update * per_worker * steps)
-            (loss * (len(images) / in_step)).backward()
+            objective = loss
+            if method.penalty is not None:  # a method's own loss term (AdaLoRA's)
+                objective = loss + method.penalty(_unwrap(model))
+            (objective * (len(images) / in_step)).backward()
             if part == steps - 1 or step == len(loader) - 1:
                 if cfg.train.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
                 optimizer.step()
+                if method.after_step is not None:  # (AdaLoRA's rank allocation)
+                    method.after_step(_unwrap(model), epoch * updates + update,
+                                      cfg.train.epochs * updates)
             loss_sum, batches, seen = loss_sum + loss.item(), batches + 1, seen + len(images)
         val_metrics = classification_metrics(val.labels, predict(model, val, mean, std), names)
         state.epoch = epoch + 1

@@ -21,8 +21,9 @@ import loralib
 import torch
 from torch import Tensor, nn
 
-from contract.config import TARGETS, LoraSpec  # noqa: F401 - TARGETS: part of the LoRA API
 from contract.errors import CheckpointError, ConfigError
+from contract.fields import TARGETS  # noqa: F401 - part of the LoRA API
+from methods.lora import LoraSpec
 from trainables.models import targets_of
 
 QKV_TARGETS: tuple[str, ...] = ("q", "k", "v")
@@ -58,7 +59,8 @@ def _lora_linear(
     base: nn.Linear, weight: Tensor, bias: Tensor | None, spec: LoraSpec
 ) -> loralib.Linear:
     """A ``loralib.Linear`` carrying ``weight``/``bias``; loralib's own A (kaiming) / B (zero) init
-    keeps the adapted layer equal to the base layer until B is trained."""
+    keeps the adapted layer equal to the base layer until B is trained. The spec's scaling
+    rule replaces loralib's alpha / rank, and PiSSA's init replaces A, B and the weight."""
     layer = loralib.Linear(
         weight.shape[1],
         weight.shape[0],
@@ -71,7 +73,24 @@ def _lora_linear(
         dtype=base.weight.dtype,
     )
     _copy_weights(layer, weight, bias)
+    layer.scaling = spec.scaling
+    if spec.init == "pissa" and not weight.is_meta:
+        _pissa(layer)
     return layer
+
+
+@torch.no_grad()
+def _pissa(layer: loralib.Linear) -> None:
+    """PiSSA: A and B from the weight's top-r singular triplets (each carrying sqrt(S), over
+    sqrt(scaling)), the frozen weight keeps the residual, so the layer's output is unchanged at
+    step 0 and ``weight + scaling * B @ A`` stays a plain weight to merge."""
+    weight = layer.weight.float()
+    u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+    r, root = layer.r, (s[: layer.r] / layer.scaling).sqrt()
+    layer.lora_B.copy_(u[:, :r] * root)
+    layer.lora_A.copy_(root[:, None] * vh[:r])
+    residual = weight - layer.scaling * (layer.lora_B @ layer.lora_A)
+    layer.weight.copy_(residual.to(layer.weight.dtype))
 
 
 def _plain_linear(base: nn.Linear, weight: Tensor, bias: Tensor | None) -> nn.Linear:
