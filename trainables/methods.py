@@ -134,10 +134,16 @@ def count_on_meta(backbone: str, name: str, spec: object, num_classes: int,
                   img_size: int | None = None) -> tuple[int, int]:
     """(trainable, total) parameters of `backbone` under method `name` with `spec`, built on
     meta tensors (no memory, no weights): the counts `methods`, `foundations` and the plan
-    give."""
-    with torch.device("meta"):
-        model = apply_method(build_backbone(backbone, num_classes, img_size=img_size), name,
-                             spec)
+    give. A method whose injection reads values (BOFT's `Tensor.item()`) is counted on real
+    tensors instead: the same shapes, seconds and memory the size of the model."""
+    try:
+        with torch.device("meta"):
+            model = apply_method(build_backbone(backbone, num_classes, img_size=img_size), name,
+                                 spec)
+    except (RuntimeError, NotImplementedError) as error:
+        if "meta" not in str(error).lower():
+            raise
+        model = apply_method(build_backbone(backbone, num_classes, img_size=img_size), name, spec)
     return count_parameters(model)
 
 
