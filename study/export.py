@@ -1,4 +1,4 @@
-"""`cxr-study export`: a run's adapters alone, or the full model with LoRA merged.
+"""`cxr-study export`: a run's adapters alone, or the full model with its method merged.
 
 A final run's checkpoint holds its best-validation weights (the ones its test AUROC scores),
 and those are exported; a search trial keeps only its last epoch's. The report says which.
@@ -23,7 +23,8 @@ from contract.paths import safetensors_file
 from contract.schema import Tag
 from trainables.fit import BEST_FILE, STATE_FILE, TRAINABLE_FILE, build_model, checkpoint_epochs
 from trainables.foundation import get_foundation
-from trainables.lora import merged_state_dict, trainable_state_dict
+from trainables.lora import trainable_state_dict
+from trainables.methods import plain_state_dict
 from trainables.models import build_backbone
 
 TOLERANCE = 1e-4
@@ -77,13 +78,13 @@ def export_run(tracking_uri: str, run_id: str, adapter: Path | None,
     model.eval()
     written, diff = [], None
     if merged is not None:
-        state = merged_state_dict(model)
+        state = plain_state_dict(model, cfg.kind)  # refuses methods that add modules
         plain = build_backbone(get_foundation(cfg.task.foundation).backbone,
                                cfg.task.num_classes, img_size=cfg.task.img_size)
         try:
             plain.load_state_dict(state, strict=True)
-        except RuntimeError as exc:  # peft's layers (DoRA, VeRA, IA3) have no plain layout
-            raise CheckpointError(f"--merged: a {cfg.kind} model does not fold into a plain "
+        except RuntimeError as exc:  # a fold that left a layer of its own: a bug, said so
+            raise CheckpointError(f"--merged: the {cfg.kind} model did not fold into a plain "
                                   f"timm ViT ({str(exc).splitlines()[0][:120]}): export "
                                   "--adapter instead") from None
         plain.eval()
