@@ -1,6 +1,7 @@
-"""No import runs from a lower floor up (docs/architecture.md): the contract and the method files
-at the bottom (stdlib at import), then trainables/ (torch) and search_spaces/ (Optuna), then the bridge
-trainables/ray_train.py, then analysis/ (MLflow reading) and study/ (the CLI and the driver)."""
+"""No import runs from a lower floor up (docs/architecture.md): the contract and the method
+files at the bottom (stdlib at import), then trainables/ (torch) and search_spaces/ (Optuna),
+then the bridge trainables/ray_train.py, then analysis/ (MLflow reading) and study/ (the CLI
+and the driver)."""
 
 from __future__ import annotations
 
