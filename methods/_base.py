@@ -81,6 +81,8 @@ class Method:
     spec: type | None = None  # the settings dataclass (None: no settings of its own)
     # the flat config keys a trial line and the summary table show: what the arm searches
     shown: tuple[str, ...] = ("lr", "weight_decay")
+    # ... and these only when away from their default (LoRA's variants)
+    shown_if_changed: tuple[str, ...] = ()
     counted_at: Any = None  # the settings `cxr-study methods` counts at
     counted_as: str = ""  # ... and how it says so
     # `export --merged` folds it into a plain model; `fold(model)` first folds what the

@@ -126,7 +126,7 @@ def paper_space(trial: Any, optimizer: str, recipe: Any) -> dict[str, Any]:
 METHOD = register(Method(
     "lora", "reparameterised", "loralib adapters on the targets, head and fc_norm", prepare,
     spaces={"lora": space, "lora_paper": paper_space}, spec=LoraSpec,
-    shown=(RANK, ALPHA, TARGETS_KEY, LR, SCALING, INIT, LR_RATIO),
+    shown=(RANK, ALPHA, TARGETS_KEY, LR), shown_if_changed=(SCALING, INIT, LR_RATIO),
     # counted as the paper's LoRA: r4 on q and v
     counted_at=LoraSpec(4, 8.0, targets=("q", "v")), counted_as="r4 on q+v", merges=True,
     lr_scales=lr_scales, source="Hu et al. 2022, arXiv 2106.09685; loralib"))

@@ -22,13 +22,14 @@ from methods import REGISTRY, Method
 def config_text(config: Mapping[str, Any], kind: str | None = None) -> str:
     """'rank=4 alpha=8 targets=q+v lr=0.002': the searched values of a trial, 3 digits.
     `kind` defaults to the config's own (a trial's flat config names it); what is shown is
-    the method's `shown`, then any other setting of the method away from its default (LoRA's
+    the method's `shown`, then its `shown_if_changed` settings away from their default (LoRA's
     variants)."""
     method = REGISTRY.get(kind or config[Param.KIND])
     shown = method.shown if method else Method.shown  # a method this version lacks
     if method is not None and method.spec is not None:
-        shown = (*shown, *(k for k, v in flat_defaults(method.spec).items()
-                           if k not in shown and k in config and config[k] != v))
+        defaults = flat_defaults(method.spec)
+        shown = (*shown, *(k for k in method.shown_if_changed
+                           if k in config and config[k] != defaults[k]))
     return " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                     for k, v in ((k, config[k]) for k in shown if k in config))
 

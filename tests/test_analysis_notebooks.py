@@ -40,6 +40,7 @@ def test_notebook_executes(name, tmp_path_factory, tmp_path, monkeypatch):
     if name == "compare_methods.ipynb":
         text = "".join(str(o.get("data", {}).get("text/markdown", "")) for o in outputs)
         assert "Against fft: partial wins 2 of 2 tasks (2 significant)" in text
+        assert "Friedman test over 2 blocks (task x split draw) and 4 arms" in text
 
 
 def _make_notebooks(*assignments: str) -> str:

@@ -86,6 +86,11 @@ def test_trial_lines_and_the_summary_show_what_the_arm_searches():
     lora = {"kind": "lora", "rank": 4, "alpha": 8.0, "targets": "q+v", "lr": 0.0020004,
             "weight_decay": 0.05}
     assert config_text(lora) == "rank=4 alpha=8 targets=q+v lr=0.002"
+    # LoRA's variants show once the search moves them off plain LoRA
+    plain = {**lora, "lora_scaling": "standard", "lora_init": "standard", "loraplus_lr_ratio": 1.0}
+    assert config_text(plain) == config_text(lora)
+    assert config_text({**plain, "lora_init": "pissa", "loraplus_lr_ratio": 16.0}) == (
+        "rank=4 alpha=8 targets=q+v lr=0.002 lora_init=pissa loraplus_lr_ratio=16")
     # The arm's kind decides, never a value: an FFT config shows its own searched values.
     fft = {"kind": "fft", "lr": 1e-3, "layer_decay": 0.75}
     assert config_text(fft) == "lr=0.001 layer_decay=0.75"
