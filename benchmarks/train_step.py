@@ -54,6 +54,7 @@ from _table import print_rows  # noqa: E402
 
 from contract.config import RunSettings, TrialSpec  # noqa: E402
 from contract.schema import task_key  # noqa: E402
+from methods import get_method  # noqa: E402
 from trainables.fit import (  # noqa: E402
     build_model,
     build_optimizer,
@@ -123,23 +124,32 @@ def _autocast(device: torch.device):
 
 def project_step(model: nn.Module, cfg: TrialSpec, batch: Batch,
                  device: torch.device) -> Callable[[], None]:
-    """One iteration of fit's loop, made of fit's own pieces."""
+    """One iteration of fit's loop, made of fit's own pieces (with the method's own lr scales,
+    loss term and per-step call, as fit makes them)."""
     foundation = get_foundation(cfg.task.foundation)
-    optimizer = build_optimizer(model, cfg.train)
+    method = get_method(cfg.kind)
+    optimizer = build_optimizer(model, cfg.train,
+                                method.lr_scales(cfg.method) if method.lr_scales else None)
     scheduler = build_scheduler(optimizer, cfg.train, STEPS_PER_EPOCH)
     counter = itertools.count()
+    total = cfg.train.epochs * STEPS_PER_EPOCH
 
     def step() -> None:
-        scheduler.step_update(next(counter))
+        i = next(counter)
+        scheduler.step_update(i)
         x = to_model_input(batch.images, foundation.mean, foundation.std)
         with _autocast(device):
             logits = model(x.to(device))
         loss = masked_bce(logits.float(), batch.labels)
         if not torch.isfinite(loss):
             raise RuntimeError(f"loss became {loss.item()}")
+        if method.penalty is not None:
+            loss = loss + method.penalty(model)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if method.after_step is not None:
+            method.after_step(model, i % total, total)
         loss.item()
 
     return step
