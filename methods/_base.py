@@ -16,6 +16,7 @@ search spaces and analysis read the registry without importing a model library.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -146,3 +147,24 @@ def train_only(trial: Any, optimizer: str, recipe: Any) -> dict[str, Any]:
     """The space of a method with no settings of its own: lr and weight decay."""
     suggest_training(trial, optimizer)
     return {}
+
+
+def _one_setting(key: str, choices: tuple, trial: Any, optimizer: str,
+                 recipe: Any) -> dict[str, Any]:
+    trial.suggest_categorical(key, choices)
+    suggest_training(trial, optimizer)
+    return {}
+
+
+def one_setting(key: str, choices: tuple) -> SpaceFn:
+    """The space of a method with one setting: it among `choices`, then lr and weight decay."""
+    return functools.partial(_one_setting, key, choices)
+
+
+def suggest_rank_alpha(trial: Any, ranks: tuple, rank: str, ratio: str,
+                       alpha: str) -> dict[str, Any]:
+    """A rank, and alpha as LoRA's spaces choose it: a ratio to the rank (`ratio` is logged,
+    alpha derived)."""
+    chosen = trial.suggest_categorical(rank, ranks)
+    factor = trial.suggest_categorical(ratio, ALPHA_RATIOS)
+    return {alpha: float(factor * chosen)}

@@ -25,7 +25,7 @@ from typing import Any
 
 from contract.errors import ConfigError
 from contract.fields import check_rank, flat_field, flat_key
-from methods._base import LR, Method, Site, Trains, register, suggest_training
+from methods._base import LR, Method, Site, Trains, one_setting, register
 from methods.vpt_deep import blocks_of
 
 ADAPTER = "adapter"  # the child module an adapted sublayer holds
@@ -78,14 +78,11 @@ def prepare(site: Site, spec: AdapterSpec) -> Trains:
     return lambda name: site.head(name) or name in trained
 
 
-def space(trial: Any, optimizer: str, recipe: Any) -> dict[str, Any]:
-    trial.suggest_categorical(BOTTLENECK, BOTTLENECKS)
-    suggest_training(trial, optimizer)
-    return {}
-
 
 METHOD = register(Method(
     "adapter", "additive", "Houlsby bottleneck adapters after attention and MLP, LayerNorms, "
-    "head and fc_norm", prepare, spaces={"adapter": space}, spec=AdapterSpec,
+    "head and fc_norm", prepare,
+    spaces={"adapter": one_setting(BOTTLENECK, BOTTLENECKS)},
+    spec=AdapterSpec,
     shown=(BOTTLENECK, LR), counted_at=AdapterSpec(8), counted_as="bottleneck 8",
     merges=False, source="Houlsby et al. 2019, arXiv 1902.00751"))

@@ -12,7 +12,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from contract.fields import check_fraction, check_positive, check_rank, flat_field, flat_key
-from methods._base import ALPHA_RATIOS, LR, RANKS, Method, Site, Trains, register, suggest_training
+from methods._base import (
+    LR,
+    RANKS,
+    Method,
+    Site,
+    Trains,
+    register,
+    suggest_rank_alpha,
+    suggest_training,
+)
 from methods._peft import PEFT_TARGETS
 
 
@@ -45,11 +54,10 @@ def prepare(site: Site, spec: DoraSpec) -> Trains:
 
 def space(trial: Any, optimizer: str, recipe: Any) -> dict[str, Any]:
     """DoRA on q and v, over LoRA's ranges."""
-    rank = trial.suggest_categorical(RANK, RANKS)
-    ratio = trial.suggest_categorical(ALPHA_RATIO, ALPHA_RATIOS)
+    derived = suggest_rank_alpha(trial, RANKS, RANK, ALPHA_RATIO, ALPHA)
     suggest_training(trial, optimizer)
     trial.suggest_float(DROPOUT, 0.0, 0.2)
-    return {ALPHA: float(ratio * rank)}
+    return derived
 
 
 METHOD = register(Method(

@@ -13,11 +13,10 @@ norms it divides by: the vectors are kept out of it. `export --merged` folds the
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from contract.errors import ConfigError
 from contract.fields import check_rank, flat_field, flat_key
-from methods._base import LR, Method, Site, Trains, register, suggest_training
+from methods._base import LR, Method, Site, Trains, one_setting, register
 from methods._peft import ADAPTER, PEFT_TARGETS
 
 
@@ -48,15 +47,10 @@ def prepare(site: Site, spec: HraSpec) -> Trains:
     return trains
 
 
-def space(trial: Any, optimizer: str, recipe: Any) -> dict[str, Any]:
-    trial.suggest_categorical(RANK, RANK_CHOICES)
-    suggest_training(trial, optimizer)
-    return {}
-
 
 METHOD = register(Method(
     "hra", "reparameterised",
     "peft HRA (a chain of Householder reflections of the weight) on q and v, head and fc_norm",
-    prepare, spaces={"hra": space}, spec=HraSpec, shown=(RANK, LR),
+    prepare, spaces={"hra": one_setting(RANK, RANK_CHOICES)}, spec=HraSpec, shown=(RANK, LR),
     counted_at=HraSpec(8), counted_as="r8 on q+v", merges=True,
     source="Yuan et al. 2024, arXiv 2405.17484; HF peft"))

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from contract.fields import check_positive, check_rank, flat_field, flat_key
-from methods._base import ALPHA_RATIOS, LR, Method, Site, Trains, register, suggest_training
+from methods._base import LR, Method, Site, Trains, register, suggest_rank_alpha, suggest_training
 from methods._peft import PEFT_TARGETS
 
 
@@ -51,10 +51,9 @@ def prepare(site: Site, spec: LokrSpec) -> Trains:
 
 def space(trial: Any, optimizer: str, recipe: Any) -> dict[str, Any]:
     """LoKr on q and v, over LoRA's alpha ratios."""
-    rank = trial.suggest_categorical(RANK, RANK_CHOICES)
-    ratio = trial.suggest_categorical(ALPHA_RATIO, ALPHA_RATIOS)
+    derived = suggest_rank_alpha(trial, RANK_CHOICES, RANK, ALPHA_RATIO, ALPHA)
     suggest_training(trial, optimizer)
-    return {ALPHA: float(ratio * rank)}
+    return derived
 
 
 METHOD = register(Method(

@@ -16,11 +16,10 @@ update, so they are decayed as any weight.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from contract.errors import ConfigError
 from contract.fields import check_rank, flat_field, flat_key
-from methods._base import LR, Method, Site, Trains, register, suggest_training
+from methods._base import LR, Method, Site, Trains, one_setting, register
 from methods._peft import PEFT_TARGETS
 from methods._widths import check_divides
 
@@ -54,15 +53,12 @@ def prepare(site: Site, spec: OftSpec) -> Trains:
     return site.inject_peft(OFTModel, config, ("oft_R",))
 
 
-def space(trial: Any, optimizer: str, recipe: Any) -> dict[str, Any]:
-    trial.suggest_categorical(BLOCK_SIZE, BLOCK_CHOICES)
-    suggest_training(trial, optimizer)
-    return {}
-
 
 METHOD = register(Method(
     "oft", "reparameterised",
     "peft OFT (block-diagonal orthogonal rotation of the input) on q and v, head and fc_norm",
-    prepare, spaces={"oft": space}, spec=OftSpec, shown=(BLOCK_SIZE, LR),
+    prepare,
+    spaces={"oft": one_setting(BLOCK_SIZE, BLOCK_CHOICES)},
+    spec=OftSpec, shown=(BLOCK_SIZE, LR),
     counted_at=OftSpec(32), counted_as="block 32 on q+v", merges=True,
     source="Qiu et al. 2023, arXiv 2306.07280; HF peft"))

@@ -4,11 +4,10 @@ fc_norm (the "partial-k" baseline of the MAE paper)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from contract.errors import ConfigError
 from contract.fields import check_rank, flat_field, flat_key
-from methods._base import LR, Method, Site, Trains, register, suggest_training
+from methods._base import LR, Method, Site, Trains, one_setting, register
 
 
 @dataclass(frozen=True)
@@ -33,14 +32,9 @@ def prepare(site: Site, spec: PartialSpec) -> Trains:
     return lambda name: site.head(name) or name.startswith(last)
 
 
-def space(trial: Any, optimizer: str, recipe: Any) -> dict[str, Any]:
-    trial.suggest_categorical(BLOCKS, BLOCK_CHOICES)
-    suggest_training(trial, optimizer)
-    return {}
-
 
 METHOD = register(Method(
     "partial", "selective", "the last partial_blocks blocks, head and fc_norm", prepare,
-    spaces={"partial": space}, spec=PartialSpec, shown=(BLOCKS, LR),
+    spaces={"partial": one_setting(BLOCKS, BLOCK_CHOICES)}, spec=PartialSpec, shown=(BLOCKS, LR),
     counted_at=PartialSpec(1), counted_as="1 block", merges=True,
     source="He et al. 2022 (MAE), partial fine-tuning"))

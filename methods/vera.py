@@ -9,10 +9,9 @@ adapter file (the trainable tensors) loads into any model built with the same se
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from contract.fields import check_rank, flat_field, flat_key
-from methods._base import LR, Method, Site, Trains, register, suggest_training
+from methods._base import LR, Method, Site, Trains, one_setting, register
 from methods._peft import PEFT_TARGETS
 
 PROJECTION_SEED = 0
@@ -41,15 +40,10 @@ def prepare(site: Site, spec: VeraSpec) -> Trains:
     return site.inject_peft(VeraModel, config, ("vera_lambda_b", "vera_lambda_d"))
 
 
-def space(trial: Any, optimizer: str, recipe: Any) -> dict[str, Any]:
-    trial.suggest_categorical(RANK, RANK_CHOICES)
-    suggest_training(trial, optimizer)
-    return {}
-
 
 METHOD = register(Method(
     "vera", "reparameterised", "peft VeRA scaling vectors on q and v, head and fc_norm",
-    prepare, spaces={"vera": space}, spec=VeraSpec, shown=(RANK, LR),
+    prepare, spaces={"vera": one_setting(RANK, RANK_CHOICES)}, spec=VeraSpec, shown=(RANK, LR),
     # counted at peft's default rank
     counted_at=VeraSpec(256), counted_as="r256 on q+v", merges=True,
     source="Kopiczko et al. 2024, arXiv 2310.11454; HF peft"))

@@ -27,7 +27,7 @@ from typing import Any
 
 from contract.errors import ConfigError
 from contract.fields import check_rank, flat_field, flat_key
-from methods._base import LR, Method, Site, Trains, register, suggest_training
+from methods._base import LR, Method, Site, Trains, one_setting, register
 
 PROMPT = "vpt_prompt"  # the parameter a prompted block holds
 # Prompt lengths within the range the paper searches (1 to 200).
@@ -108,14 +108,11 @@ def prepare(site: Site, spec: VptDeepSpec) -> Trains:
     return lambda name: site.head(name) or name in prompts
 
 
-def space(trial: Any, optimizer: str, recipe: Any) -> dict[str, Any]:
-    trial.suggest_categorical(TOKENS, TOKEN_CHOICES)
-    suggest_training(trial, optimizer)
-    return {}
-
 
 METHOD = register(Method(
     "vpt_deep", "prompt", "VPT-Deep: learned prompt tokens at every block's input, head and "
-    "fc_norm", prepare, spaces={"vpt_deep": space}, spec=VptDeepSpec, shown=(TOKENS, LR),
+    "fc_norm", prepare,
+    spaces={"vpt_deep": one_setting(TOKENS, TOKEN_CHOICES)},
+    spec=VptDeepSpec, shown=(TOKENS, LR),
     counted_at=VptDeepSpec(10), counted_as="10 tokens", merges=False,
     source="Jia et al. 2022, arXiv 2203.12119 (VPT-Deep)"))

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any
 
 from contract.fields import check_rank, flat_field, flat_key
-from methods._base import LR, Method, Site, Trains, register, suggest_training
+from methods._base import LR, Method, Site, Trains, one_setting, register
 from methods.vpt_deep import (
     PROMPT,
     TOKEN_CHOICES,
@@ -52,14 +51,11 @@ def prepare(site: Site, spec: VptShallowSpec) -> Trains:
     return lambda name: site.head(name) or name in prompts
 
 
-def space(trial: Any, optimizer: str, recipe: Any) -> dict[str, Any]:
-    trial.suggest_categorical(TOKENS, TOKEN_CHOICES)
-    suggest_training(trial, optimizer)
-    return {}
-
 
 METHOD = register(Method(
     "vpt_shallow", "prompt", "VPT-Shallow: learned prompt tokens before the first block, head "
-    "and fc_norm", prepare, spaces={"vpt_shallow": space}, spec=VptShallowSpec,
+    "and fc_norm", prepare,
+    spaces={"vpt_shallow": one_setting(TOKENS, TOKEN_CHOICES)},
+    spec=VptShallowSpec,
     shown=(TOKENS, LR), counted_at=VptShallowSpec(10), counted_as="10 tokens", merges=False,
     source="Jia et al. 2022, arXiv 2203.12119 (VPT-Shallow)"))
