@@ -480,6 +480,11 @@ def run_study(cfg: StudyConfig, emit: Callable[[str], None] = print,
             if status != "FINISHED":
                 end_open_runs(client, exp_id, parent, "KILLED" if status == "KILLED" else
                               "FAILED")
+            elif orphans := end_open_runs(client, exp_id, parent, "KILLED"):
+                # Every trial of a finished study has ended: a run still RUNNING was a trial an
+                # earlier driver started before it was killed (a final its restored pool ran
+                # again, say); the tables read finished runs only.
+                emit(f"  closed {orphans} run(s) an earlier, killed driver left running")
             end_run(client, parent, status)
     if failed:
         raise StudyFailed(f"the study finished without {failed}: every trial of those failed "
