@@ -189,17 +189,6 @@ def flat_defaults(cls) -> dict[str, Any]:
         for name, f in flat_fields(cls).items() if f.default is not dataclasses.MISSING}
 
 
-def smallest(cls) -> dict[str, Any]:
-    """A spec's flat settings at their smallest: its defaults, and 1 for each required number
-    (what a method's fixed values are checked within before any training)."""
-    hints = typing.get_type_hints(cls)
-    out = flat_defaults(cls)
-    for name, f in flat_fields(cls).items():
-        if name not in out and kind_of(hints[f.name]) in (int, float):
-            out[name] = kind_of(hints[f.name])(1)
-    return out
-
-
 def unflatten(cls, flat: Mapping[str, Any]):
     """One spec from the flat keys that are its fields (the others are ignored)."""
     kwargs = {}

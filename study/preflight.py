@@ -7,10 +7,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import optuna
 import torch
 
-from contract.config import METHOD_SPECS, smallest, unflatten
+from contract.config import METHOD_SPECS, flat_defaults, flat_names, unflatten
 from contract.errors import ConfigError
+from search_spaces.define_by_run import DefineByRun
 from study.config import ArmSpec, StudyConfig, TaskSpec
 from trainables.cache import build_cache, label_names
 from trainables.datasets import DatasetSplits, load_splits
@@ -68,15 +70,29 @@ def check_foundation(name: str, checkpoint: str | None, img_size: int | None = N
 
 def check_arm(arm: ArmSpec, foundation: str) -> None:
     """Fixed method settings fit the model (a LoRA rank <= width, targets that exist, no more
-    partial blocks than the model has): the method applied on meta tensors."""
+    partial blocks than the model has): the method applied on meta tensors at the fixed values,
+    the others as the arm's space samples them once."""
     spec_cls = METHOD_SPECS[arm.kind]
-    if spec_cls is None:
-        return
-    probe = {**smallest(spec_cls), **dict(arm.fixed)}
-    with torch.device("meta"):
-        model = build_backbone(get_foundation(foundation).backbone, 2)
+    fixed = dict(arm.fixed)
+    if spec_cls is None or not set(fixed) & set(flat_names(spec_cls)):
+        return  # nothing of the user's to check: the space's own values fit every model
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "new study created" line
+    try:
+        trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    constants = DefineByRun(arm.space, {}, fixed, "adamw", None)(trial)
+    probe = {**flat_defaults(spec_cls), **trial.params, **constants, **fixed}
+    backbone = get_foundation(foundation).backbone
+    try:
         try:
-            apply_method(model, arm.kind, unflatten(spec_cls, probe))
-        except ConfigError as exc:
-            raise ConfigError(f"arms.{arm.name}.fixed: {exc}") from exc
+            with torch.device("meta"):
+                apply_method(build_backbone(backbone, 2), arm.kind, unflatten(spec_cls, probe))
+        except (RuntimeError, NotImplementedError) as exc:  # a method that reads values
+            if "meta" not in str(exc).lower():
+                raise
+            apply_method(build_backbone(backbone, 2), arm.kind, unflatten(spec_cls, probe))
+    except ConfigError as exc:
+        raise ConfigError(f"arms.{arm.name}.fixed: {exc}") from exc
 

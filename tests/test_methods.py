@@ -123,3 +123,14 @@ def test_peft_settings_are_validated():
         DoraSpec(4, 0.0)
     with pytest.raises(ConfigError, match="vera_rank must be an int >= 1"):
         VeraSpec(1.5)
+
+
+def test_preflight_checks_fixed_settings_with_the_space_sampling_the_rest():
+    from study.config import ArmSpec
+    from study.preflight import check_arm
+    # nothing fixed: nothing to check (the space's values fit every model; a 1 x 1 OFT block,
+    # what "every required number at 1" would probe, does not exist)
+    check_arm(ArmSpec("oft", "oft", 2, (), None), "demo")
+    check_arm(ArmSpec("boft", "boft", 2, (("boft_block_size", 4),), None), "demo")  # reads values
+    with pytest.raises(ConfigError, match=r"arms.oft.fixed: oft_block_size 24 does not divide"):
+        check_arm(ArmSpec("oft", "oft", 2, (("oft_block_size", 24),), None), "demo")
