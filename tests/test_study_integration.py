@@ -1,5 +1,7 @@
 """A tiny real study through Ray Tune + Ray Train + Optuna + ASHA + MLflow, checked in MLflow:
-1 task x 3 arms (LoRA, FFT, a linear probe) x 3 trials, plus one final seed per arm. (A study
+1 task x 4 arms x 3 trials, plus one final seed per arm. The arms cover each kind of method: a
+LoRA variant (PiSSA's init with rsLoRA's scaling, LoRA+'s ratio searched), FFT, a peft method
+(LoHa) and one written here (SSF). (A study
 of several tasks through real drivers: the SIGKILLed study grown by a task on another
 foundation, test_study_resume.py.)
 
@@ -14,6 +16,7 @@ pytestmark = pytest.mark.slow
 
 MAX_T = 2  # ASHA's rungs at epochs 1 and 2 (grace 1, reduction 2): trials can stop at 1
 TASK = "demo-nih-1-s0"
+ARMS = ("lora", "fft", "loha", "ssf")
 
 STUDY = """
 [study]
@@ -26,11 +29,15 @@ label_fractions = [1.0]
 [arms.lora]
 space = "lora"
 trials = 3
+fixed = {{ lora_init = "pissa", lora_scaling = "rslora" }}
 [arms.fft]
 space = "fft"
 trials = 3
-[arms.linear_probe]
-space = "linear_probe"
+[arms.loha]
+space = "loha"
+trials = 3
+[arms.ssf]
+space = "ssf"
 trials = 3
 [search]
 max_t = {max_t}
@@ -70,12 +77,12 @@ def test_hierarchy_and_counts(small_study):
     study = runs[runs["tag.level"] == "study"]
     arms = runs[runs["tag.level"] == "arm"]
     trials = runs[runs["tag.trial_id"].notna()]
-    assert len(study) == 1 and len(arms) == 3
+    assert len(study) == 1 and len(arms) == len(ARMS)
     assert sorted(arms["tag.task"].unique()) == [TASK]
     search, final = trials[trials["tag.phase"] == "search"], trials[trials["tag.phase"] == "final"]
     per_arm = search.groupby(["tag.task", "tag.arm"]).size()
-    assert (per_arm == 3).all() and len(per_arm) == 3
-    assert sorted(final["tag.arm"]) == sorted(["fft", "lora", "linear_probe"])
+    assert (per_arm == 3).all() and len(per_arm) == len(ARMS)
+    assert sorted(final["tag.arm"]) == sorted(ARMS)
     assert set(arms["tag.mlflow.parentRunId"]) == set(study["run_id"])
     assert set(trials["tag.mlflow.parentRunId"]) == set(arms["run_id"])
     assert (runs["status"] == "FINISHED").all()
@@ -149,7 +156,7 @@ def test_arms_get_equal_budgets(small_study):
     assert arms["max_t"].eq(MAX_T).all() and arms["tag.trials"].astype(int).eq(3).all()
     trials = runs[runs["tag.trial_id"].notna() & (runs["tag.phase"] == "search")]
     assert trials.groupby("tag.arm")["epochs"].unique().map(list).to_dict() == {
-        "fft": [MAX_T], "lora": [MAX_T], "linear_probe": [MAX_T]}
+        arm: [MAX_T] for arm in ARMS}
     spent = arms["metric.epochs_spent"] + arms["metric.epochs_saved"]
     assert (spent == 3 * MAX_T).all()
 
@@ -161,9 +168,11 @@ def test_trainable_share_lora_below_fft(small_study):
     fft = trials[trials["tag.arm"] == "fft"]
     assert (lora < fft["metric.trainable_params"].min()).all()
     assert (fft["metric.trainable_params"] == fft["metric.total_params"]).all()
-    # The linear probe trains the head and fc_norm of vit_demo (width 64), 14 classes.
-    probe = trials[trials["tag.arm"] == "linear_probe"]["metric.trainable_params"]
-    assert (probe == 64 * 14 + 14 + 2 * 64).all()
+    # SSF on vit_demo (width 64, MLP 128, 4 blocks), 14 classes: the head and fc_norm, and a
+    # scale and shift per channel after the patch embedding and each block's qkv, proj, fc1,
+    # fc2, norm1 and norm2.
+    ssf = trials[trials["tag.arm"] == "ssf"]["metric.trainable_params"]
+    assert (ssf == 64 * 14 + 14 + 2 * 64 + 2 * 64 + 4 * 2 * (7 * 64 + 128)).all()
 
 
 def test_best_answers_from_mlflow_only(small_study, capsys):
@@ -175,7 +184,7 @@ def test_best_answers_from_mlflow_only(small_study, capsys):
     rows = json.loads(capsys.readouterr().out)
     assert sorted((r["task"], r["arm"]) for r in rows) == [
         (t, a) for t in (TASK,)
-        for a in ("fft", "linear_probe", "lora")]
+        for a in sorted(ARMS)]
     for outcome in small_study["outcomes"]:
         row = next(r for r in rows if (r["task"], r["arm"]) == (outcome.task, outcome.arm))
         assert row["val_auroc"] == pytest.approx(outcome.best_val)
@@ -189,16 +198,19 @@ def test_export_adapter_and_merged_model(small_study, tmp_path, capsys):
     from study.cli import main
     from trainables.models import build_backbone
     cfg, runs = small_study["cfg"], small_study["runs"]
-    final = runs[(runs["tag.phase"] == "final") & (runs["tag.arm"] == "lora")].iloc[0]
-    code = main(["export", final["run_id"], "--tracking-uri", cfg.tracking.uri,
-                 "--adapter", str(tmp_path / "a.safetensors"),
-                 "--merged", str(tmp_path / "m.safetensors")])
-    out = capsys.readouterr().out
-    assert code == 0 and "max abs diff" in out
-    adapters = load_file(str(tmp_path / "a.safetensors"))
-    assert adapters and all("lora_" in k or k.startswith(("head.", "fc_norm.")) for k in adapters)
-    plain = build_backbone("vit_demo", 14)
-    plain.load_state_dict(load_file(str(tmp_path / "m.safetensors")), strict=True)
+    own = {"lora": "lora_", "loha": "hada_", "ssf": "ssf_"}  # what each arm's adapter holds
+    for arm, marker in own.items():  # PiSSA's residual, peft's and our own layers all fold
+        final = runs[(runs["tag.phase"] == "final") & (runs["tag.arm"] == arm)].iloc[0]
+        code = main(["export", final["run_id"], "--tracking-uri", cfg.tracking.uri,
+                     "--adapter", str(tmp_path / f"{arm}-a.safetensors"),
+                     "--merged", str(tmp_path / f"{arm}-m.safetensors")])
+        out = capsys.readouterr().out
+        assert code == 0 and "max abs diff" in out, arm
+        adapters = load_file(str(tmp_path / f"{arm}-a.safetensors"))
+        assert adapters and all(marker in k or k.startswith(("head.", "fc_norm."))
+                                for k in adapters), arm
+        plain = build_backbone("vit_demo", 14)
+        plain.load_state_dict(load_file(str(tmp_path / f"{arm}-m.safetensors")), strict=True)
 
 
 def test_status_answers_from_mlflow(small_study, capsys):
@@ -209,7 +221,7 @@ def test_status_answers_from_mlflow(small_study, capsys):
     lines = [ln.split() for ln in out.splitlines() if "search" in ln.split()]
     counts = {(ln[0], ln[1]): [int(x) for x in ln[3:]] for ln in lines}
     # finished + stopped early = planned trials, none failed, none left running
-    assert len(counts) == 3 and all(c[0] + c[1] == 3 for c in counts.values())
+    assert len(counts) == len(ARMS) and all(c[0] + c[1] == 3 for c in counts.values())
     assert all(c[2] == 0 and c[3] == 0 for c in counts.values())
 
 
@@ -231,7 +243,9 @@ def test_the_trial_contract_is_what_mlflow_holds(small_study):
     fft = trials[trials[tag(Tag.KIND)] == "fft"]
     assert fft[Param.RANK].isna().all()  # FFT is not "rank 0": it has no rank
     arms = runs[runs[tag(Tag.LEVEL)] == "arm"]
-    assert set(arms[tag(Tag.KIND)]) == {"lora", "fft", "linear_probe"}
+    assert set(arms[tag(Tag.KIND)]) == set(ARMS)
+    lora = trials[trials[tag(Tag.KIND)] == "lora"]
+    assert (lora["lora_init"] == "pissa").all() and (lora["lora_scaling"] == "rslora").all()
     assert (arms[Param.KIND] == arms[tag(Tag.KIND)]).all()
     for _, arm in arms.iterrows():
         assert arm[Param.FOUNDATION] == "demo" and arm[Param.DATASET] == "nih"

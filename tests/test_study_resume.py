@@ -242,7 +242,7 @@ def test_grown_study_reuses_everything_done(grown):
 def test_grown_study_keeps_one_current_final_per_arm(grown):
     from analysis.runs import load_runs
     runs = load_runs(grown["uri"], grown["name"])
-    finals = runs[runs["tag.phase"] == "final"]
+    finals = runs[(runs["tag.phase"] == "final") & runs[f"tag.{PLANTED}"].isna()]
     assert sorted(finals["tag.task"]) == sorted(["demo-nih-1-s0", NEW_TASK])
     everything = load_runs(grown["uri"], grown["name"], include_superseded=True)
     if "tag.superseded" in everything:  # only when a grown search found a better config
