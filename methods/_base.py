@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from contract.errors import ConfigError
@@ -97,7 +97,6 @@ class Method:
     # (spec) -> (parameter name -> lr multiplier), for methods that give parts their own lr
     lr_scales: Callable[[Any], Callable[[str], float]] | None = None
     source: str = ""  # where the definition comes from (paper, library)
-    extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         assert self.family in FAMILIES, (self.name, self.family)

@@ -10,4 +10,5 @@ def prepare(site: Site, spec: None) -> Trains:
 
 
 METHOD = register(Method("linear_probe", "selective", "head and fc_norm", prepare,
-                         spaces={"linear_probe": train_only}, merges=True))
+                         spaces={"linear_probe": train_only}, merges=True,
+                         source="the frozen-feature baseline of the MAE paper (He et al. 2022)"))
