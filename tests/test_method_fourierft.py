@@ -13,7 +13,7 @@ from tests.method_checks import (
     matches,
     method_tests,
 )
-from tests.reparameterised_checks import check_refused
+from tests.reparameterised_checks import check_refused, check_starts_as_foundation
 
 CASE = Case("fourierft", FourierftSpec(1000, 300.0),
             (lambda p, depth: head(p) or matches(QV, p)
@@ -26,3 +26,9 @@ def test_more_frequencies_than_entries_are_refused():
     check_refused("fourierft", FourierftSpec(5000, 300.0),
                   "fourierft_frequencies 5000 more than the 4096 entries of a 64 x 64 layer; "
                   "choose <= 4096")
+
+
+def test_it_starts_as_the_foundation():
+    """Zero coefficients: the update is zero until the first step (a normal start moved the
+    demo's 64 x 64 weights by about 2 per entry)."""
+    check_starts_as_foundation("fourierft", FourierftSpec(1000, 300.0), atol=0)
