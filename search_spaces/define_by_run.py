@@ -59,6 +59,20 @@ class DefineByRun:
         return {k: v for k, v in config.items() if k not in pinned.sampled}
 
 
+def probe(space: str, fixed: dict[str, Any], optimizer: str, recipe: Recipe | None
+          ) -> tuple[optuna.Trial, dict[str, Any]]:
+    """An arm's space asked once by a seeded random sampler, quietly (no "new study created"
+    line): the trial (what it sampled, and from which distributions) and the constants the
+    space derives or the arm fixes."""
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    return trial, DefineByRun(space, {}, fixed, optimizer, recipe)(trial)
+
+
 def name_objective(storage: optuna.storages.BaseStorage, study_name: str, metric: str,
                    mode: str) -> None:
     """The Optuna study says what it maximises (optuna-dashboard shows its name, not

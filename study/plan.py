@@ -18,7 +18,7 @@ from contract.fields import join_targets, parse_targets
 from contract.schema import Param
 from methods.lora import LoraSpec
 from methods.partial import PartialSpec
-from search_spaces.define_by_run import DefineByRun
+from search_spaces.define_by_run import probe
 from search_spaces.presets import Recipe
 from study import trials
 from study.config import ArmSpec, StudyConfig, TaskSpec
@@ -46,13 +46,7 @@ def _probe(arm: ArmSpec, optimizer: str, recipe: Recipe | None
            ) -> tuple[dict[str, optuna.distributions.BaseDistribution], dict]:
     """The arm's search space asked once: what it samples (distributions) and the constants it
     derives or the arm fixes (values)."""
-    verbosity = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "new study created" line
-    try:
-        trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
-    finally:
-        optuna.logging.set_verbosity(verbosity)
-    values = DefineByRun(arm.space, {}, dict(arm.fixed), optimizer, recipe)(trial)
+    trial, values = probe(arm.space, dict(arm.fixed), optimizer, recipe)
     return dict(trial.distributions), values
 
 

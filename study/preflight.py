@@ -7,12 +7,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import optuna
 import torch
 
 from contract.config import METHOD_SPECS, flat_defaults, flat_names, unflatten
 from contract.errors import ConfigError
-from search_spaces.define_by_run import DefineByRun
+from search_spaces.define_by_run import probe
 from study.config import ArmSpec, StudyConfig, TaskSpec
 from trainables.cache import build_cache, label_names
 from trainables.datasets import DatasetSplits, load_splits
@@ -76,23 +75,17 @@ def check_arm(arm: ArmSpec, foundation: str) -> None:
     fixed = dict(arm.fixed)
     if spec_cls is None or not set(fixed) & set(flat_names(spec_cls)):
         return  # nothing of the user's to check: the space's own values fit every model
-    verbosity = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # no "new study created" line
-    try:
-        trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
-    finally:
-        optuna.logging.set_verbosity(verbosity)
-    constants = DefineByRun(arm.space, {}, fixed, "adamw", None)(trial)
-    probe = {**flat_defaults(spec_cls), **trial.params, **constants, **fixed}
+    trial, constants = probe(arm.space, fixed, "adamw", None)
+    settings = {**flat_defaults(spec_cls), **trial.params, **constants, **fixed}
     backbone = get_foundation(foundation).backbone
     try:
         try:
             with torch.device("meta"):
-                apply_method(build_backbone(backbone, 2), arm.kind, unflatten(spec_cls, probe))
+                apply_method(build_backbone(backbone, 2), arm.kind, unflatten(spec_cls, settings))
         except (RuntimeError, NotImplementedError) as exc:  # a method that reads values
             if "meta" not in str(exc).lower():
                 raise
-            apply_method(build_backbone(backbone, 2), arm.kind, unflatten(spec_cls, probe))
+            apply_method(build_backbone(backbone, 2), arm.kind, unflatten(spec_cls, settings))
     except ConfigError as exc:
         raise ConfigError(f"arms.{arm.name}.fixed: {exc}") from exc
 
