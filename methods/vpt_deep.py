@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,18 +96,25 @@ def prompted(model: Any) -> set[str]:
     return {name for name, _ in model.named_parameters() if name.rpartition(".")[2] == PROMPT}
 
 
-def prepare(site: Site, spec: VptDeepSpec) -> Trains:
+def add_prompts(site: Site, tokens: int, setting: str,
+                spans: Callable[[list[Any]], list[tuple[Any, Any]]]) -> Trains:
+    """`tokens` prompts for each (first, last) pair of blocks `spans` picks: inserted before
+    `first` (which holds them), dropped after `last`; what trains: the prompts, head and
+    fc_norm."""
     model = site.model
-    blocks = blocks_of(model, TOKENS)
+    blocks = blocks_of(model, setting)
     prefix = model.num_prefix_tokens
-    for block in blocks:
-        block.register_parameter(PROMPT, new_prompt(model, spec.tokens))
-        block.register_forward_pre_hook(functools.partial(insert_prompts, prefix))
-        block.register_forward_hook(functools.partial(drop_prompts, prefix, spec.tokens))
-    treat_as_prefix(blocks, prefix + spec.tokens)
+    for first, last in spans(blocks):
+        first.register_parameter(PROMPT, new_prompt(model, tokens))
+        first.register_forward_pre_hook(functools.partial(insert_prompts, prefix))
+        last.register_forward_hook(functools.partial(drop_prompts, prefix, tokens))
+    treat_as_prefix(blocks, prefix + tokens)
     prompts = prompted(model)
     return lambda name: site.head(name) or name in prompts
 
+
+def prepare(site: Site, spec: VptDeepSpec) -> Trains:
+    return add_prompts(site, spec.tokens, TOKENS, lambda blocks: [(b, b) for b in blocks])
 
 
 METHOD = register(Method(

@@ -11,21 +11,11 @@ drop them are VPT-Deep's (`methods.vpt_deep`); the one prompt tensor lives on th
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 from contract.fields import check_rank, flat_field, flat_key
 from methods._base import LR, Method, Site, Trains, one_setting, register
-from methods.vpt_deep import (
-    PROMPT,
-    TOKEN_CHOICES,
-    blocks_of,
-    drop_prompts,
-    insert_prompts,
-    new_prompt,
-    prompted,
-    treat_as_prefix,
-)
+from methods.vpt_deep import TOKEN_CHOICES, add_prompts
 
 
 @dataclass(frozen=True)
@@ -40,16 +30,7 @@ TOKENS = flat_key(VptShallowSpec, "tokens")
 
 
 def prepare(site: Site, spec: VptShallowSpec) -> Trains:
-    model = site.model
-    blocks = blocks_of(model, TOKENS)
-    prefix = model.num_prefix_tokens
-    blocks[0].register_parameter(PROMPT, new_prompt(model, spec.tokens))
-    blocks[0].register_forward_pre_hook(functools.partial(insert_prompts, prefix))
-    blocks[-1].register_forward_hook(functools.partial(drop_prompts, prefix, spec.tokens))
-    treat_as_prefix(blocks, prefix + spec.tokens)
-    prompts = prompted(model)
-    return lambda name: site.head(name) or name in prompts
-
+    return add_prompts(site, spec.tokens, TOKENS, lambda blocks: [(blocks[0], blocks[-1])])
 
 
 METHOD = register(Method(

@@ -8,8 +8,9 @@ from __future__ import annotations
 import argparse
 
 from contract.config import TARGETS
+from methods import REGISTRY
 from trainables.foundation import FOUNDATIONS, Foundation, Stat
-from trainables.methods import METHODS, count_on_meta
+from trainables.methods import count_on_meta
 from trainables.models import get_backbone
 
 
@@ -25,14 +26,14 @@ def _pooling(pooling: dict) -> str:
 
 def trainable_counts(entry: Foundation, num_classes: int) -> dict[str, int]:
     """Trainable parameters per method ("lora" at the registry's counted settings, "fft")."""
-    return {name: count_on_meta(entry.backbone, name, METHODS[name].counted_at, num_classes)[0]
+    return {name: count_on_meta(entry.backbone, name, REGISTRY[name].counted_at, num_classes)[0]
             for name in ("lora", "fft")}
 
 
 def foundation_text(entry: Foundation, num_classes: int) -> str:
     backbone = get_backbone(entry.backbone)
     counts = trainable_counts(entry, num_classes)
-    lora = METHODS["lora"]
+    lora = REGISTRY["lora"]
     where = backbone.targets
     lines = [
         f"{entry.name}  {backbone.name} (timm {backbone.timm_name}), {backbone.img_size} px, "

@@ -7,8 +7,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from contract.config import METHOD_SPECS, flat_defaults, flat_names, unflatten
 from contract.errors import ConfigError
 from search_spaces.define_by_run import probe
@@ -16,7 +14,7 @@ from study.config import ArmSpec, StudyConfig, TaskSpec
 from trainables.cache import build_cache, label_names
 from trainables.datasets import DatasetSplits, load_splits
 from trainables.foundation import get_foundation, load_foundation
-from trainables.methods import apply_method
+from trainables.methods import apply_on_meta
 from trainables.models import build_backbone
 
 
@@ -77,15 +75,9 @@ def check_arm(arm: ArmSpec, foundation: str) -> None:
         return  # nothing of the user's to check: the space's own values fit every model
     trial, constants = probe(arm.space, fixed, "adamw", None)
     settings = {**flat_defaults(spec_cls), **trial.params, **constants, **fixed}
-    backbone = get_foundation(foundation).backbone
     try:
-        try:
-            with torch.device("meta"):
-                apply_method(build_backbone(backbone, 2), arm.kind, unflatten(spec_cls, settings))
-        except (RuntimeError, NotImplementedError) as exc:  # a method that reads values
-            if "meta" not in str(exc).lower():
-                raise
-            apply_method(build_backbone(backbone, 2), arm.kind, unflatten(spec_cls, settings))
+        apply_on_meta(get_foundation(foundation).backbone, arm.kind,
+                      unflatten(spec_cls, settings), 2)
     except ConfigError as exc:
         raise ConfigError(f"arms.{arm.name}.fixed: {exc}") from exc
 

@@ -17,11 +17,12 @@ from timm.models.vision_transformer import VisionTransformer
 
 from contract.config import METHOD_SPECS, TrainSpec
 from contract.errors import ConfigError
+from methods import REGISTRY as METHODS
 from methods.dora import DoraSpec
 from methods.lora import LoraSpec
 from methods.partial import PartialSpec
 from methods.vera import VeraSpec
-from trainables.methods import METHODS, apply_method
+from trainables.methods import apply_method
 from trainables.models import BACKBONES, build_backbone
 
 SPECS = {"lora": LoraSpec(4, 8.0, targets=("q", "v")), "partial": PartialSpec(1),

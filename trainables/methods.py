@@ -25,9 +25,10 @@ import torch
 from torch import nn
 
 from contract.errors import ConfigError
-from methods import REGISTRY, Method, get_method
+from methods import get_method
 from methods._base import Trains
 from methods._peft import ADAPTER
+from methods._widths import shapes
 from trainables.lora import (
     ALWAYS_TRAINABLE_PREFIXES,
     apply_lora,
@@ -36,8 +37,6 @@ from trainables.lora import (
     split_qkv,
 )
 from trainables.models import build_backbone, targets_of
-
-METHODS: dict[str, Method] = REGISTRY  # (the registry, for this floor's callers)
 
 
 def _head(name: str) -> bool:
@@ -72,8 +71,7 @@ class ModelSite:
     def check_width(self, rank: int, setting: str, targets: tuple[str, ...]) -> None:
         """A low-rank update cannot be wider than the layer it adapts (checked on the split
         model, before anything is injected)."""
-        layers = [self.model.get_submodule(n) for n in self.module_names(targets)]
-        width = min((min(m.in_features, m.out_features) for m in layers), default=rank)
+        width = min((min(shape) for shape in shapes(self, targets)), default=rank)
         if rank > width:
             raise ConfigError(f"{setting} {rank} larger than layer width {width}; choose "
                               f"<= {width}")
@@ -130,21 +128,26 @@ def apply_method(model: nn.Module, name: str, spec: object = None) -> nn.Module:
     return model
 
 
-def count_on_meta(backbone: str, name: str, spec: object, num_classes: int,
-                  img_size: int | None = None) -> tuple[int, int]:
-    """(trainable, total) parameters of `backbone` under method `name` with `spec`, built on
-    meta tensors (no memory, no weights): the counts `methods`, `foundations` and the plan
-    give. A method whose injection reads values (BOFT's `Tensor.item()`) is counted on real
+def apply_on_meta(backbone: str, name: str, spec: object, num_classes: int,
+                  img_size: int | None = None) -> nn.Module:
+    """`backbone` under method `name` with `spec`, built on meta tensors (no memory, no
+    weights). A method whose injection reads values (BOFT's `Tensor.item()`) is built on real
     tensors instead: the same shapes, seconds and memory the size of the model."""
     try:
         with torch.device("meta"):
-            model = apply_method(build_backbone(backbone, num_classes, img_size=img_size), name,
-                                 spec)
+            return apply_method(build_backbone(backbone, num_classes, img_size=img_size), name,
+                                spec)
     except (RuntimeError, NotImplementedError) as error:
         if "meta" not in str(error).lower():
             raise
-        model = apply_method(build_backbone(backbone, num_classes, img_size=img_size), name, spec)
-    return count_parameters(model)
+        return apply_method(build_backbone(backbone, num_classes, img_size=img_size), name, spec)
+
+
+def count_on_meta(backbone: str, name: str, spec: object, num_classes: int,
+                  img_size: int | None = None) -> tuple[int, int]:
+    """(trainable, total) parameters of `backbone` under method `name` with `spec`
+    (`apply_on_meta`): the counts `methods`, `foundations` and the plan give."""
+    return count_parameters(apply_on_meta(backbone, name, spec, num_classes, img_size))
 
 
 def _merge_peft(model: nn.Module) -> None:
