@@ -56,9 +56,21 @@ class Case:
     architectures: tuple[str, ...] = ARCHITECTURES
 
 
-def build(case: Case, backbone: str = "vit_demo", classes: int = 3, seed: int = 0):
+def build_method(name: str, spec: Any, backbone: str = "vit_demo", classes: int = 3,
+                 seed: int = 0):
+    """Method `name` with `spec` on a freshly built backbone (its weights drawn from `seed`)."""
     torch.manual_seed(seed)
-    return apply_method(build_backbone(backbone, classes), case.name, case.spec)
+    return apply_method(build_backbone(backbone, classes), name, spec)
+
+
+def build(case: Case, backbone: str = "vit_demo", classes: int = 3, seed: int = 0):
+    return build_method(case.name, case.spec, backbone, classes, seed)
+
+
+def demo_images(batch: int = 2, seed: int = 3) -> torch.Tensor:
+    """A fixed random batch at the demo ViT's size."""
+    return torch.randn(batch, 3, DEMO.img_size, DEMO.img_size,
+                       generator=torch.Generator().manual_seed(seed))
 
 
 def check_one_step(case: Case, backbone: str, monkeypatch) -> None:
@@ -128,7 +140,7 @@ def check_merge(case: Case) -> None:
     plain = build_backbone("vit_demo", 3)
     plain.load_state_dict(state, strict=True)
     plain.eval()
-    x = torch.randn(4, 3, DEMO.img_size, DEMO.img_size, generator=torch.Generator().manual_seed(2))
+    x = demo_images(4, seed=2)
     with torch.no_grad():
         torch.testing.assert_close(plain(x), model(x), atol=1e-4, rtol=1e-4)
 

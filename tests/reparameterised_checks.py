@@ -13,19 +13,9 @@ import torch
 
 from contract.errors import ConfigError
 from contract.train import TrainSpec
-from tests.method_checks import DEMO
+from tests.method_checks import build_method, demo_images
 from trainables.methods import apply_method
 from trainables.models import build_backbone
-
-
-def demo(name: str, spec: Any, seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return apply_method(build_backbone("vit_demo", 3), name, spec)
-
-
-def image(batch: int = 2, seed: int = 3) -> torch.Tensor:
-    return torch.randn(batch, 3, DEMO.img_size, DEMO.img_size,
-                       generator=torch.Generator().manual_seed(seed))
 
 
 def check_starts_as_foundation(name: str, spec: Any, atol: float = 1e-5) -> None:
@@ -34,7 +24,7 @@ def check_starts_as_foundation(name: str, spec: Any, atol: float = 1e-5) -> None
     torch.manual_seed(0)
     plain = build_backbone("vit_demo", 3).eval()
     adapted = apply_method(copy.deepcopy(plain), name, spec).eval()
-    x = image()
+    x = demo_images()
     with torch.no_grad():
         torch.testing.assert_close(adapted.forward_features(x), plain.forward_features(x),
                                    atol=atol, rtol=0)
@@ -52,7 +42,7 @@ def check_kept_from_weight_decay(name: str, spec: Any, fragment: str) -> None:
     groups; the method's other adapter parameters keep it."""
     from trainables.fit import build_optimizer
 
-    model = demo(name, spec)
+    model = build_method(name, spec)
     decay = {id(p): group["weight_decay"]
              for group in build_optimizer(model, TrainSpec()).param_groups
              for p in group["params"]}

@@ -14,6 +14,7 @@ from tests.method_checks import (
     Case,
     D,
     L,
+    build_method,
     head,
     matches,
     method_tests,
@@ -22,7 +23,6 @@ from tests.reparameterised_checks import (
     check_kept_from_weight_decay,
     check_refused,
     check_starts_as_foundation,
-    demo,
 )
 
 CASE = Case("boft", BoftSpec(4, 2),
@@ -47,7 +47,7 @@ def test_it_starts_as_the_foundation():
 def test_both_butterfly_factors_are_built_and_mix_pairs_of_blocks():
     """Two factors of 4 x 4 blocks, on a machine without peft's compiled kernel: the rotation is
     orthogonal, reaches beyond a 4 x 4 block (one factor would not) and stays within 8 x 8."""
-    model = demo("boft", CASE.spec)
+    model = build_method("boft", CASE.spec)
     layer = model.blocks[0].attn.qkv.q
     blocks = layer.boft_R["default"]
     assert blocks.shape == (2, 64 // 4, 4, 4)

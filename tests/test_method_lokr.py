@@ -10,11 +10,12 @@ from tests.method_checks import (
     QV,
     Case,
     L,
+    build_method,
     head,
     matches,
     method_tests,
 )
-from tests.reparameterised_checks import check_refused, check_starts_as_foundation, demo
+from tests.reparameterised_checks import check_refused, check_starts_as_foundation
 
 CASE = Case("lokr", LokrSpec(2, 4.0),
             (lambda p, depth: head(p) or matches(QV, p)
@@ -31,7 +32,7 @@ def test_from_half_the_larger_factor_w2_trains_in_full():
     """The docstring's rule at 64 = 8 * 8: rank 3 < 4 keeps W2 as 8 x 3 and 3 x 8; rank 4 trains
     the 8 x 8 W2 itself."""
     def shapes(rank):
-        model = demo("lokr", LokrSpec(rank, 4.0))
+        model = build_method("lokr", LokrSpec(rank, 4.0))
         return {n.split(".")[-2]: tuple(p.shape) for n, p in model.named_parameters()
                 if n.startswith("blocks.0.attn.qkv.q.lokr_")}
     assert shapes(3) == {"lokr_w1": (8, 8), "lokr_w2_a": (8, 3), "lokr_w2_b": (3, 8)}

@@ -20,6 +20,7 @@ from tests.method_checks import (
     L,
     build,
     check_merge,
+    demo_images,
     head,
     method_tests,
 )
@@ -34,11 +35,6 @@ PISSA = Case("lora", LoraSpec(4, 8.0, init="pissa"), CASE.declared, CASE.formula
 RSLORA = Case("lora", LoraSpec(16, 8.0, scaling_rule="rslora"), CASE.declared, CASE.formula)
 
 
-def _x():
-    gen = torch.Generator().manual_seed(3)
-    return torch.randn(2, 3, DEMO.img_size, DEMO.img_size, generator=gen)
-
-
 def test_rslora_scales_by_alpha_over_the_root_of_the_rank():
     assert LoraSpec(16, 8.0).scaling == 0.5 and RSLORA.spec.scaling == 8.0 / math.sqrt(16)
     model = build(RSLORA)
@@ -50,7 +46,7 @@ def test_pissa_starts_at_the_foundation_and_adapts_its_principal_directions():
     plain = build_backbone("vit_demo", 3).eval()
     model = build(PISSA).eval()
     with torch.no_grad():
-        torch.testing.assert_close(model(_x()), plain(_x()), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model(demo_images()), plain(demo_images()), atol=1e-5, rtol=1e-5)
     q = model.blocks[0].attn.qkv.q
     original = plain.blocks[0].attn.qkv.weight[: DEMO.embed_dim]
     top = torch.linalg.svdvals(original)[:4]

@@ -13,11 +13,12 @@ from tests.method_checks import (
     Case,
     D,
     L,
+    build_method,
     head,
     matches,
     method_tests,
 )
-from tests.reparameterised_checks import check_refused, check_starts_as_foundation, demo
+from tests.reparameterised_checks import check_refused, check_starts_as_foundation
 
 CASE = Case("oft", OftSpec(16),
             (lambda p, depth: head(p) or matches(QV, p) and matches(r"\.oft_R\.", p)),
@@ -31,7 +32,7 @@ def test_it_starts_as_the_foundation():
 
 def test_the_rotation_stays_orthogonal_far_from_the_start():
     """Exact Cayley: R R^T = I however large the skew parts grow (a truncated series drifts)."""
-    model = demo("oft", CASE.spec)
+    model = build_method("oft", CASE.spec)
     layer = model.blocks[0].attn.qkv.v
     rotation = layer.oft_R["default"]
     with torch.no_grad():
