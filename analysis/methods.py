@@ -47,15 +47,19 @@ def pick_reference(data: StudyData, reference_arm: str | None = None) -> str:
     return of_kind[0]
 
 
+def finals_with_draw(data: StudyData) -> pd.DataFrame:
+    """Every final run, each with a split seed (a study that did not record it has one draw)."""
+    finals = data.finals
+    return finals if Param.SPLIT_SEED in finals else finals.assign(**{Param.SPLIT_SEED: 0})
+
+
 def finished_finals(data: StudyData) -> pd.DataFrame:
     """The finished final runs (none before any test AUROC is logged), each with a split seed."""
     finals = data.finals
     if finals.empty or Metric.TEST_AUROC not in finals:
         return finals.iloc[0:0]
-    finals = finals[finals["status"] == "FINISHED"]
-    if Param.SPLIT_SEED not in finals:  # a study that did not record it has one draw
-        finals = finals.assign(**{Param.SPLIT_SEED: 0})
-    return finals
+    finals = finals_with_draw(data)
+    return finals[finals["status"] == "FINISHED"]
 
 
 def compare_methods(data: StudyData, reference_arm: str | None = None, n_boot: int = 1000,

@@ -21,7 +21,7 @@ import pandas as pd
 from scipy.stats import friedmanchisquare, studentized_range
 
 from analysis.comparison import CELL_FACTORS
-from analysis.methods import arm_kinds, finished_finals
+from analysis.methods import arm_kinds, finals_with_draw, finished_finals
 from analysis.study_data import StudyData
 from contract.schema import Metric, Param, Tag
 
@@ -74,9 +74,7 @@ def block_scores(data: StudyData) -> tuple[pd.DataFrame, int, tuple[str, ...]]:
     scores = finals.groupby([*BLOCK_FACTORS, Tag.ARM])[Metric.TEST_AUROC].mean().unstack(
         Tag.ARM).reindex(columns=arms)
     # A block counts once any final of it ran, finished or not.
-    every = data.finals if Param.SPLIT_SEED in data.finals else data.finals.assign(
-        **{Param.SPLIT_SEED: 0})
-    blocks = pd.MultiIndex.from_frame(every[BLOCK_FACTORS].drop_duplicates())
+    blocks = pd.MultiIndex.from_frame(finals_with_draw(data)[BLOCK_FACTORS].drop_duplicates())
     scores = scores.reindex(blocks.union(scores.index)).sort_index()
     complete = scores.notna().all(axis=1)
     lacking = tuple(a for a in arms if scores.loc[~complete, a].isna().any())
