@@ -1,5 +1,5 @@
 """`cxr-study foundations`: every foundation entry's facts (architecture, size, normalisation,
-checkpoint layouts accepted, pooling, where the adapter targets live, the facts public material
+the terms its weights come under, checkpoint layouts accepted, pooling, where the adapter targets live, the facts public material
 did not confirm) and its trainable parameters for LoRA r4 on q and v and for FFT at its real
 size, counted on meta tensors (no memory, no weights)."""
 
@@ -16,12 +16,6 @@ from trainables.models import get_backbone
 
 def _stat(value: Stat) -> str:
     return f"({', '.join(map(str, value))})" if isinstance(value, tuple) else str(value)
-
-
-def _pooling(pooling: dict) -> str:
-    if pooling.get("global_pool") == "token":
-        return "class token after the final norm, then a new linear head"
-    return "patch-token average, fc_norm, then a new linear head"
 
 
 def trainable_counts(entry: Foundation, num_classes: int) -> dict[str, int]:
@@ -45,7 +39,8 @@ def foundation_text(entry: Foundation, num_classes: int) -> str:
                          if entry.has_checkpoint else "none (no checkpoint)"),
         *(f"    {layout.name}: {layout.description}" for layout in entry.layouts
           if entry.has_checkpoint),
-        f"  pooling: {_pooling(dict(backbone.pooling))}",
+        f"  terms: {entry.terms.text()}",
+        f"  pooling: {backbone.pooling_text}",
         "  targets: " + " ".join(f"{t}={where.where(t)}" for t in TARGETS),
         *(f"  unconfirmed: {fact}" for fact in entry.unconfirmed),
     ]

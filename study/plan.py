@@ -22,7 +22,7 @@ from search_spaces.define_by_run import probe
 from search_spaces.presets import Recipe
 from study import trials
 from study.config import ArmSpec, StudyConfig, TaskSpec
-from trainables.foundation import get_foundation
+from trainables.foundation import get_foundation, terms_notes
 from trainables.methods import count_on_meta, get_method
 
 BYTES = 4  # float32
@@ -156,4 +156,5 @@ def plan_text(cfg: StudyConfig) -> str:
                  f"{res.cpus_per_worker:g} CPU, {res.gpus_per_worker:g} GPU")
     lines.append(f"  disk: at most {disk / 1e9:.1f} GB of trial checkpoints "
                  f"({cfg.checkpoints_to_keep} kept per trial, largest sampled config)")
+    lines += [f"  terms: {note}" for note in terms_notes(t.foundation.name for t in cfg.tasks)]
     return "\n".join(lines)

@@ -39,7 +39,18 @@ TINY_EVA_PACKED = dataclasses.replace(
     BACKBONES["eva_x_tiny_patch16"], name="tiny_eva_packed", img_size=48, patch_size=8,
     embed_dim=64, depth=2,
     kwargs=tuple({**_EVA_TINY_KWARGS, "num_heads": 4, "ref_feat_shape": (6, 6)}.items()))
-TINY = {b.name: b for b in (TINY_DINOV2, TINY_TOKEN_VIT, TINY_EVA_PACKED)}
+TINY_DINOV2_REG = dataclasses.replace(
+    BACKBONES["vit_base_patch14_reg4_dinov2"], name="tiny_dinov2_reg", img_size=56,
+    embed_dim=64, depth=2, kwargs=(("num_heads", 4), ("mlp_ratio", 4.0), ("init_values", 1.0),
+                                   ("reg_tokens", 4), ("no_embed_class", True)))
+TINY_SIGLIP = dataclasses.replace(
+    BACKBONES["vit_so400m_patch14_siglip"], name="tiny_siglip", img_size=56, embed_dim=64,
+    depth=2, kwargs=(("num_heads", 4), ("mlp_ratio", 2.0), ("act_layer", "gelu_tanh")))
+TINY_CLIP = dataclasses.replace(
+    BACKBONES["vit_base_patch16_clip"], name="tiny_clip", img_size=48, patch_size=8,
+    embed_dim=64, depth=2, kwargs=(("num_heads", 4), ("mlp_ratio", 2.0)))
+TINY = {b.name: b for b in (TINY_DINOV2, TINY_TOKEN_VIT, TINY_EVA_PACKED, TINY_DINOV2_REG,
+                            TINY_SIGLIP, TINY_CLIP)}
 
 
 def register_tiny(monkeypatch) -> None:
@@ -100,6 +111,61 @@ def hf_dinov2_dir(folder: Path, entry: Backbone, seed: int = 0) -> nn.Module:
     model = _randomise(Dinov2Model(config), seed).eval()
     model.save_pretrained(folder)
     return model
+
+
+def hf_dinov2_registers_dir(folder: Path, entry: Backbone, seed: int = 0) -> nn.Module:
+    """transformers' Dinov2WithRegistersModel for `entry`'s geometry, saved with save_pretrained
+    (CXformer's published form)."""
+    from transformers import Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    kwargs = dict(entry.kwargs)
+    config = Dinov2WithRegistersConfig(
+        hidden_size=entry.embed_dim, num_hidden_layers=entry.depth,
+        num_attention_heads=kwargs["num_heads"], mlp_ratio=int(kwargs["mlp_ratio"]),
+        num_register_tokens=kwargs["reg_tokens"], image_size=entry.img_size,
+        patch_size=entry.patch_size)
+    model = _randomise(Dinov2WithRegistersModel(config), seed).eval()
+    model.save_pretrained(folder)
+    return model
+
+
+def vision_config(entry: Backbone, **extra) -> dict:
+    """A transformers SigLIP/CLIP vision config of `entry`'s geometry."""
+    kwargs = dict(entry.kwargs)
+    return dict(hidden_size=entry.embed_dim, num_hidden_layers=entry.depth,
+                num_attention_heads=kwargs["num_heads"],
+                intermediate_size=int(entry.embed_dim * kwargs["mlp_ratio"]),
+                image_size=entry.img_size, patch_size=entry.patch_size, **extra)
+
+
+# A text tower as small as transformers allows, for the whole image-text files.
+TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                 vocab_size=64, max_position_embeddings=8, bos_token_id=1, eos_token_id=2,
+                 pad_token_id=0)
+
+
+def hf_vision_dir(folder: Path, family: str, entry: Backbone, *, whole: bool = True,
+                  seed: int = 0, **extra) -> nn.Module:
+    """transformers' SigLIP or CLIP (`family`) for `entry`'s geometry, saved with
+    save_pretrained: the whole image-text model as the published files are (`whole`), or the
+    vision model alone. Returns the vision tower, whose `pooler_output` is the image
+    embedding."""
+    import transformers
+
+    prefix = {"siglip": "Siglip", "clip": "CLIP"}[family]
+    vision = vision_config(entry, **extra)
+    if whole:
+        config = getattr(transformers, f"{prefix}Config")(
+            vision_config=vision, text_config=TINY_TEXT,
+            **({"projection_dim": 16} if family == "clip" else {}))
+        model = _randomise(getattr(transformers, f"{prefix}Model")(config), seed).eval()
+        tower = model.vision_model
+    else:
+        config = getattr(transformers, f"{prefix}VisionConfig")(**vision)
+        model = tower = _randomise(getattr(transformers, f"{prefix}VisionModel")(config),
+                                   seed).eval()
+    model.save_pretrained(folder)
+    return tower
 
 
 BIOMEDCLIP_CONFIG = {

@@ -19,6 +19,7 @@ import math
 import pickle
 import re
 import zipfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +30,17 @@ from timm.layers import resample_abs_pos_embed
 from torch import Tensor, nn
 
 from contract.errors import CheckpointError, ConfigError
-from trainables.layouts import DINOV2, EVA_X, HF_DINOV2, MAE, OPEN_CLIP, Layout
+from trainables.layouts import (
+    DINOV2,
+    EVA_X,
+    HF_CLIP,
+    HF_DINOV2,
+    HF_DINOV2_REGISTERS,
+    HF_SIGLIP,
+    MAE,
+    OPEN_CLIP,
+    Layout,
+)
 from trainables.models import BACKBONES
 
 # The only non-tensor class a training checkpoint may contain (MAE saves ``args`` in it).
@@ -45,6 +56,50 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # EVA-X's (classification/utils/datasets.py in hustvl/EVA-X).
 EVA_X_MEAN, EVA_X_STD = 0.49185243, 0.28509309
+# ImageNet's, which DINOv2's own evaluation uses.
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Terms:
+    """Under what terms a foundation's weights are released: the licence's name, whether the
+    weights come only after accepting terms or on request (``gated``), and whether they forbid
+    commercial use (``noncommercial``). A model fine-tuned from such weights, and the results,
+    inherit those terms; plans and reports say so."""
+
+    licence: str
+    gated: bool = False
+    noncommercial: bool = False
+
+    def text(self) -> str:
+        return "; ".join([self.licence, *(["gated"] if self.gated else []),
+                          *(["noncommercial"] if self.noncommercial else [])])
+
+
+NO_WEIGHTS = Terms("none: no pretrained weights")
+CC_BY_NC = Terms("CC-BY-NC-4.0", noncommercial=True)
+PROJECT_WEIGHTS = Terms("this project's (weights made here, on phantom images)")
+
+
+def terms_notes(names: Iterable[str]) -> list[str]:
+    """One line per kind of restricted weights among the foundations ``names`` (unknown
+    names skipped): the noncommercial ones, saying whether they are mixed with others, and the
+    gated ones. Empty when every foundation's weights are open and commercial use allowed."""
+    entries = [FOUNDATIONS[n] for n in dict.fromkeys(names) if n in FOUNDATIONS]
+    restricted = [e for e in entries if e.terms.noncommercial]
+    notes = []
+    if restricted:
+        listed = ", ".join(f"{e.name} ({e.terms.licence})" for e in restricted)
+        others = [e.name for e in entries if not e.terms.noncommercial]
+        mixed = (f"; the study mixes them with {', '.join(others)}: only the models "
+                 "fine-tuned from those are free of that restriction") if others else ""
+        notes.append(f"noncommercial weights: {listed}; the models fine-tuned from them inherit "
+                     f"the noncommercial terms{mixed}")
+    gated = [e.name for e in entries if e.terms.gated]
+    if gated:
+        notes.append(f"gated weights: {', '.join(gated)} (their terms must be accepted before "
+                     "the files are downloaded; a fine-tuned model stays under them)")
+    return notes
 
 
 @dataclass(frozen=True)
@@ -55,6 +110,7 @@ class Foundation:
     ``mean``/``std`` are one value (the grey image replicated to three channels is normalised
     alike) or three (per RGB channel, for models pretrained on colour statistics).
     ``has_checkpoint`` is False for the random-initialisation baseline, which needs no file.
+    ``terms``: the licence its weights come under (`Terms`).
     ``unconfirmed`` lists, one line each, the facts of the entry that public material did not
     confirm (the `foundations` command and docs/foundations.md show them).
     """
@@ -67,6 +123,7 @@ class Foundation:
     has_checkpoint: bool = True
     layouts: tuple[Layout, ...] = (MAE,)
     unconfirmed: tuple[str, ...] = ()
+    terms: Terms = NO_WEIGHTS
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
@@ -104,6 +161,9 @@ FOUNDATIONS: dict[str, Foundation] = {
             mean=0.4978,
             std=0.2449,
             description="MRM: masked record modeling on MIMIC-CXR images and reports (ViT-B/16)",
+            terms=Terms("MIT (RL4M/MRM-pytorch)"),
+            unconfirmed=("terms: MIT is the code repository's licence; the weights state none "
+                         "of their own",),
         ),
         Foundation(
             name="cxr_mae",
@@ -111,6 +171,8 @@ FOUNDATIONS: dict[str, Foundation] = {
             mean=0.4785,
             std=0.2834,
             description="CXR-MAE: masked autoencoder pretrained on chest X-rays (ViT-B/16)",
+            terms=Terms("none stated (lambert-x/medical_mae)"),
+            unconfirmed=("terms: its repository states no licence",),
         ),
         # No pretraining means no pretraining statistics; 0.5/0.25 maps [0, 1] intensities to
         # roughly [-2, 2] without borrowing ImageNet's RGB numbers, which mean nothing for
@@ -131,6 +193,7 @@ FOUNDATIONS: dict[str, Foundation] = {
             mean=0.5,
             std=0.25,
             description="tiny ViT for tests and the CPU demo",
+            terms=PROJECT_WEIGHTS,
         ),
         *(Foundation(
             name=f"eva_x_{size}",
@@ -140,6 +203,7 @@ FOUNDATIONS: dict[str, Foundation] = {
             description=f"EVA-X {short}: EVA-02 ViT-{short}/16 (SwiGLU, RoPE) pretrained on "
                         "chest X-rays (hustvl/EVA-X)",
             layouts=(EVA_X,),
+            terms=Terms("MIT (hustvl/EVA-X)"),
             unconfirmed=("the keys inside the published .pt files (the layout follows EVA-X's "
                          "own checkpoint filter)",) + (
                 ("RoPE reference grid 14x14 as in eva_x.py; EVA-X's native B fine-tuning model "
@@ -153,7 +217,10 @@ FOUNDATIONS: dict[str, Foundation] = {
             description="RAD-DINO: DINOv2 ViT-B/14 at 518 px pretrained on chest X-rays "
                         "(microsoft/rad-dino)",
             layouts=(HF_DINOV2, DINOV2),
+            terms=Terms("MIT"),
             unconfirmed=(
+                "terms: MIT on its current model card; copies from before that change say "
+                "MSRLA (research use only)",
                 "mean 0.5307 / std 0.2583: read from third-party copies of its "
                 "preprocessor_config.json, not the file itself",
                 "fine-tuning pooling: the class token after the final norm (its model card's "
@@ -168,8 +235,89 @@ FOUNDATIONS: dict[str, Foundation] = {
             description="BiomedCLIP vision tower: ViT-B/16 trained contrastively on PubMed "
                         "figure-caption pairs (open_clip)",
             layouts=(OPEN_CLIP,),
+            terms=Terms("MIT"),
             unconfirmed=("fine-tuning pooling: the class token after the final norm, as its "
                          "image embedding (the 512-d projection is dropped)",),
+        ),
+        Foundation(
+            name="medsiglip_448",
+            backbone="vit_so400m_patch14_siglip",
+            mean=0.5,
+            std=0.5,
+            description="MedSigLIP-448: SigLIP So400m vision tower at 448 px trained on medical "
+                        "image-text pairs; MedGemma's image encoder (google/medsiglip-448)",
+            layouts=(HF_SIGLIP,),
+            terms=Terms("Health AI Developer Foundations terms of use", gated=True),
+            unconfirmed=(
+                "mean 0.5 / std 0.5: SigLIP's usual preprocessing; MedSigLIP's own "
+                "preprocessor_config.json was not read",
+                "fine-tuning pooling: its attention-pool (MAP) head, the image embedding its "
+                "model card describes, not a published fine-tuning recipe",
+            ),
+        ),
+        *(Foundation(
+            name=f"cxformer_{size}",
+            backbone=f"vit_{size}_patch14_reg4_dinov2",
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+            description=f"CXformer {short}: DINOv2 ViT-{short}/14 with four registers pretrained "
+                        f"on chest X-rays (m42-health/CXformer-{size}, MIDL 2025)",
+            layouts=(HF_DINOV2_REGISTERS,),
+            terms=CC_BY_NC,
+            unconfirmed=(
+                "normalisation: ImageNet's (DINOv2's default); its preprocessor_config.json "
+                "was not read",
+                "native size 518 px (DINOv2's); the size it was pretrained at was not confirmed",
+                "fine-tuning pooling: the class token after the final norm (DINOv2's image "
+                "embedding)",
+            ),
+        ) for size, short in (("small", "S"), ("base", "B"))),
+        Foundation(
+            name="raydino_large",
+            backbone="vit_large_patch16_dinov2",
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+            description="RayDINO: DINOv2 ViT-L/16 at 512 px pretrained on 873k chest X-rays "
+                        "(Meta, arXiv 2405.01469)",
+            layouts=(DINOV2,),
+            terms=Terms("noncommercial research licence, weights on request", gated=True,
+                        noncommercial=True),
+            unconfirmed=(
+                "the licence's exact name and the keys of the released file (DINOv2's own "
+                "layout, no registers, is assumed)",
+                "normalisation: ImageNet's (DINOv2's default), not confirmed for RayDINO",
+            ),
+        ),
+        Foundation(
+            name="xray_siglip_large",
+            backbone="vit_large_patch16_siglip",
+            mean=0.5,
+            std=0.5,
+            description="XraySigLIP: SigLIP ViT-L/16 at 384 px trained on chest X-ray image-text "
+                        "pairs; CheXagent's image encoder "
+                        "(StanfordAIMI/XraySigLIP__vit-l-16-siglip-384__webli)",
+            layouts=(HF_SIGLIP,),
+            terms=CC_BY_NC,
+            unconfirmed=(
+                "terms: CC-BY-NC-4.0 as listed for CheXagent's encoders; its own model card was "
+                "not read",
+                "mean 0.5 / std 0.5: SigLIP's usual preprocessing",
+            ),
+        ),
+        Foundation(
+            name="xray_clip_base",
+            backbone="vit_base_patch16_clip",
+            mean=CLIP_MEAN,
+            std=CLIP_STD,
+            description="XrayCLIP: CLIP ViT-B/16 trained on chest X-ray image-text pairs from a "
+                        "LAION-2B start (StanfordAIMI, CheXagent)",
+            layouts=(HF_CLIP,),
+            terms=CC_BY_NC,
+            unconfirmed=(
+                "the repository's exact name and config: GELU (not quick-GELU), as open_clip's "
+                "LAION-trained ViT-B/16 uses, and OpenAI CLIP's statistics are assumed",
+                "terms: CC-BY-NC-4.0 as listed for CheXagent's encoders",
+            ),
         ),
         Foundation(
             name="eva_x_demo",
@@ -178,6 +326,7 @@ FOUNDATIONS: dict[str, Foundation] = {
             std=EVA_X_STD,
             description="EVA-X B's architecture at the demo's size, for tests and CPU studies",
             layouts=(EVA_X,),
+            terms=PROJECT_WEIGHTS,
         ),
     )
 }

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from contract.errors import CheckpointError, ConfigError
 from contract.fields import TARGETS  # noqa: F401 - part of the LoRA API
 from methods.lora import LoraSpec
-from trainables.models import targets_of
+from trainables.models import in_blocks, targets_of
 
 QKV_TARGETS: tuple[str, ...] = ("q", "k", "v")
 
@@ -128,11 +128,12 @@ def _split_fused(fused: nn.Linear, spec: LoraSpec | None) -> SplitQKV:
 
 
 def _find_layers(model: nn.Module, suffix: str) -> list[tuple[str, nn.Linear]]:
-    """Plain ``nn.Linear`` modules whose qualified name ends with ``suffix`` (one per block)."""
+    """Plain ``nn.Linear`` modules of the blocks whose qualified name ends with ``suffix``
+    (one per block)."""
     return [
         (name, module)
         for name, module in model.named_modules()
-        if (name == suffix or name.endswith("." + suffix)) and type(module) is nn.Linear
+        if in_blocks(name) and name.endswith("." + suffix) and type(module) is nn.Linear
     ]
 
 

@@ -36,7 +36,7 @@ from trainables.lora import (
     merged_state_dict,
     split_qkv,
 )
-from trainables.models import build_backbone, targets_of
+from trainables.models import BLOCKS, build_backbone, in_blocks, targets_of
 
 
 def _head(name: str) -> bool:
@@ -62,11 +62,12 @@ class ModelSite:
     def module_names(self, targets: tuple[str, ...]) -> list[str]:
         suffixes = tuple("." + m for t in targets for m in targets_of(self.model).modules(t))
         return [name for name, m in self.model.named_modules()
-                if isinstance(m, nn.Linear) and name.endswith(suffixes)]
+                if isinstance(m, nn.Linear) and in_blocks(name) and name.endswith(suffixes)]
 
     def regex(self, targets: tuple[str, ...]) -> str:
         where = targets_of(self.model)
-        return r".*\.(?:" + "|".join(re.escape(m) for t in targets for m in where.modules(t)) + ")"
+        return (re.escape(BLOCKS) + r"\..*\.(?:"
+                + "|".join(re.escape(m) for t in targets for m in where.modules(t)) + ")")
 
     def check_width(self, rank: int, setting: str, targets: tuple[str, ...]) -> None:
         """A low-rank update cannot be wider than the layer it adapts (checked on the split

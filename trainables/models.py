@@ -31,6 +31,14 @@ _GEOMETRY_FIELDS = ("img_size", "patch_size", "embed_dim", "depth")
 
 # The model attribute where ``build_backbone`` records which entry built the model.
 BACKBONE_ATTR = "backbone_name"
+# Where the transformer blocks live in timm's ViT and Eva. Adapter targets are Linears inside
+# them: a head that pools with Linears of its own (SigLIP's attention pool) is not a target.
+BLOCKS = "blocks"
+
+
+def in_blocks(name: str) -> bool:
+    """Whether a module name lies inside the transformer blocks."""
+    return name.startswith(BLOCKS + ".")
 
 
 @dataclass(frozen=True)
@@ -103,6 +111,23 @@ TOKEN_POOLING: tuple[tuple[str, Any], ...] = (("global_pool", "token"), ("fc_nor
                                               ("class_token", True))
 # EVA-X fine-tuning: patch-token average and ``fc_norm`` (timm's Eva names it use_fc_norm).
 EVA_POOLING: tuple[tuple[str, Any], ...] = (("global_pool", "avg"), ("use_fc_norm", True))
+# SigLIP: no class token; the pretrained multi-head attention-pooling head (MAP: a learned probe
+# attends over the normed patch tokens, then a residual MLP) gives the image embedding, the one
+# vector SigLIP's sigmoid loss was trained on (transformers' ``pooler_output``). Fine-tuning reads
+# it too: averaging the patch tokens instead would discard a pretrained part of the model and
+# feed the head a feature the pretraining never shaped. The head stays a pretrained part of the
+# backbone: methods that freeze the backbone freeze it.
+MAP_POOLING: tuple[tuple[str, Any], ...] = (("global_pool", "map"), ("fc_norm", False),
+                                            ("class_token", False))
+
+# What each pooling hands the new linear head, in words (`cxr-study foundations`, docs).
+POOLING_TEXT = {
+    MAE_POOLING: "patch-token average, fc_norm, then a new linear head",
+    TOKEN_POOLING: "class token after the final norm, then a new linear head",
+    EVA_POOLING: "patch-token average, fc_norm, then a new linear head",
+    MAP_POOLING: "the pretrained attention-pool (MAP) head over the normed patch tokens, then a "
+                 "new linear head",
+}
 
 
 @dataclass(frozen=True)
@@ -149,6 +174,11 @@ class Backbone:
                 f"Backbone {self.name!r}: img_size {self.img_size} is not a multiple of "
                 f"patch_size {self.patch_size}; choose sizes that tile the image exactly"
             )
+
+    @property
+    def pooling_text(self) -> str:
+        """What the new linear head reads, in words."""
+        return POOLING_TEXT[self.pooling]
 
     def timm_kwargs(self) -> dict[str, Any]:
         """The keyword arguments for ``timm.create_model`` that define this geometry."""
@@ -229,6 +259,41 @@ BACKBONES: dict[str, Backbone] = {
     ) for size, width, heads, scale in (("tiny", 192, 3, False), ("small", 384, 6, False),
                                          ("base", 768, 12, True))},
 }
+# DINOv2 with four registers (CXformer S and B): timm folds the class token's position into the
+# token and keeps positions for the patches only (``no_embed_class``), as its DINOv2 filter does.
+# RayDINO: DINOv2's ViT-L at patch 16 and 512 px.
+for _size, _width, _heads in (("small", 384, 6), ("base", 768, 12)):
+    BACKBONES[f"vit_{_size}_patch14_reg4_dinov2"] = dataclasses.replace(
+        BACKBONES["vit_base_patch14_dinov2"], name=f"vit_{_size}_patch14_reg4_dinov2",
+        timm_name=f"vit_{_size}_patch14_reg4_dinov2", embed_dim=_width,
+        kwargs=(("num_heads", _heads), ("mlp_ratio", 4.0), ("init_values", 1e-5),
+                ("reg_tokens", 4), ("no_embed_class", True)))
+BACKBONES["vit_large_patch16_dinov2"] = dataclasses.replace(
+    BACKBONES["vit_base_patch14_dinov2"], name="vit_large_patch16_dinov2",
+    timm_name="vit_large_patch14_dinov2", img_size=512, patch_size=16, embed_dim=1024, depth=24,
+    kwargs=(("num_heads", 16), ("mlp_ratio", 4.0), ("init_values", 1e-5)))
+# SigLIP towers (MedSigLIP's So400m at 448 px, XraySigLIP's ViT-L/16 at 384 px): no class token,
+# tanh-approximated GELU as in SigLIP, and the MAP head.
+BACKBONES["vit_so400m_patch14_siglip"] = Backbone(
+    name="vit_so400m_patch14_siglip",
+    timm_name="vit_so400m_patch14_siglip_384",
+    kwargs=(("num_heads", 16), ("mlp_ratio", 4304 / 1152), ("act_layer", "gelu_tanh")),
+    img_size=448,
+    patch_size=14,
+    embed_dim=1152,
+    depth=27,
+    pooling=MAP_POOLING,
+)
+BACKBONES["vit_large_patch16_siglip"] = dataclasses.replace(
+    BACKBONES["vit_so400m_patch14_siglip"], name="vit_large_patch16_siglip",
+    timm_name="vit_large_patch16_siglip_384", img_size=384, patch_size=16, embed_dim=1024,
+    depth=24, kwargs=(("num_heads", 16), ("mlp_ratio", 4.0), ("act_layer", "gelu_tanh")))
+# CLIP's tower (XrayCLIP ViT-B/16): a LayerNorm before the blocks (``norm_pre``), a patch
+# embedding without bias, LayerNorm eps 1e-5 (timm's CLIP entry sets these), the class token
+# after the final norm.
+BACKBONES["vit_base_patch16_clip"] = dataclasses.replace(
+    BACKBONES["vit_base_patch16"], name="vit_base_patch16_clip",
+    timm_name="vit_base_patch16_clip_224", pooling=TOKEN_POOLING)
 # BiomedCLIP's vision tower: timm's ViT-B/16, read through its class token after `norm`.
 BACKBONES["vit_base_patch16_token"] = dataclasses.replace(
     BACKBONES["vit_base_patch16"], name="vit_base_patch16_token", pooling=TOKEN_POOLING)
