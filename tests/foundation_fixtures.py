@@ -33,7 +33,7 @@ TINY_DINOV2 = dataclasses.replace(
     depth=2, kwargs=(("num_heads", 4), ("mlp_ratio", 4.0), ("init_values", 1.0)))
 TINY_TOKEN_VIT = dataclasses.replace(
     BACKBONES["vit_base_patch16_token"], name="tiny_token_vit", img_size=48, patch_size=8,
-    embed_dim=64, depth=2, kwargs=(("num_heads", 4), ("mlp_ratio", 2.0)))
+    embed_dim=64, depth=2, kwargs=(("num_heads", 4), ("mlp_ratio", 2.0), ("weight_init", "jax")))
 _EVA_TINY_KWARGS = dict(BACKBONES["eva_x_tiny_patch16"].kwargs)
 TINY_EVA_PACKED = dataclasses.replace(
     BACKBONES["eva_x_tiny_patch16"], name="tiny_eva_packed", img_size=48, patch_size=8,
@@ -45,10 +45,15 @@ TINY_DINOV2_REG = dataclasses.replace(
                                    ("reg_tokens", 4), ("no_embed_class", True)))
 TINY_SIGLIP = dataclasses.replace(
     BACKBONES["vit_so400m_patch14_siglip"], name="tiny_siglip", img_size=56, embed_dim=64,
-    depth=2, kwargs=(("num_heads", 4), ("mlp_ratio", 2.0), ("act_layer", "gelu_tanh")))
+    depth=2, kwargs=(("num_heads", 4), ("mlp_ratio", 2.0), ("act_layer", "gelu_tanh"),
+                     ("weight_init", "jax")))
 TINY_CLIP = dataclasses.replace(
     BACKBONES["vit_base_patch16_clip"], name="tiny_clip", img_size=48, patch_size=8,
-    embed_dim=64, depth=2, kwargs=(("num_heads", 4), ("mlp_ratio", 2.0)))
+    embed_dim=64, depth=2, kwargs=(("num_heads", 4), ("mlp_ratio", 2.0), ("weight_init", "jax")))
+# The last two are drawn with jax's init (wider weights than timm's default): at width 64 timm's
+# default leaves SigLIP's attention pool near uniform, so q's gradients are too small for a
+# float32 step to register; and in CLIP's last block, after the first step, every AdaptFormer
+# bottleneck unit of the class token (the only token its pooling reads) sits below its ReLU.
 TINY = {b.name: b for b in (TINY_DINOV2, TINY_TOKEN_VIT, TINY_EVA_PACKED, TINY_DINOV2_REG,
                             TINY_SIGLIP, TINY_CLIP)}
 

@@ -190,7 +190,8 @@ def test_foundations_command_lists_every_entrys_facts(capsys):
 
 
 @pytest.mark.parametrize("backbone", ["eva_x_demo", "tiny_eva_packed", "tiny_dinov2",
-                                      "tiny_token_vit"])
+                                      "tiny_token_vit", "tiny_dinov2_reg", "tiny_siglip",
+                                      "tiny_clip"])
 def test_lora_on_every_target_merges_into_the_plain_architecture(backbone):
     """`export --merged` on the new module trees (q, k, v as their own Linears; SwiGLU's two
     fc1 Linears): strict load into the plain model, the same logits."""
@@ -209,6 +210,9 @@ def test_lora_on_every_target_merges_into_the_plain_architecture(backbone):
         adapted, merged, before = model.eval()(x), plain.eval()(x), base.eval()(x)
     torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=1e-4)
     assert (adapted - before).abs().max() > 1e-4  # the adapters changed the function
+    adapted_layers = {n.rsplit(".lora_", 1)[0] for n, _ in model.named_parameters()
+                      if ".lora_" in n}
+    assert adapted_layers and all(n.startswith("blocks.") for n in adapted_layers)  # not a pool
 
 
 @pytest.mark.parametrize(("backbone", "foundation", "size"), [("eva_x_demo", "eva_x_demo", 64),

@@ -25,7 +25,8 @@ ADAPTER = 2 * D * M8 + M8 + D  # down and up with biases
 CASE = Case("adapter", AdapterSpec(4),
             lambda p, depth: head(p)
             or matches(r"^blocks\.\d+\.(attn|mlp)\.adapter\.(down|up)\.(weight|bias)$", p)
-            or matches(r"(^|\.)norm\d?\.(weight|bias)$", p),  # norm1, norm2, norm, mlp.norm
+            # norm1, norm2, norm, mlp.norm, CLIP's norm_pre, SigLIP's attention-pool norm
+            or matches(r"(^|\.)norm(\d|_pre)?\.(weight|bias)$", p),
             HEAD + L * (2 * ADAPTER + 2 * 2 * D))
 test_one_step, test_count, test_save_load, test_merge = method_tests(CASE)
 

@@ -58,9 +58,9 @@ def test_pissa_starts_at_the_foundation_and_adapts_its_principal_directions():
     assert not torch.equal(q.weight, original)
 
 
-def test_pissa_and_rslora_merge_into_a_plain_vit():
-    check_merge(PISSA)
-    check_merge(RSLORA)
+def test_pissa_and_rslora_merge_into_a_plain_vit(monkeypatch):
+    check_merge(PISSA, "vit_demo", monkeypatch)
+    check_merge(RSLORA, "vit_demo", monkeypatch)
 
 
 def test_lora_plus_gives_b_its_own_learning_rate():

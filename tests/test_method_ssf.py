@@ -21,21 +21,25 @@ from trainables.fit import build_optimizer
 from trainables.methods import plain_state_dict
 from trainables.models import build_backbone
 
-FOLLOWED = (r"^patch_embed\.proj", r"^blocks\.\d+\.norm[12]", r"^norm",
+FOLLOWED = (r"^patch_embed\.proj", r"^blocks\.\d+\.norm[12]", r"^norm", r"^norm_pre",
+            r"^attn_pool\.norm",
             r"^blocks\.\d+\.attn\.(qkv|[qkv]_proj|proj)",
             r"^blocks\.\d+\.mlp\.(fc1(_[gx])?|fc2|norm)")
 CASE = Case("ssf", None,
             lambda p, depth: head(p) or any(matches(f + r"\.ssf_(scale|shift)$", p)
                                             for f in FOLLOWED),
             # patch embedding; per block qkv (3D), proj, fc1 (M), fc2, norm1, norm2
-            HEAD + 2 * D + L * 2 * (3 * D + D + M + D + D + D))
+            HEAD + 2 * D + L * 2 * (3 * D + D + M + D + D + D),
+            # CLIP's patch embedding has no bias to take its shift
+            unmergeable_on=("tiny_clip",))
 test_one_step, test_count, test_save_load, test_merge = method_tests(CASE)
 
 
 @torch.no_grad()
 def hand_scaled(plain: nn.Module, model: nn.Module) -> nn.Module:
     """`plain` given `model`'s values, each followed layer's output channels scaled in its weight
-    and shifted in its bias (a zero bias added where it has none, EVA's k_proj)."""
+    and shifted in its bias (a zero bias added where it has none: EVA's k_proj, CLIP's patch
+    embedding)."""
     ref = copy.deepcopy(plain)
     ref.load_state_dict(model.state_dict(), strict=False)
     for name, layer in model.named_modules():
@@ -44,7 +48,9 @@ def hand_scaled(plain: nn.Module, model: nn.Module) -> nn.Module:
         target = ref.get_submodule(name)
         if target.bias is None:
             parent, _, child = name.rpartition(".")
-            target = nn.Linear(target.in_features, target.out_features)
+            target = (nn.Conv2d(target.in_channels, target.out_channels, target.kernel_size,
+                                target.stride) if isinstance(target, nn.Conv2d)
+                      else nn.Linear(target.in_features, target.out_features))
             target.weight.copy_(ref.get_submodule(name).weight)
             target.bias.zero_()
             setattr(ref.get_submodule(parent), child, target)

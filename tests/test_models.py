@@ -14,6 +14,7 @@ from trainables.models import (
     EVA_POOLING,
     HEAD_INIT_STD,
     MAE_POOLING,
+    MAP_POOLING,
     TOKEN_POOLING,
     Backbone,
     build_backbone,
@@ -33,17 +34,28 @@ def test_every_backbone_builds_with_its_geometry(name: str) -> None:
     assert model.embed_dim == entry.embed_dim
     assert len(model.blocks) == entry.depth
     assert model.patch_embed.patch_size == (entry.patch_size, entry.patch_size)
-    assert model.pos_embed.shape == (1, grid * grid + 1, entry.embed_dim)
+    # positions for the class token too, unless there is none (SigLIP) or registers sit
+    # between it and the patches (timm's DINOv2 with registers folds it into the token)
+    positioned = int(entry.pooling != MAP_POOLING and not dict(entry.kwargs).get("reg_tokens"))
+    assert model.pos_embed.shape == (1, grid * grid + positioned, entry.embed_dim)
     assert model.head.out_features == 5
 
 
 @pytest.mark.parametrize("name", sorted(BACKBONES))
 def test_pooling_is_the_entrys_with_class_token_kept(name: str) -> None:
     """MAE and EVA-X fine-tuning average the patch tokens into fc_norm; DINOv2 and CLIP read
-    the class token after the final norm. Either way the class token is in the sequence."""
+    the class token after the final norm; either way the class token is in the sequence (with
+    DINOv2's registers after it). SigLIP has none: its attention pool reads the normed patch
+    tokens."""
     entry = BACKBONES[name]
     with torch.device("meta"):
         model = build_backbone(name, num_classes=2)
+    registers = dict(entry.kwargs).get("reg_tokens", 0)
+    if entry.pooling == MAP_POOLING:
+        assert model.global_pool == "map" and model.attn_pool is not None
+        assert model.cls_token is None and model.num_prefix_tokens == 0
+        assert isinstance(model.norm, nn.LayerNorm) and isinstance(model.fc_norm, nn.Identity)
+        return
     if entry.pooling in (MAE_POOLING, EVA_POOLING):
         assert model.global_pool == "avg"
         assert isinstance(model.fc_norm, nn.LayerNorm)
@@ -53,7 +65,7 @@ def test_pooling_is_the_entrys_with_class_token_kept(name: str) -> None:
         assert model.global_pool == "token"
         assert isinstance(model.fc_norm, nn.Identity)
         assert isinstance(model.norm, nn.LayerNorm)
-    assert model.cls_token is not None and model.num_prefix_tokens == 1
+    assert model.cls_token is not None and model.num_prefix_tokens == 1 + registers
 
 
 def test_paper_backbone_is_vit_b16() -> None:
