@@ -45,7 +45,7 @@ from analysis.tables import (
     val_test_gap,
 )
 from contract.errors import ConfigError
-from contract.schema import Metric, StudyParams, Tag, tag
+from contract.schema import Metric, Param, StudyParams, Tag, tag
 
 
 @dataclass
@@ -130,8 +130,31 @@ def _overview(data: StudyData) -> Section:
         "search trials": len(data.trials), "final runs": len(data.finals),
         "report written": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }
+    foundations = _foundations(data)
+    terms, notes = _terms(foundations)
+    if foundations:
+        facts["weights' terms"] = "; ".join(f"{name}: {terms.get(name, 'not in this registry')}"
+                                            for name in foundations)
     table = pd.DataFrame({"": list(facts), "value": [str(v) for v in facts.values()]})
-    return Section("Study", tables=[("", table)])
+    return Section("Study", text=[f"Terms: {note}." for note in notes], tables=[("", table)])
+
+
+def _foundations(data: StudyData) -> list[str]:
+    """The foundations the study's arms ran on, in order of first appearance."""
+    if Param.FOUNDATION not in data.arms:
+        return []
+    return list(dict.fromkeys(str(n) for n in data.arms[Param.FOUNDATION].dropna()))
+
+
+def _terms(names: list[str]) -> tuple[dict[str, str], list[str]]:
+    """Each known foundation's terms as `cxr-study foundations` shows them, and the notes the
+    plan gives on restricted weights. The registry imports torch, so it is read only when
+    there are foundations to look up."""
+    if not names:
+        return {}, []
+    from trainables.foundation import FOUNDATIONS, terms_notes
+
+    return {n: FOUNDATIONS[n].terms.text() for n in names if n in FOUNDATIONS}, terms_notes(names)
 
 
 def _several_methods(data: StudyData, reference_arm: str | None) -> bool:

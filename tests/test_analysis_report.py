@@ -68,3 +68,27 @@ def test_cli_reports_bad_input_in_one_line(study, tmp_path, capsys):
     assert main(["report", "--tracking-uri", study.tracking_uri, "--experiment",
                  study.experiment, "--out", str(tmp_path), "--n-boot", "5"]) == 2
     assert "--n-boot 5" in capsys.readouterr().err
+
+
+def test_the_overview_gives_each_foundations_terms_and_says_when_weights_are_noncommercial(
+        study):
+    import dataclasses
+
+    from analysis.report import _overview
+    from analysis.study_data import load_study
+    from contract.schema import Param
+
+    data = load_study(study.tracking_uri, study.experiment)
+    plain = _overview(data)
+    facts = dict(plain.tables[0][1].itertuples(index=False))
+    assert facts["weights' terms"] == "mrm: MIT (RL4M/MRM-pytorch)"
+    assert plain.text == []  # open weights: nothing to warn about
+    arms = data.arms.copy()
+    arms.loc[arms.index[0], Param.FOUNDATION] = "cxformer_base"
+    mixed = _overview(dataclasses.replace(data, arms=arms))
+    facts = dict(mixed.tables[0][1].itertuples(index=False))
+    assert facts["weights' terms"] == ("cxformer_base: CC-BY-NC-4.0; noncommercial; "
+                                       "mrm: MIT (RL4M/MRM-pytorch)")
+    [note] = mixed.text
+    assert note.startswith("Terms: noncommercial weights: cxformer_base (CC-BY-NC-4.0)")
+    assert "mixes them with mrm" in note

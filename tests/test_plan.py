@@ -111,3 +111,42 @@ def test_a_mixed_foundation_plan_says_each_foundations_size_and_count(tmp_path):
     # RAD-DINO at 224 px: 16 x 16 positions (not 37 x 37), so 86,590,478 - 1113 x 768
     assert "mrm: sgd, every parameter trained (85,809,422)" in text
     assert "rad_dino: adamw, every parameter trained (85,735,694)" in text
+
+
+def _mixed(tmp_path, *names: str):
+    data = {"study": {"name": "p"},
+            "tasks": {"foundations": [{"name": n} for n in names],
+                      "datasets": [{"name": "nih", "root": "data"}],
+                      "label_fractions": [1.0]},
+            "arms": {"fft": {"space": "fft", "optimizer": "adamw"}},
+            "search": {"max_t": 4, "grace_period": 1}}
+    return parse_study(data, tmp_path)
+
+
+def test_a_plan_with_noncommercial_or_gated_weights_says_so(tmp_path):
+    text = plan_text(_mixed(tmp_path, "mrm", "cxformer_base", "medsiglip_448"))
+    terms = [ln for ln in text.splitlines() if ln.startswith("  terms: ")]
+    assert len(terms) == 2
+    assert "noncommercial weights: cxformer_base (CC-BY-NC-4.0)" in terms[0]
+    assert "mixes them with mrm, medsiglip_448" in terms[0]
+    assert "gated weights: medsiglip_448" in terms[1]
+    alone = plan_text(_mixed(tmp_path, "cxformer_small", "cxformer_base"))
+    assert "noncommercial weights: cxformer_small (CC-BY-NC-4.0), cxformer_base" in alone
+    assert "mixes" not in alone
+    assert "terms:" not in plan_text(_mixed(tmp_path, "mrm", "rad_dino"))  # open weights
+
+
+@pytest.mark.parametrize(("foundation", "parameters"), [
+    ("medsiglip_448", 428_581_582),  # So400m at 448 px, its attention pool and a 14-class head
+    ("raydino_large", 304_213_006),  # ViT-L/16 at 512 px
+])
+def test_the_disk_estimate_covers_vit_l_and_so400m(tmp_path, foundation, parameters):
+    """FFT with AdamW on the largest towers: weights, two moments and the best weights, four
+    float32 copies of every parameter per kept checkpoint."""
+    cfg = _mixed(tmp_path, foundation)
+    fft = arm_plan(cfg.tasks[0], _arm(cfg, "fft"))
+    assert fft.trainable == parameters
+    assert fft.checkpoint_bytes == parameters * 4 * 4
+    runs = cfg.arms[0].trials + cfg.final.seeds
+    expected = runs * cfg.checkpoints_to_keep * fft.checkpoint_bytes / 1e9
+    assert f"disk: at most {expected:.1f} GB" in plan_text(cfg)
