@@ -8,20 +8,22 @@ scheduler's per-iteration update, ``to_model_input``, ``masked_bce``):
     the cost does not depend on them), at the settings ``cxr-study methods`` counts it at
     (LoRA r4 on q+v, partial fine-tuning of one block, ...): its trainable parameters and its
     step time relative to full fine-tuning (FFT);
-(b) foundations: each foundation architecture at its real size and native image size (RAD-DINO:
-    518 px), FFT and LoRA r4 on q+v: trainable parameters and step time relative to the same
-    arm on ViT-B/16 MAE (MRM's and CXR-MAE's architecture).
+(b) foundations: each foundation architecture at its real size and native image size (RAD-DINO
+    and CXformer: 518 px, MedSigLIP: 448, RayDINO: 512), FFT and LoRA r4 on q+v: trainable
+    parameters and step time relative to the same arm on ViT-B/16 MAE (MRM's and CXR-MAE's
+    architecture), each timed in a round of its own beside that reference.
 
 Ratios carry over between machines far better than seconds. On the CPU the ratios are also
 given in process CPU time, which a busy machine disturbs less than wall time.
 
     python benchmarks/method_steps.py [--quick] [--threads 2] [--device cpu|cuda]
-        [--part methods|foundations|both]
+        [--part methods|foundations|both] [--foundations NAME ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -42,8 +44,11 @@ from trainables.models import get_backbone  # noqa: E402
 
 NUM_CLASSES = 14
 REFERENCE = "mrm"  # ViT-B/16 MAE
-# The new architectures, each once (EVA-X Ti and S share B's code path at smaller widths).
-FOUNDATION_NAMES = ("mrm", "eva_x_base", "eva_x_small", "rad_dino", "biomedclip")
+# Each architecture once (EVA-X Ti and S share B's code path at smaller widths, CXformer S
+# B's at a smaller width).
+FOUNDATION_NAMES = ("mrm", "eva_x_base", "eva_x_small", "rad_dino", "biomedclip",
+                    "cxformer_base", "xray_clip_base", "xray_siglip_large", "raydino_large",
+                    "medsiglip_448")
 
 
 def spec(foundation: str, kind: str, batch_size: int) -> TrialSpec:
@@ -85,38 +90,53 @@ def methods_table(batch_size: int, warmup: int, repeats: int, device: torch.devi
               + (f" {r['cpu_ratio']:>16.3f}" if cpu else ""))
 
 
+def _foundation_steps(name: str, batch_size: int, warmup: int, repeats: int,
+                      device: torch.device) -> dict[str, dict]:
+    """The reference and foundation `name` (FFT and LoRA each), built together and timed
+    round-robin, so each ratio shares one stretch of the machine's load; then freed."""
+    fns, results = {}, {}
+    for each in dict.fromkeys((REFERENCE, name)):
+        size = get_backbone(FOUNDATIONS[each].backbone).img_size
+        batch = make_batch(batch_size, size, device)
+        results[each] = {"img_size": size}
+        for kind in ("fft", "lora"):
+            fns[f"{each}/{kind}"], results[each][f"{kind}_trainable"] = fit_step(
+                spec(each, kind, batch_size), device, batch)
+    times = _interleaved(fns, warmup, repeats, device)
+    for each, row in results.items():
+        for kind in ("fft", "lora"):
+            row[kind], row[f"{kind}_cpu"] = times[f"{each}/{kind}"], times[f"{each}/{kind}_cpu"]
+    del fns
+    gc.collect()
+    return results
+
+
 def foundations_table(batch_size: int, warmup: int, repeats: int, device: torch.device,
                       names: tuple[str, ...]) -> None:
-    fns, results = {}, {}
-    for name in names:  # all built at once, timed round-robin: the ratios share the load
-        entry = FOUNDATIONS[name]
-        size = get_backbone(entry.backbone).img_size
-        batch = make_batch(batch_size, size, device)
-        results[name] = {"img_size": size}
-        for kind in ("fft", "lora"):
-            fns[f"{name}/{kind}"], results[name][f"{kind}_trainable"] = fit_step(
-                spec(name, kind, batch_size), device, batch)
-    times = _interleaved(fns, warmup, repeats, device)
+    """Each foundation is timed beside the reference in a round of its own (the largest
+    towers, So400m and ViT-L with AdamW's state, would not all fit in memory at once); each
+    ratio is to the reference of its own round."""
+    rows_of = {}
     for name in names:
-        for kind in ("fft", "lora"):
-            results[name][kind] = times[f"{name}/{kind}"]
-            results[name][f"{kind}_cpu"] = times[f"{name}/{kind}_cpu"]
-    reference = results[REFERENCE]
+        pair = _foundation_steps(name, batch_size, warmup, repeats, device)
+        reference = pair[REFERENCE]
+        rows_of[name] = {**pair[name], **{
+            f"{kind}_ratio{cpu}": pair[name][f"{kind}{cpu}"] / reference[f"{kind}{cpu}"]
+            for kind in ("fft", "lora") for cpu in ("", "_cpu")}}
+        print(f"  measured {name}", flush=True)
     print(f"\n(b) foundations at their real and native image size, batch {batch_size}; "
-          f"ratios to {REFERENCE} (ViT-B/16 MAE) with the same method")
+          f"ratios to {REFERENCE} (ViT-B/16 MAE) with the same method, timed in the same round")
     rows = [("image size", lambda r: r["img_size"], "{:.0f}"),
             ("trainable, LoRA r4 q+v", lambda r: r["lora_trainable"], "{:,.0f}"),
             ("trainable, FFT", lambda r: r["fft_trainable"], "{:,.0f}"),
             ("FFT step, s", lambda r: r["fft"], "{:.3f}"),
             ("LoRA step, s", lambda r: r["lora"], "{:.3f}"),
-            ("FFT step / ViT-B/16 MAE", lambda r: r["fft"] / reference["fft"], "{:.3f}"),
-            ("LoRA step / ViT-B/16 MAE", lambda r: r["lora"] / reference["lora"], "{:.3f}")]
+            ("FFT step / ViT-B/16 MAE", lambda r: r["fft_ratio"], "{:.3f}"),
+            ("LoRA step / ViT-B/16 MAE", lambda r: r["lora_ratio"], "{:.3f}")]
     if device.type == "cpu":
-        rows += [("FFT / ViT-B/16 MAE, CPU time",
-                  lambda r: r["fft_cpu"] / reference["fft_cpu"], "{:.3f}"),
-                 ("LoRA / ViT-B/16 MAE, CPU time",
-                  lambda r: r["lora_cpu"] / reference["lora_cpu"], "{:.3f}")]
-    print_rows(results, rows, cell_width=13)
+        rows += [("FFT / ViT-B/16 MAE, CPU time", lambda r: r["fft_ratio_cpu"], "{:.3f}"),
+                 ("LoRA / ViT-B/16 MAE, CPU time", lambda r: r["lora_ratio_cpu"], "{:.3f}")]
+    print_rows(rows_of, rows, cell_width=13)
 
 
 def main() -> None:
@@ -124,12 +144,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="batch 1 (CPU), fewer repeats, two foundations: a few minutes")
     parser.add_argument("--part", choices=("methods", "foundations", "both"), default="both")
+    parser.add_argument("--foundations", nargs="+", choices=sorted(FOUNDATIONS), metavar="NAME",
+                        help="the foundations of table (b) (default: one of each architecture)")
     args, device = device_arguments(parser)
     if device.type == "cuda":
         batch, warmup, repeats = 32, 3, 10
     else:
         batch, warmup, repeats = (1, 1, 2) if args.quick else (2, 1, 3)
-    names = (REFERENCE, "eva_x_base") if args.quick else FOUNDATION_NAMES
+    names = tuple(args.foundations or ((REFERENCE, "eva_x_base") if args.quick
+                                        else FOUNDATION_NAMES))
     where = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(f"torch {torch.__version__} on {where}, {torch.get_num_threads()} threads; AdamW; "
           f"medians of {repeats} round-robin repeats after {warmup} warm-up")
