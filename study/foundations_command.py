@@ -1,7 +1,7 @@
 """`cxr-study foundations`: every foundation entry's facts (architecture, size, normalisation,
-the terms its weights come under, checkpoint layouts accepted, pooling, where the adapter targets live, the facts public material
-did not confirm) and its trainable parameters for LoRA r4 on q and v and for FFT at its real
-size, counted on meta tensors (no memory, no weights)."""
+checkpoint layouts accepted, the terms its weights come under, pooling, where the adapter
+targets live, the facts public material did not confirm) and its trainable parameters for LoRA
+r4 on q and v and for FFT at its real size, counted on meta tensors (no memory, no weights)."""
 
 from __future__ import annotations
 

@@ -7,15 +7,10 @@ plan and the report."""
 
 from __future__ import annotations
 
-import copy
-import dataclasses
-
 import pytest
 import torch
 
-from contract.config import TARGETS
 from contract.errors import CheckpointError
-from methods.lora import LoraSpec
 from study.cli import main
 from tests.foundation_fixtures import (
     TINY_CLIP,
@@ -24,12 +19,10 @@ from tests.foundation_fixtures import (
     hf_dinov2_registers_dir,
     hf_vision_dir,
     register_tiny,
-    vision_config,
 )
 from trainables.foundation import FOUNDATIONS, get_foundation, load_foundation, terms_notes
 from trainables.layouts import HF_CLIP, HF_DINOV2_REGISTERS, HF_SIGLIP
-from trainables.lora import apply_lora, merged_state_dict
-from trainables.models import build_backbone, get_backbone
+from trainables.models import build_backbone
 
 NEW = ("medsiglip_448", "cxformer_small", "cxformer_base", "raydino_large",
        "xray_siglip_large", "xray_clip_base")

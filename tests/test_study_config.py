@@ -107,6 +107,10 @@ def test_shipped_study_files_validate(name):
     if name == "foundations_mixed":
         assert foundations == {"mrm", "cxr_mae", "eva_x_base", "rad_dino", "biomedclip"}
         assert len(cfg.tasks) == 10 and len({a.trials for a in cfg.arms}) == 1
+    if name == "foundations_2025":  # the 2025-26 entries beside MRM; the plan gives terms
+        assert foundations == {"mrm", "medsiglip_448", "cxformer_small", "cxformer_base",
+                               "raydino_large", "xray_siglip_large", "xray_clip_base"}
+        assert len(cfg.tasks) == 14 and len({a.trials for a in cfg.arms}) == 1
 
 
 REPO = Path(__file__).resolve().parents[1]

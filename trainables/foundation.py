@@ -1,7 +1,9 @@
 """Foundation models: their registry entries and safe loading of their checkpoints.
 
-A foundation is a pretrained backbone plus the intensity normalisation it was pretrained with.
-The normalisation belongs to the registry entry, never to a guess from a file name.
+A foundation is a pretrained backbone plus the intensity normalisation it was pretrained with
+and the terms its weights come under. The normalisation belongs to the registry entry, never to
+a guess from a file name; the terms (licence, gated, noncommercial) reach `cxr-study
+foundations`, every plan and every report (`terms_notes`).
 
 Checkpoints are read without executing code: safetensors files directly, anything else with
 ``torch.load(weights_only=True)`` and an allow-list of exactly one extra class,
