@@ -60,6 +60,10 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 EVA_X_MEAN, EVA_X_STD = 0.49185243, 0.28509309
 # ImageNet's, which DINOv2's own evaluation uses.
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# SigLIP's usual preprocessing maps [0, 1] to [-1, 1].
+SIGLIP_MEAN, SIGLIP_STD = 0.5, 0.5
+SIGLIP_STATS_UNCONFIRMED = ("mean 0.5 / std 0.5: SigLIP's usual preprocessing; the model's own "
+                            "preprocessor_config.json was not read")
 
 
 @dataclass(frozen=True)
@@ -244,15 +248,14 @@ FOUNDATIONS: dict[str, Foundation] = {
         Foundation(
             name="medsiglip_448",
             backbone="vit_so400m_patch14_siglip",
-            mean=0.5,
-            std=0.5,
+            mean=SIGLIP_MEAN,
+            std=SIGLIP_STD,
             description="MedSigLIP-448: SigLIP So400m vision tower at 448 px trained on medical "
                         "image-text pairs; MedGemma's image encoder (google/medsiglip-448)",
             layouts=(HF_SIGLIP,),
             terms=Terms("Health AI Developer Foundations terms of use", gated=True),
             unconfirmed=(
-                "mean 0.5 / std 0.5: SigLIP's usual preprocessing; MedSigLIP's own "
-                "preprocessor_config.json was not read",
+                SIGLIP_STATS_UNCONFIRMED,
                 "fine-tuning pooling: its attention-pool (MAP) head, the image embedding its "
                 "model card describes, not a published fine-tuning recipe",
             ),
@@ -293,8 +296,8 @@ FOUNDATIONS: dict[str, Foundation] = {
         Foundation(
             name="xray_siglip_large",
             backbone="vit_large_patch16_siglip",
-            mean=0.5,
-            std=0.5,
+            mean=SIGLIP_MEAN,
+            std=SIGLIP_STD,
             description="XraySigLIP: SigLIP ViT-L/16 at 384 px trained on chest X-ray image-text "
                         "pairs; CheXagent's image encoder "
                         "(StanfordAIMI/XraySigLIP__vit-l-16-siglip-384__webli)",
@@ -303,7 +306,7 @@ FOUNDATIONS: dict[str, Foundation] = {
             unconfirmed=(
                 "terms: CC-BY-NC-4.0 as listed for CheXagent's encoders; its own model card was "
                 "not read",
-                "mean 0.5 / std 0.5: SigLIP's usual preprocessing",
+                SIGLIP_STATS_UNCONFIRMED,
             ),
         ),
         Foundation(

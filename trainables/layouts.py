@@ -103,6 +103,7 @@ DINOV2 = Layout(
     unused_keys=frozenset({"mask_token"}),
 )
 
+_HF_BLOCK = re.compile(r"encoder\.layer\.(\d+)\.(.+)")
 _HF_NAMES = {
     "embeddings.cls_token": "cls_token",
     "embeddings.mask_token": "mask_token",
@@ -168,9 +169,8 @@ def _fold_class_position(state: State) -> State:
 
 def _hf_dinov2(state: State) -> State:
     """transformers' Dinov2Model / Dinov2WithRegistersModel names -> timm's ViT."""
-    return _fold_class_position(_rename_blocks(
-        state, re.compile(r"encoder\.layer\.(\d+)\.(.+)"), _HF_NAMES, _HF_BLOCK_NAMES,
-        _HF_QKV_PART))
+    return _fold_class_position(_rename_blocks(state, _HF_BLOCK, _HF_NAMES, _HF_BLOCK_NAMES,
+                                               _HF_QKV_PART))
 
 
 HF_DINOV2 = Layout(
