@@ -103,8 +103,9 @@ def test_registry_entries_are_valid_and_carry_their_normalisation() -> None:
 
 
 def test_unknown_foundation_lists_known_names() -> None:
-    with pytest.raises(ConfigError, match="biomedclip, cxr_mae, demo, eva_x_base"):
+    with pytest.raises(ConfigError) as err:
         get_foundation("imagenet")
+    assert str(err.value).endswith("known foundations: " + ", ".join(sorted(FOUNDATIONS)))
 
 
 @pytest.mark.parametrize(

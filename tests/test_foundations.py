@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import io
+from contextlib import redirect_stdout
 
 import pytest
 import torch
@@ -25,7 +27,13 @@ from tests.foundation_fixtures import (
     register_tiny,
 )
 from trainables.fit import to_model_input
-from trainables.foundation import CLIP_MEAN, CLIP_STD, get_foundation, load_foundation
+from trainables.foundation import (
+    CLIP_MEAN,
+    CLIP_STD,
+    FOUNDATIONS,
+    get_foundation,
+    load_foundation,
+)
 from trainables.layouts import HF_DINOV2
 from trainables.lora import apply_lora, merged_state_dict
 from trainables.models import BACKBONES, build_backbone, get_backbone
@@ -171,9 +179,18 @@ def lines_of(out: str, name: str) -> str:
     return block.split("\n\n", 1)[0]
 
 
-def test_foundations_command_lists_every_entrys_facts(capsys):
-    assert main(["foundations"]) == 0
-    out = capsys.readouterr().out
+@pytest.fixture(scope="module")
+def listing() -> str:
+    """`cxr-study foundations`' output, run once for the tests that read it (it counts every
+    entry at its real size, about 5 s)."""
+    printed = io.StringIO()
+    with redirect_stdout(printed):
+        assert main(["foundations"]) == 0
+    return printed.getvalue()
+
+
+def test_foundations_command_lists_every_entrys_facts(listing):
+    out = listing
     for name in ("mrm", "cxr_mae", "eva_x_base", "rad_dino", "biomedclip"):
         assert f"\n{name} " in out or out.startswith(f"{name} "), name
     assert "layouts: hf_dinov2, dinov2" in out
@@ -187,6 +204,41 @@ def test_foundations_command_lists_every_entrys_facts(capsys):
     assert "LoRA r4 q+v 158,222" in lines["rad_dino"]  # class token pooling: no fc_norm
     assert out.count("targets: q=") == len(lines)
     assert "fc1=mlp.fc1_g+mlp.fc1_x" in lines_of(out, "eva_x_base")
+
+
+def _block(out: str, name: str) -> list[str]:
+    """The listing's lines for one foundation."""
+    return out.split(f"\n{name} ", 1)[1].split("\n\n", 1)[0].splitlines()
+
+
+# The 2025-26 entries (tests/test_foundations_2025.py loads their files).
+NEW = ("medsiglip_448", "cxformer_small", "cxformer_base", "raydino_large",
+       "xray_siglip_large", "xray_clip_base")
+
+
+def test_foundations_lists_every_entry_with_its_terms_and_counts(listing):
+    out = listing
+    heads = [ln for ln in out.splitlines()[1:] if ln and not ln.startswith(" ")]
+    assert len(heads) == len(FOUNDATIONS) >= 12
+    assert out.count("\n  terms: ") == len(FOUNDATIONS)
+    for name in NEW:
+        terms = next(ln for ln in _block(out, name) if ln.startswith("  terms: "))
+        assert terms == f"  terms: {FOUNDATIONS[name].terms.text()}"
+    assert FOUNDATIONS["medsiglip_448"].terms.gated
+    assert not FOUNDATIONS["medsiglip_448"].terms.noncommercial
+    assert all(FOUNDATIONS[n].terms.noncommercial for n in NEW if n != "medsiglip_448")
+    assert "attention-pool (MAP) head" in "\n".join(_block(out, "medsiglip_448"))
+    # LoRA r4 on q and v: 2 x 4 x (width + width) per block; the 14-class head (class-token
+    # and attention-pool models have no fc_norm); FFT: every parameter at the native size
+    lines = {ln.split()[0]: ln for ln in heads}
+    for name, width, depth, fft in (("medsiglip_448", 1152, 27, 428_581_582),
+                                    ("raydino_large", 1024, 24, 304_213_006),
+                                    ("xray_siglip_large", 1024, 24, 316_298_254),
+                                    ("cxformer_small", 384, 12, 22_062_734),
+                                    ("cxformer_base", 768, 12, 86_592_782),
+                                    ("xray_clip_base", 768, 12, 85_810_190)):
+        lora = depth * 2 * 4 * 2 * width + width * 14 + 14
+        assert f"LoRA r4 q+v {lora:,}  FFT {fft:,}" in lines[name], name
 
 
 @pytest.mark.parametrize("backbone", ["eva_x_demo", "tiny_eva_packed", "tiny_dinov2",
