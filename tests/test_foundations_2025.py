@@ -23,6 +23,7 @@ from trainables.foundation import get_foundation, load_foundation, terms_notes
 from trainables.layouts import HF_CLIP, HF_DINOV2_REGISTERS, HF_SIGLIP
 from trainables.models import build_backbone
 
+
 @pytest.fixture(autouse=True)
 def _tiny(monkeypatch):
     register_tiny(monkeypatch)
