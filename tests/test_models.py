@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from timm.models.eva import Eva
@@ -22,11 +24,18 @@ from trainables.models import (
 )
 
 
+@functools.cache
+def _on_meta(name: str) -> nn.Module:
+    """The entry's model with 5 classes on meta tensors (shapes and module types only: no
+    memory, no init cost), built once for the tests that read it."""
+    with torch.device("meta"):
+        return build_backbone(name, num_classes=5)
+
+
 @pytest.mark.parametrize("name", sorted(BACKBONES))
 def test_every_backbone_builds_with_its_geometry(name: str) -> None:
     entry = BACKBONES[name]
-    with torch.device("meta"):  # shapes and module types only: no memory, no init cost
-        model = build_backbone(name, num_classes=5)
+    model = _on_meta(name)
     grid = entry.img_size // entry.patch_size
 
     assert isinstance(model, Eva if entry.pooling == EVA_POOLING else VisionTransformer)
@@ -48,8 +57,7 @@ def test_pooling_is_the_entrys_with_class_token_kept(name: str) -> None:
     DINOv2's registers after it). SigLIP has none: its attention pool reads the normed patch
     tokens."""
     entry = BACKBONES[name]
-    with torch.device("meta"):
-        model = build_backbone(name, num_classes=2)
+    model = _on_meta(name)
     registers = dict(entry.kwargs).get("reg_tokens", 0)
     if entry.pooling == MAP_POOLING:
         assert model.global_pool == "map" and model.attn_pool is not None

@@ -70,8 +70,8 @@ SIGLIP_STATS_UNCONFIRMED = ("mean 0.5 / std 0.5: SigLIP's usual preprocessing; t
 class Terms:
     """Under what terms a foundation's weights are released: the licence's name, whether the
     weights come only after accepting terms or on request (``gated``), and whether they forbid
-    commercial use (``noncommercial``). A model fine-tuned from such weights, and the results,
-    inherit those terms; plans and reports say so."""
+    commercial use (``noncommercial``). A model fine-tuned from such weights stays under those
+    terms; plans and reports say so (`terms_notes`)."""
 
     licence: str
     gated: bool = False

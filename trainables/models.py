@@ -2,8 +2,9 @@
 
 Every backbone is a timm model (``VisionTransformer``, or ``Eva`` for EVA-X) with a fresh linear
 head. How it pools tokens for fine-tuning is part of the entry: MAE/MRM-style (class token kept,
-patch-token average, ``fc_norm``), the class token after the final norm (DINOv2, CLIP), or
-EVA-X's average with ``fc_norm``. Adding a backbone is one ``Backbone`` entry in ``BACKBONES``.
+patch-token average, ``fc_norm``), the class token after the final norm (DINOv2, CLIP), EVA-X's
+average with ``fc_norm``, or SigLIP's pretrained attention-pool head. Adding a backbone is one
+``Backbone`` entry in ``BACKBONES``.
 
 Where the layers an adapter can target live (``q``, ``k``, ``v``, ``proj``, ``fc1``, ``fc2``) is a
 fact of the architecture, so it is part of the entry (``Backbone.targets``); ``build_backbone``
@@ -262,12 +263,12 @@ BACKBONES: dict[str, Backbone] = {
 # DINOv2 with four registers (CXformer S and B): timm folds the class token's position into the
 # token and keeps positions for the patches only (``no_embed_class``), as its DINOv2 filter does.
 # RayDINO: DINOv2's ViT-L at patch 16 and 512 px.
-for _size, _width, _heads in (("small", 384, 6), ("base", 768, 12)):
-    BACKBONES[f"vit_{_size}_patch14_reg4_dinov2"] = dataclasses.replace(
-        BACKBONES["vit_base_patch14_dinov2"], name=f"vit_{_size}_patch14_reg4_dinov2",
-        timm_name=f"vit_{_size}_patch14_reg4_dinov2", embed_dim=_width,
-        kwargs=(("num_heads", _heads), ("mlp_ratio", 4.0), ("init_values", 1e-5),
-                ("reg_tokens", 4), ("no_embed_class", True)))
+BACKBONES.update({f"vit_{size}_patch14_reg4_dinov2": dataclasses.replace(
+    BACKBONES["vit_base_patch14_dinov2"], name=f"vit_{size}_patch14_reg4_dinov2",
+    timm_name=f"vit_{size}_patch14_reg4_dinov2", embed_dim=width,
+    kwargs=(("num_heads", heads), ("mlp_ratio", 4.0), ("init_values", 1e-5), ("reg_tokens", 4),
+            ("no_embed_class", True))) for size, width, heads in (("small", 384, 6),
+                                                                  ("base", 768, 12))})
 BACKBONES["vit_large_patch16_dinov2"] = dataclasses.replace(
     BACKBONES["vit_base_patch14_dinov2"], name="vit_large_patch16_dinov2",
     timm_name="vit_large_patch14_dinov2", img_size=512, patch_size=16, embed_dim=1024, depth=24,
