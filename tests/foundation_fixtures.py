@@ -33,7 +33,7 @@ TINY_DINOV2 = dataclasses.replace(
     depth=2, kwargs=(("num_heads", 4), ("mlp_ratio", 4.0), ("init_values", 1.0)))
 TINY_TOKEN_VIT = dataclasses.replace(
     BACKBONES["vit_base_patch16_token"], name="tiny_token_vit", img_size=48, patch_size=8,
-    embed_dim=64, depth=2, kwargs=(("num_heads", 4), ("mlp_ratio", 2.0), ("weight_init", "jax")))
+    embed_dim=64, depth=2, kwargs=(("num_heads", 4), ("mlp_ratio", 2.0)))
 _EVA_TINY_KWARGS = dict(BACKBONES["eva_x_tiny_patch16"].kwargs)
 TINY_EVA_PACKED = dataclasses.replace(
     BACKBONES["eva_x_tiny_patch16"], name="tiny_eva_packed", img_size=48, patch_size=8,

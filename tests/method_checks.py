@@ -2,7 +2,8 @@
 
 - one optimiser step changes exactly the declared parameters, on every test-size architecture
   of the registry (the MAE ViT, EVA-X B with separate q, k, v and SwiGLU, EVA-X Ti/S with a
-  packed fc1, RAD-DINO's DINOv2, BiomedCLIP's class-token ViT);
+  packed fc1, RAD-DINO's DINOv2, BiomedCLIP's class-token ViT, CXformer's DINOv2 with
+  registers, SigLIP's tower with its attention pool, CLIP's pre-norm tower);
 - the trainable count at ViT-B/16 with 14 classes is the formula its docstring states;
 - what it trains saves and loads back (into other random adapter inits) to identical logits;
 - `export --merged`'s fold gives a plain timm ViT with the same logits (on the demo ViT and the
